@@ -1,0 +1,36 @@
+"""Shared fixtures: paths to the real CT data and small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO / "UniversalSegLib" / "resources" / "sample"
+# The real volumes of ../shared/data when present (developer machines, CI); the bundled sample always.
+SHARED_DATA = Path(os.environ.get("UNIVERSALSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_models(tmp_path_factory, monkeypatch):
+    """Every test gets an empty user model folder, so nothing leaks into ~/.universalseg."""
+    monkeypatch.setenv("UNIVERSALSEG_MODELS", str(tmp_path_factory.mktemp("user_models")))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from UniversalSegLib.text import MiniLMEncoder
+
+    return MiniLMEncoder()
+
+
+def shared(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data {path} not available")
+    return path

@@ -1,0 +1,95 @@
+"""The Universal Model: shapes, class subsets, the batched dynamic head, LPG sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from UniversalSegLib.model import PerClassLPG, UniversalModel
+from UniversalSegLib.model.heads import HEAD_PARAMS, apply_dynamic_heads
+
+
+def small_model(num_classes: int = 32, embed_dim: int = 384, lpg: str = "per_class") -> UniversalModel:
+    torch.manual_seed(0)
+    return UniversalModel("segresnet", {"init_filters": 16}, torch.randn(num_classes, embed_dim), lpg=lpg).eval()
+
+
+@pytest.mark.parametrize("lpg", ["per_class", "shared"])
+def test_forward_shapes_and_subset_equals_full(lpg):
+    model = small_model(lpg=lpg)
+    x = torch.randn(2, 1, 96, 96, 96)
+    with torch.no_grad():
+        full = model(x)
+        subset = model(x, classes=[3, 17, 30])
+    assert full.shape == (2, 32, 96, 96, 96)
+    assert subset.shape == (2, 3, 96, 96, 96)
+    torch.testing.assert_close(subset, full[:, [3, 17, 30]], rtol=0, atol=1e-5)
+
+
+def naive_heads(feature: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Reference: per sample, per class, three 1x1x1 convs from the 153 numbers (method.md layout)."""
+    out = torch.empty(feature.shape[0], params.shape[1], *feature.shape[2:])
+    for b in range(feature.shape[0]):
+        for n in range(params.shape[1]):
+            v = params[b, n]
+            w1, w2, w3 = v[:64].reshape(8, 8), v[64:128].reshape(8, 8), v[128:136].reshape(1, 8)
+            b1, b2, b3 = v[136:144], v[144:152], v[152:153]
+            h = F.relu(F.conv3d(feature[b:b + 1], w1[:, :, None, None, None], b1))
+            h = F.relu(F.conv3d(h, w2[:, :, None, None, None], b2))
+            out[b, n] = F.conv3d(h, w3[:, :, None, None, None], b3)[0, 0]
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 64])
+def test_batched_head_equals_naive(chunk):
+    torch.manual_seed(1)
+    feature = torch.randn(3, 8, 10, 11, 12)
+    params = torch.randn(3, 7, HEAD_PARAMS)
+    torch.testing.assert_close(apply_dynamic_heads(feature, params, chunk), naive_heads(feature, params),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("embed_dim,expected", [(512, 472_217), (384, 406_681)])
+def test_lpg_params_per_class(embed_dim, expected):
+    lpg = PerClassLPG(5, embed_dim)
+    assert PerClassLPG.params_per_class(embed_dim) == expected
+    assert sum(p.numel() for p in lpg.parameters()) == 5 * expected
+
+
+def test_lpg_classes_are_independent():
+    """Changing one class's MLP changes only that class's head parameters."""
+    lpg = PerClassLPG(4, 16)
+    image, text, idx = torch.randn(2, 256), torch.randn(4, 16), torch.arange(4)
+    before = lpg(image, text, idx)
+    with torch.no_grad():
+        lpg.w2[2] += 1.0
+    after = lpg(image, text, idx)
+    changed = (after - before).abs().amax(dim=(0, 2)) > 0
+    assert changed.tolist() == [False, False, True, False]
+
+
+def test_shared_controller_param_count():
+    model = small_model(lpg="shared", embed_dim=512)
+    assert sum(p.numel() for p in model.lpg.controller.parameters()) == 78_489  # method.md
+    assert sum(p.numel() for p in model.lpg.text_to_vision.parameters()) == 512 * 256 + 256
+
+
+def test_add_classes_keeps_old_outputs():
+    model = small_model(num_classes=4)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        model.add_classes(torch.randn(2, 384), init_from=[1, None])
+        after = model(x)
+    assert after.shape[1] == 6
+    torch.testing.assert_close(after[:, :4], before, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.lpg.w1[4], model.lpg.w1[1])
+
+
+def test_swin_unetr_backbone_taps():
+    model = UniversalModel("swinunetr", {"feature_size": 48}, torch.randn(2, 512)).eval()
+    assert model.backbone.deep_channels == 768 and model.backbone.voxel_channels == 48
+    with torch.no_grad():
+        y = model(torch.randn(1, 1, 64, 64, 64))
+    assert y.shape == (1, 2, 64, 64, 64)

@@ -1,0 +1,97 @@
+"""Model files: safetensors + manifest round trip, checksums, lookup, and the CLI views."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from UniversalSegLib.errors import ModelFileError
+from UniversalSegLib.store import create_model, find_model, list_models, load_model, save_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def saved_model(tmp_path, minilm):
+    torch.manual_seed(0)
+    model, manifest = create_model("tiny-test", ["liver", "spleen", "liver_tumor"], backbone="segresnet",
+                                   backbone_config={"init_filters": 16}, text_encoder=minilm)
+    path = save_model(model, manifest, tmp_path / "tiny-test")
+    return model.eval(), path
+
+
+def test_round_trip_is_bit_exact(saved_model):
+    model, path = saved_model
+    loaded = load_model(path)
+    assert loaded.manifest.class_keys == ["liver", "spleen", "liver_tumor"]
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.model(x))
+
+
+def test_flipped_byte_fails_checksum(saved_model):
+    _, path = saved_model
+    weights = path / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="checksum mismatch"):
+        load_model(path)
+
+
+def test_tampered_manifest_is_refused(saved_model):
+    _, path = saved_model
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="unreadable model manifest"):
+        load_model(path)
+
+
+def test_found_by_name_in_user_folder(saved_model, tmp_path, monkeypatch):
+    _, path = saved_model
+    monkeypatch.setenv("UNIVERSALSEG_MODELS", str(tmp_path))
+    assert find_model("tiny-test") == path
+    assert "tiny-test" in [m.name for _, m in list_models()]
+    with pytest.raises(ModelFileError, match="not found"):
+        find_model("no-such-model")
+
+
+def test_no_torch_load_on_model_files():
+    """Model files are never unpickled: the only torch.load is the checkpoint importer's."""
+    offenders = []
+    for py in (REPO / "UniversalSegLib").rglob("*.py"):
+        for line in py.read_text().splitlines():
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{py.name}: {line.strip()}")
+    assert offenders == []
+
+
+def run_cli(*args, env_models: Path) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "UNIVERSALSEG_MODELS": str(env_models)}
+    return subprocess.run([sys.executable, "-m", "UniversalSegLib", *args], capture_output=True, text=True, env=env)
+
+
+def test_cli_info_models_classes(saved_model, tmp_path):
+    _, path = saved_model
+    info = run_cli("info", str(path), env_models=tmp_path)
+    assert info.returncode == 0, info.stderr
+    manifest = json.loads(info.stdout)
+    assert manifest["weights_sha256"] and manifest["text_encoder"].startswith("minilm")
+    models = run_cli("models", "--json", env_models=tmp_path)
+    assert "tiny-test" in [m["name"] for m in json.loads(models.stdout)]
+    classes = run_cli("classes", "--model", "tiny-test", env_models=tmp_path)
+    assert classes.returncode == 0 and "liver_tumor" in classes.stdout
+
+
+def test_cli_clear_error_on_corruption(saved_model, tmp_path):
+    _, path = saved_model
+    (path / "weights.safetensors").write_bytes(b"garbage")
+    result = run_cli("info", str(path), env_models=tmp_path)
+    assert result.returncode == 2
+    assert "checksum mismatch" in result.stderr and "Traceback" not in result.stderr

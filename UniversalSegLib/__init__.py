@@ -1,0 +1,30 @@
+"""UniversalSeg backend: universal CT segmentation with the CLIP-driven Universal Model.
+
+Public API (imported lazily so `import UniversalSegLib` stays cheap):
+    load_model, list_models, save_model, create_model  -- model files
+    default_registry                                   -- the class registry
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "UniversalSegLib.store",
+    "list_models": "UniversalSegLib.store",
+    "save_model": "UniversalSegLib.store",
+    "create_model": "UniversalSegLib.store",
+    "default_registry": "UniversalSegLib.registry",
+    "UniversalModel": "UniversalSegLib.model",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'UniversalSegLib' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

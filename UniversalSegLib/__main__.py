@@ -1,0 +1,5 @@
+import sys
+
+from UniversalSegLib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,96 @@
+"""The `universalseg` command line. Each sub-command's work lives in the library; this file
+only parses arguments, prints, and turns our errors into one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from UniversalSegLib.errors import UniversalSegError
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from UniversalSegLib.store import find_model, read_manifest_checked
+
+    manifest = read_manifest_checked(find_model(args.model))
+    print(json.dumps(manifest.to_dict(), indent=1))
+    return 0
+
+
+def _cmd_classes(args: argparse.Namespace) -> int:
+    from UniversalSegLib.registry import default_registry
+    from UniversalSegLib.store import find_model, read_manifest_checked
+
+    classes = default_registry().classes if args.all else read_manifest_checked(find_model(args.model)).classes
+    if args.json:
+        print(json.dumps([c.to_dict() for c in classes], indent=1))
+        return 0
+    print(f"{'key':34} {'group':7} {'name':34} parents")
+    for c in classes:
+        print(f"{c.key:34} {c.group:7} {c.name:34} {','.join(c.parents)}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from UniversalSegLib.store import list_models
+
+    rows = [{"name": m.name, "version": m.version, "classes": len(m.classes), "backbone": m.backbone,
+             "license": m.license, "path": str(p)} for p, m in list_models()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        print(f"{r['name']:28} v{r['version']:8} {r['classes']:4d} classes  {r['backbone']:10} "
+              f"license: {r['license']}  ({r['path']})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="universalseg",
+                                     description="Universal CT segmentation (CLIP-driven Universal Model).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="print a model's manifest")
+    p.add_argument("model", nargs="?", default=None, help="model name or folder (default: the bundled model)")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("classes", help="list the classes of a model (or all known classes)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--all", action="store_true", help="list the whole built-in registry")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_classes)
+
+    p = sub.add_parser("models", help="list installed models (user folder and bundled)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_models)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Sub-commands defined in other modules register themselves here: each entry adds a parser
+# (with set_defaults(func=...)) to the sub-parsers object it is given.
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UniversalSegError as e:
+        print(f"universalseg: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except BrokenPipeError:  # e.g. `universalseg classes | head`
+        return 0
+    except KeyboardInterrupt:
+        print("universalseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

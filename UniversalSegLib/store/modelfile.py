@@ -1,0 +1,170 @@
+"""Save, find, verify and load model files.
+
+A model is a folder `<name>/` holding `manifest.json` and `weights.safetensors`. Loading checks
+the SHA-256 recorded in the manifest before reading any tensor and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from UniversalSegLib.errors import ModelFileError
+from UniversalSegLib.model import UniversalModel
+from UniversalSegLib.store.manifest import Manifest
+
+DEFAULT_MODEL = "universalseg-demo"
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "resources" / "models"
+MANIFEST_FILE = "manifest.json"
+
+
+def user_model_dir() -> Path:
+    """Where trained and extended models go: $UNIVERSALSEG_MODELS or ~/.universalseg/models."""
+    env = os.environ.get("UNIVERSALSEG_MODELS")
+    return Path(env).expanduser() if env else Path.home() / ".universalseg" / "models"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with its manifest and the folder it came from."""
+
+    model: UniversalModel
+    manifest: Manifest
+    path: Path
+
+
+def build_model(manifest: Manifest, class_embeddings: torch.Tensor) -> UniversalModel:
+    """An untrained model of the shape a manifest describes."""
+    return UniversalModel(manifest.backbone, manifest.backbone_config, class_embeddings,
+                          lpg=manifest.lpg, lpg_hidden=manifest.lpg_hidden)
+
+
+def save_model(model: UniversalModel, manifest: Manifest, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write a model folder atomically (temporary folder, then rename); returns its path."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise ModelFileError(f"{directory} already exists; choose another name or remove it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        weights = tmp / manifest.weights_file
+        save_file(tensors, str(weights), metadata={"format": "universalseg-model"})
+        manifest.weights_sha256 = sha256_file(weights)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _model_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / MANIFEST_FILE).is_file() and not p.name.startswith("."))
+
+
+def list_models() -> list[tuple[Path, Manifest]]:
+    """Every installed model: the user's folder first, then the bundled ones."""
+    found = []
+    for root in (user_model_dir(), BUNDLED_DIR):
+        for d in _model_dirs(root):
+            try:
+                found.append((d, read_manifest(d)))
+            except ModelFileError:
+                continue
+    return found
+
+
+def find_model(name_or_path: str | Path | None = None) -> Path:
+    """Resolve a model folder from a path or a name (user folder first, then bundled)."""
+    name = str(name_or_path or DEFAULT_MODEL)
+    path = Path(name).expanduser()
+    if path.is_file() and path.name == MANIFEST_FILE:
+        path = path.parent
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    for root in (user_model_dir(), BUNDLED_DIR):
+        if (root / name / MANIFEST_FILE).is_file():
+            return root / name
+    known = ", ".join(m.name for _, m in list_models()) or "none"
+    raise ModelFileError(f"model {name!r} not found (installed: {known})")
+
+
+def read_manifest(directory: Path) -> Manifest:
+    try:
+        return Manifest.from_dict(json.loads((directory / MANIFEST_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelFileError(f"{directory}: unreadable model manifest ({e})") from None
+
+
+def read_manifest_checked(directory: Path) -> Manifest:
+    """The manifest, after checking the weights' checksum (cheap enough for `info`)."""
+    manifest = read_manifest(directory)
+    _verify_weights(directory, manifest)
+    return manifest
+
+
+def _verify_weights(directory: Path, manifest: Manifest) -> Path:
+    weights = directory / manifest.weights_file
+    if not weights.is_file():
+        raise ModelFileError(f"{directory}: weights file {manifest.weights_file} is missing")
+    digest = sha256_file(weights)
+    if digest != manifest.weights_sha256:
+        raise ModelFileError(f"{weights}: checksum mismatch (file is corrupted or was modified); "
+                             f"expected sha256 {manifest.weights_sha256[:12]}..., got {digest[:12]}...")
+    return weights
+
+
+def load_model(name_or_path: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Find, verify (SHA-256) and load a model; raises ModelFileError on any corruption."""
+    directory = find_model(name_or_path)
+    manifest = read_manifest(directory)
+    weights = _verify_weights(directory, manifest)
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ModelFileError(f"{weights}: unreadable weights ({e})") from None
+    if "class_embeddings" not in tensors or tensors["class_embeddings"].shape[0] != len(manifest.classes):
+        raise ModelFileError(f"{weights}: class embeddings do not match the manifest's {len(manifest.classes)} classes")
+    model = build_model(manifest, tensors["class_embeddings"])
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise ModelFileError(f"{weights}: weights do not fit the manifest's architecture: {str(e)[:300]}") from None
+    return LoadedModel(model.to(device).eval(), manifest, directory)
+
+
+def create_model(name: str, class_keys: list[str], backbone: str = "segresnet", backbone_config: dict | None = None,
+                 text_encoder=None, registry=None, **manifest_fields) -> tuple[UniversalModel, Manifest]:
+    """A fresh (untrained) model for registry classes, with their prompts embedded once."""
+    from UniversalSegLib.registry import default_registry
+    from UniversalSegLib.text import embed_prompts, get_text_encoder
+
+    registry = registry or default_registry()
+    classes = [registry.resolve(k) for k in class_keys]
+    encoder = text_encoder or get_text_encoder()
+    manifest = Manifest(name=name, backbone=backbone, backbone_config=dict(backbone_config or {}), classes=classes,
+                        text_encoder=encoder.encoder_id, prompt_template=registry.prompt_template, **manifest_fields)
+    embeddings = embed_prompts(encoder, [c.prompt for c in classes], manifest.prompt_template)
+    return build_model(manifest, embeddings), manifest
