@@ -1,0 +1,1 @@
+"""Inference: preprocessing, sliding window with compact stitching, resampling back, post-processing."""
