@@ -15,7 +15,15 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Preprocessing:
-    """How images are prepared for the model, and how windows are run and blended."""
+    """How images are prepared for the model, and how windows are run and blended.
+
+    Model space (training and inference must agree; helpers in UniversalSegLib/geometry.py):
+    the image reoriented to RAS (`sitk.DICOMOrient(img, "RAS")`), resampled to `spacing`
+    (x, y, z in mm), HU clipped to `hu_window` and scaled to [0, 1]; arrays laid out (x, y, z)
+    like nibabel's canonical image and MONAI (from SimpleITK: `GetArrayFromImage(img).transpose(2, 1, 0)`),
+    so index +1 along the first axis moves toward the patient's right (verified on the sample's
+    kidney labels: kidney_left has the smaller mean first-axis index).
+    """
 
     orientation: str = "RAS"
     spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 1.5])
