@@ -17,8 +17,11 @@ def to_ras(image: sitk.Image) -> sitk.Image:
 
 
 def array_xyz(image: sitk.Image) -> np.ndarray:
-    """SimpleITK (z, y, x) array -> (x, y, z) model layout (a view, no copy)."""
-    return sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
+    """SimpleITK (z, y, x) array -> (x, y, z) model layout.
+
+    A copy, not GetArrayViewFromImage: a view dies with its image and would crash later.
+    """
+    return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
 
 
 def image_from_xyz(array: np.ndarray, reference: sitk.Image) -> sitk.Image:

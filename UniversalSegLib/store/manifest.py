@@ -54,6 +54,7 @@ class Manifest:
     provenance: dict[str, Any] = field(default_factory=dict)
     weights_file: str = "weights.safetensors"
     weights_sha256: str = ""
+    weights_dtype: str = "float32"  # float16 halves small bundled models; loading always gives float32
     format_version: int = FORMAT_VERSION
 
     @property

@@ -56,15 +56,23 @@ def build_model(manifest: Manifest, class_embeddings: torch.Tensor) -> Universal
                           lpg=manifest.lpg, lpg_hidden=manifest.lpg_hidden)
 
 
-def save_model(model: UniversalModel, manifest: Manifest, directory: str | Path, overwrite: bool = False) -> Path:
-    """Write a model folder atomically (temporary folder, then rename); returns its path."""
+def save_model(model: UniversalModel, manifest: Manifest, directory: str | Path, overwrite: bool = False,
+               weights_dtype: str = "float32") -> Path:
+    """Write a model folder atomically (temporary folder, then rename); returns its path.
+
+    `weights_dtype="float16"` stores floating-point tensors in half precision (bundled demo
+    models); the default float32 round-trips bit for bit.
+    """
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise ModelFileError(f"{directory} already exists; choose another name or remove it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        dtype = getattr(torch, weights_dtype)
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+                   for k, v in model.state_dict().items()}
+        manifest.weights_dtype = weights_dtype
         weights = tmp / manifest.weights_file
         save_file(tensors, str(weights), metadata={"format": "universalseg-model"})
         manifest.weights_sha256 = sha256_file(weights)
@@ -145,6 +153,7 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise ModelFileError(f"{weights}: unreadable weights ({e})") from None
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     if "class_embeddings" not in tensors or tensors["class_embeddings"].shape[0] != len(manifest.classes):
         raise ModelFileError(f"{weights}: class embeddings do not match the manifest's {len(manifest.classes)} classes")
     model = build_model(manifest, tensors["class_embeddings"])

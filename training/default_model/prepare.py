@@ -1,0 +1,85 @@
+"""Prepare the default model's training data on the CPU: every scan in model space, one multi-hot
+label array per source (its annotated classes only), and the classes' text embeddings.
+
+Writes training/default_model/build/bundle.npz, the only input train.py needs (it runs where
+SimpleITK and the text encoder are not installed, e.g. the GPU machine).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import yaml
+
+from UniversalSegLib.geometry import array_xyz, normalise_hu, resample_to_spacing, to_ras
+from UniversalSegLib.registry import default_registry
+from UniversalSegLib.text import embed_prompts, get_text_encoder
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+def load_recipe() -> dict:
+    return yaml.safe_load((HERE / "recipe.yaml").read_text())
+
+
+def model_space(path: Path, spacing, interpolator) -> sitk.Image:
+    return resample_to_spacing(to_ras(sitk.ReadImage(str(path))), spacing, interpolator)
+
+
+def source_labels(source: dict, root: Path, spacing, shape) -> dict[str, np.ndarray]:
+    """Binary masks (x, y, z) in model space for each class the source annotates."""
+    masks = {}
+    if "label_map" in source:
+        labels = array_xyz(model_space(root / source["label_map"], spacing, sitk.sitkNearestNeighbor))
+        for value, key in source["labels"].items():
+            masks[key] = labels == int(value)
+    for key, rel in source.get("masks", {}).items():
+        masks[key] = array_xyz(model_space(root / rel, spacing, sitk.sitkNearestNeighbor)) > 0
+    for key, m in masks.items():
+        assert m.shape == shape, (key, m.shape, shape)
+    return masks
+
+
+def main() -> None:
+    recipe = load_recipe()
+    registry = default_registry()
+    root = (REPO / recipe["data_root"]).resolve()
+    pre = recipe["preprocessing"]
+    spacing = pre["spacing"]
+    class_keys: list[str] = []
+    for source in recipe["sources"]:
+        for key in list(source.get("labels", {}).values()) + list(source.get("masks", {})):
+            registry.resolve(key)
+            if key not in class_keys:
+                class_keys.append(key)
+    arrays, scans, sources = {}, {}, []
+    for source in recipe["sources"]:
+        scan = source["image"]
+        if scan not in scans:
+            image = array_xyz(model_space(root / scan, spacing, sitk.sitkLinear))
+            scans[scan] = len(scans)
+            arrays[f"image_{scans[scan]}"] = normalise_hu(image, pre["hu_window"]).astype(np.float16)
+        shape = arrays[f"image_{scans[scan]}"].shape
+        masks = source_labels(source, root, spacing, shape)
+        keys = [k for k in class_keys if k in masks]
+        arrays[f"labels_{len(sources)}"] = np.stack([masks[k] for k in keys]).astype(np.uint8)
+        sources.append({"name": source["name"], "scan": scans[scan], "classes": keys})
+        print(f"{source['name']}: scan {scan} {shape}, {len(keys)} classes, "
+              f"{int(arrays[f'labels_{len(sources) - 1}'].sum())} labelled voxels")
+    encoder = get_text_encoder()
+    classes = [registry.resolve(k) for k in class_keys]
+    arrays["class_embeddings"] = embed_prompts(encoder, [c.prompt for c in classes], registry.prompt_template).numpy()
+    meta = {"class_keys": class_keys, "sources": sources, "scans": list(scans), "text_encoder": encoder.encoder_id,
+            "prompt_template": registry.prompt_template}
+    out = HERE / "build"
+    out.mkdir(exist_ok=True)
+    np.savez_compressed(out / "bundle.npz", meta=np.array(json.dumps(meta)), **arrays)
+    print(f"{len(class_keys)} classes -> {out / 'bundle.npz'}")
+
+
+if __name__ == "__main__":
+    main()
