@@ -1,0 +1,234 @@
+"""Read a CT volume (NIfTI, NRRD, MHA/MHD or a DICOM series folder) and check that it is a plausible CT.
+
+Every check raises `InputError` with one line a user can act on, before any model runs.
+Images keep SimpleITK's physical geometry (LPS); nothing is resampled or reoriented here.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from UniversalSegLib.errors import InputError
+
+MIN_SIZE = 8  # voxels along each axis; fewer cannot be a useful 3D scan
+SPACING_RANGE_MM = (0.1, 20.0)
+AIR_FAT_HU = -100.0  # CT in HU always has voxels below this (air outside the body, lungs, bowel gas, fat)
+MIN_AIR_FAT_FRACTION = 0.001
+MAX_P99_HU = 4000.0  # above this the 99.5th percentile is no tissue in HU (raw units, MR, or a wrong rescale)
+# Metadata keys read_image sets on an image that came from a DICOM series (see dicom_source_files).
+DICOM_FOLDER_KEY = "UniversalSeg.DicomFolder"
+DICOM_SERIES_KEY = "UniversalSeg.DicomSeriesUID"
+_SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
+_AXES = "xyz"
+
+
+class NonCTWarning(UserWarning):
+    """The image was accepted with allow_non_ct=True although its intensities do not look like CT."""
+
+
+def read_image(path: str | os.PathLike, allow_non_ct: bool = False) -> sitk.Image:
+    """Read a 3D CT in Hounsfield units with its geometry, and check it (see `check_image`).
+
+    `path` is a NIfTI, NRRD or MetaImage file, a DICOM series folder (the largest series is read) or
+    one file of a DICOM series. Integer images keep their type; float64 becomes float32.
+    Raises InputError for anything we cannot segment; `allow_non_ct` turns the CT-likeness check
+    into a `NonCTWarning`.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"input image {path} does not exist")
+    image = _read_dicom_folder(path) if path.is_dir() else _read_file(path)
+    if image.GetPixelID() == sitk.sitkFloat64:
+        image = _cast_keep_metadata(image, sitk.sitkFloat32)
+    check_image(image, name=str(path), allow_non_ct=allow_non_ct)
+    return image
+
+
+def check_image(image: sitk.Image, name: str = "input image", allow_non_ct: bool = False) -> None:
+    """Raise InputError unless `image` is a finite 3D scalar volume with plausible spacing and CT intensities."""
+    _check_shape(image, name)
+    _check_spacing(image, name)
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise InputError(f"{name}: {bad} voxels are NaN or infinite; the image is corrupt or was saved wrongly")
+    problem = _ct_problem(array)
+    if problem is None:
+        return
+    if not allow_non_ct:
+        raise InputError(f"{name}: {problem}; if this really is what you want to segment, "
+                         "pass --allow-non-ct (allow_non_ct=True)")
+    warnings.warn(f"{name}: {problem}; segmenting anyway because allow_non_ct is set, expect poor results",
+                  NonCTWarning, stacklevel=3)
+
+
+def dicom_source_files(image_or_path: sitk.Image | str | os.PathLike) -> list[Path] | None:
+    """The DICOM files (in slice order) an image was read from, or None when it did not come from DICOM.
+
+    Accepts the image returned by `read_image` (it remembers its series) or a folder / file path.
+    """
+    if isinstance(image_or_path, sitk.Image):
+        if not image_or_path.HasMetaDataKey(DICOM_FOLDER_KEY):
+            return None
+        folder = image_or_path.GetMetaData(DICOM_FOLDER_KEY)
+        uid = image_or_path.GetMetaData(DICOM_SERIES_KEY)
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid)
+        return [Path(f) for f in files] or None
+    path = Path(image_or_path)
+    if path.is_file():
+        if not _is_dicom_file(path):
+            return None
+        uid = _series_uid_of(path)
+        return [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path.parent), uid)] or None
+    if path.is_dir():
+        found = _largest_series(path)
+        return [Path(f) for f in found[1]] if found else None
+    return None
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+
+def _read_file(path: Path) -> sitk.Image:
+    if _is_dicom_file(path):
+        return _read_series(path.parent, _series_uid_of(path))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise InputError(_read_error(path, e)) from None
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]  # a 4D file with one time point is just a 3D volume
+    if path.name.lower().endswith((".nii", ".nii.gz")) and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        _check_nifti_finite(path)
+    return image
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """ITK's NIfTI reader silently turns NaN and inf into 0, so look at the stored values themselves."""
+    import nibabel
+
+    data = np.asanyarray(nibabel.load(path).dataobj)
+    if not np.isfinite(data).all():
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise InputError(f"{path}: {bad} voxels are NaN or infinite; the image is corrupt or was saved wrongly")
+
+
+def _read_error(path: Path, error: RuntimeError) -> str:
+    text = str(error)
+    if "Zero-valued spacing" in text:
+        return f"{path}: the voxel spacing is zero along an axis; the file's geometry header is broken"
+    if "Unable to determine ImageIO" in text:
+        return f"cannot read {path}: unknown or unsupported format (expected {_SUPPORTED})"
+    last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "unknown error")
+    return f"cannot read {path}: {last}"
+
+
+def _is_dicom_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _series_uid_of(path: Path) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        return reader.GetMetaData("0020|000e").strip()
+    except RuntimeError as e:
+        raise InputError(_read_error(path, e)) from None
+
+
+def _largest_series(folder: Path) -> tuple[str, Sequence[str]] | None:
+    series = [(uid, sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+              for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+    return max(series, key=lambda s: len(s[1]), default=None)
+
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    found = _largest_series(folder)
+    if found is None:
+        raise InputError(f"{folder} is a folder without a DICOM series; give a DICOM series folder or an image file "
+                         f"({_SUPPORTED})")
+    return _read_series(folder, found[0])
+
+
+def _read_series(folder: Path, series_uid: str) -> sitk.Image:
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    if len(files) < MIN_SIZE:
+        raise InputError(f"{folder}: the DICOM series has only {len(files)} slices; a 3D CT needs at least {MIN_SIZE}")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise InputError(_read_error(folder, e)) from None
+    # Remember the series so the DICOM SEG writer can reference the source instances.
+    image.SetMetaData(DICOM_FOLDER_KEY, str(folder.resolve()))
+    image.SetMetaData(DICOM_SERIES_KEY, series_uid)
+    return image
+
+
+def _cast_keep_metadata(image: sitk.Image, pixel_id: int) -> sitk.Image:
+    cast = sitk.Cast(image, pixel_id)
+    for key in image.GetMetaDataKeys():
+        cast.SetMetaData(key, image.GetMetaData(key))
+    return cast
+
+
+# --- checks ----------------------------------------------------------------------------------------------
+
+
+def _check_shape(image: sitk.Image, name: str) -> None:
+    dim, size = image.GetDimension(), image.GetSize()
+    if dim == 2:
+        raise InputError(f"{name} is a 2D image ({size[0]}x{size[1]}); give a 3D CT volume")
+    if dim != 3:
+        raise InputError(f"{name} is {dim}D (size {'x'.join(map(str, size))}); give one 3D CT volume "
+                         "(e.g. a single time point or phase)")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} values per voxel (a colour or vector "
+                         "image); a CT has one intensity per voxel")
+    for axis, n in zip(_AXES, size):
+        if n < MIN_SIZE:
+            what = "it is empty" if n == 0 else "a single slice is not a 3D scan" if n == 1 else "too few to segment"
+            raise InputError(f"{name} has {n} voxels along {axis} ({what}); a 3D CT needs at least {MIN_SIZE} "
+                             "along each axis")
+
+
+def _check_spacing(image: sitk.Image, name: str) -> None:
+    low, high = SPACING_RANGE_MM
+    spacing = image.GetSpacing()
+    for axis, s in zip(_AXES, spacing):
+        if not low <= s <= high:  # also catches NaN
+            shown = " x ".join(f"{v:g}" for v in spacing)
+            raise InputError(f"{name}: implausible voxel spacing {shown} mm ({s:g} mm along {axis}; expected "
+                             f"{low:g} to {high:g} mm); the geometry header is probably wrong")
+
+
+def _subsample(array: np.ndarray, target: int = 2_000_000) -> np.ndarray:
+    # A strided view is enough for percentiles and saves seconds on large scans.
+    step = max(1, int(round((array.size / target) ** (1 / 3))))
+    return array[::step, ::step, ::step]
+
+
+def _ct_problem(array: np.ndarray) -> str | None:
+    """Why the intensities do not look like CT in Hounsfield units, or None when they do."""
+    sample = _subsample(array)
+    low, high = np.percentile(sample, [0.5, 99.5])
+    air_fat = float(np.count_nonzero(sample < AIR_FAT_HU)) / sample.size
+    if high > MAX_P99_HU:
+        return (f"intensities do not look like CT in Hounsfield units (99.5th percentile {high:.0f}, above "
+                f"{MAX_P99_HU:.0f} HU): raw scanner values, MR, or a wrong rescale")
+    if air_fat < MIN_AIR_FAT_FRACTION:
+        return (f"intensities do not look like CT in Hounsfield units (0.5-99.5th percentile {low:.0f} to "
+                f"{high:.0f}, no air or fat below {AIR_FAT_HU:.0f} HU): this looks like MR or unscaled data")
+    return None

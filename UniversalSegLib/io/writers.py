@@ -1,0 +1,114 @@
+"""Write the chosen output formats of one prediction into a folder, all or nothing.
+
+Everything is first written into a hidden staging folder inside `outdir`; only when every writer
+has succeeded are the files moved to their final names. A failure leaves `outdir` as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from UniversalSegLib.errors import InputError
+from UniversalSegLib.inference.result import SegmentationResult
+from UniversalSegLib.io.atomic import replace_dir
+from UniversalSegLib.io.dicomseg import write_dicom_seg
+from UniversalSegLib.io.image import dicom_source_files
+from UniversalSegLib.io.nifti import write_class_masks, write_label_map
+from UniversalSegLib.io.preview import write_preview
+from UniversalSegLib.io.segnrrd import write_seg_nrrd
+from UniversalSegLib.io.stats import write_statistics
+
+FORMATS = ("seg.nrrd", "nifti", "labelmap", "dicom-seg", "stats", "preview")
+# What `predict` writes when the user names no formats; "dicom-seg" is added for DICOM input by the caller.
+DEFAULT_FORMATS = ("seg.nrrd", "nifti", "labelmap", "stats")
+SEG_NRRD, MASKS_DIR, LABELMAP, DICOM_SEG = "segmentation.seg.nrrd", "masks", "labelmap.nii.gz", "segmentation.dcm"
+STATS_CSV, STATS_JSON, PREVIEW = "statistics.csv", "statistics.json", "preview.png"
+
+
+def parse_formats(formats: str | Sequence[str]) -> list[str]:
+    """Normalise "seg.nrrd,stats" or a list of names; raise InputError naming any unknown format."""
+    names = formats.split(",") if isinstance(formats, str) else list(formats)
+    names = [n.strip().lower() for n in names if n.strip()]
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown:
+        raise InputError(f"unknown output format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    if not names:
+        raise InputError(f"no output format given; choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(names))  # drop repeats, keep order
+
+
+def _writers(result: SegmentationResult, stage: Path,
+             dicom_source: Sequence[Path] | None) -> dict[str, Callable[[], dict[str, Path]]]:
+    """Per format, a function writing it into `stage` and returning {output name: staged path}."""
+    def labelmap() -> dict[str, Path]:
+        files = write_label_map(result, stage / LABELMAP)
+        return {"labelmap": files["labelmap"], "labelmap:labels": files["labels"], "labelmap:colors": files["colors"]}
+
+    def masks() -> dict[str, Path]:
+        write_class_masks(result, stage / MASKS_DIR)
+        return {"nifti": stage / MASKS_DIR}
+
+    def stats() -> dict[str, Path]:
+        write_statistics(result, stage / STATS_CSV, stage / STATS_JSON)
+        return {"stats": stage / STATS_CSV, "stats:json": stage / STATS_JSON}
+
+    return {
+        "seg.nrrd": lambda: {"seg.nrrd": write_seg_nrrd(result, stage / SEG_NRRD)},
+        "nifti": masks,
+        "labelmap": labelmap,
+        "dicom-seg": lambda: {"dicom-seg": write_dicom_seg(result, stage / DICOM_SEG, dicom_source or [])},
+        "stats": stats,
+        "preview": lambda: {"preview": write_preview(result, stage / PREVIEW)},
+    }
+
+
+def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats: str | Sequence[str],
+                  dicom_source: Sequence[str | os.PathLike] | None = None) -> dict[str, Path]:
+    """Write `formats` (see FORMATS) of `result` into `outdir`; returns {output name: final path}.
+
+    Output names are the format names (the main file, or the masks folder for "nifti") plus
+    "labelmap:labels", "labelmap:colors" and "stats:json" for the sidecar files. Files are
+    `segmentation.seg.nrrd`, `masks/<key>.nii.gz`, `labelmap.nii.gz` (+ `labelmap.labels.json`,
+    `labelmap-colors.csv`), `segmentation.dcm`, `statistics.csv` + `statistics.json`, `preview.png`.
+
+    "dicom-seg" needs the source DICOM files: `dicom_source`, or else the series `result.reference`
+    was read from by `read_image`. Asking for it without a DICOM input raises InputError before
+    anything is written (it is not silently skipped: the user asked for a file they would not get).
+    """
+    names = parse_formats(formats)
+    sources = None
+    if "dicom-seg" in names:
+        sources = [Path(f) for f in dicom_source] if dicom_source else dicom_source_files(result.reference)
+    if "dicom-seg" in names and not sources:
+        raise InputError("DICOM SEG output (dicom-seg) needs a DICOM series as input; the input was not DICOM, "
+                         "choose other formats")
+    outdir = Path(outdir)
+    created = not outdir.exists()
+    outdir.mkdir(parents=True, exist_ok=True)
+    stage = outdir / f".universalseg-staging-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        writers = _writers(result, stage, sources)
+        staged: dict[str, Path] = {}
+        for name in names:
+            staged.update(writers[name]())
+        return {name: _publish(path, outdir / path.name) for name, path in staged.items()}
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(outdir.iterdir()):
+            outdir.rmdir()  # leave no trace of a run that produced nothing
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(staged: Path, final: Path) -> Path:
+    if staged.is_dir():
+        replace_dir(staged, final)
+    else:
+        os.replace(staged, final)
+    return final
