@@ -1,0 +1,248 @@
+"""Dataset specs: which files make up each source dataset and which registry classes it annotates.
+
+A training config lists datasets as dicts (YAML or JSON):
+
+    {name, format, root, label_map?: {value: class}, classes?: [...], cases?: [...], split?: ...}
+
+`format` picks an adapter for a public layout (see `adapters.FORMATS`). Relative paths are resolved
+against `base_dir` (the config file's folder). `classes` narrows the annotated classes (the other
+labels then count as unannotated, not as background); `cases` keeps only the listed case ids (or,
+for `plain`, lists the cases explicitly); `split` holds cases out for validation:
+`{val: [ids]}`, `{val_fraction: 0.2, seed: 0}`, `none`, or `meta` (TotalSegmentator's meta.csv).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from UniversalSegLib.errors import InputError, UnknownClassError
+from UniversalSegLib.registry import Registry, default_registry
+
+log = logging.getLogger("UniversalSegLib.data")
+
+_IGNORE = {"", "background", "ignore", "none", "null"}
+_SIDE_WORDS = {"left": "left", "l": "left", "right": "right", "r": "right"}
+# Dataset label names that neither a registry key nor a synonym covers. Values may be side-less
+# paired keys ("kidney"), which are split into left/right when the target is built.
+_ALIASES = {
+    "kidney": "kidney", "kidneys": "kidney", "lung": "lung", "lungs": "lung",
+    "adrenal": "adrenal_gland", "adrenal gland": "adrenal_gland", "adrenal glands": "adrenal_gland",
+    "head of femur": "femur_head", "femur head": "femur_head", "femoral head": "femur_head",
+    "prostate uterus": "prostate_or_uterus", "prostate or uterus": "prostate_or_uterus",
+    "small bowel": "intestine", "postcava": "inferior_vena_cava", "vena cava inferior": "inferior_vena_cava",
+    "portal and splenic vein": "portal_vein_and_splenic_vein", "arota": "aorta",
+}
+
+
+@dataclass
+class LabelMapSource:
+    """A label map file; `values` maps a voxel value to a class key (registry key or side-less pair)."""
+
+    path: Path
+    values: dict[int, str]
+
+
+@dataclass
+class MaskSource:
+    """A binary mask file (any non-zero voxel) for one class key; several files may share a key (union)."""
+
+    path: Path
+    key: str
+
+
+LabelSource = Union[LabelMapSource, MaskSource]
+
+
+@dataclass
+class Case:
+    """One CT and the label files that annotate it."""
+
+    image: Path
+    labels: list[LabelSource]
+    case_id: str
+
+    def files(self) -> list[Path]:
+        return [self.image, *[s.path for s in self.labels]]
+
+
+@dataclass
+class DatasetSpec:
+    """One source dataset. `classes` are the registry keys it annotates (partial labels)."""
+
+    name: str
+    cases: list[Case]
+    classes: list[str]
+    holdout: list[str] = field(default_factory=list)  # case ids kept for validation
+    format: str = "plain"
+    notes: list[str] = field(default_factory=list)
+
+    def train_cases(self) -> list[Case]:
+        held = set(self.holdout)
+        return [c for c in self.cases if c.case_id not in held]
+
+    def val_cases(self) -> list[Case]:
+        held = set(self.holdout)
+        return [c for c in self.cases if c.case_id in held]
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9]+", " ", str(text).lower()).split()
+
+
+def resolve_label_key(name: str, registry: Registry | None = None) -> str | None:
+    """The class key for a dataset's label name, or None for background/unknown names.
+
+    Tries a registry key, an alias, a side word ("left kidney", "kidney_l", "Kidney (R)") plus a
+    paired key, then registry names and synonyms. Side-less paired organs give e.g. "kidney".
+    """
+    registry = registry or default_registry()
+    text = str(name).strip()
+    if text.lower() in _IGNORE:
+        return None
+    if text in registry:
+        return text
+    words = _words(text)
+    phrase = " ".join(words)
+    if phrase in _ALIASES:
+        return _ALIASES[phrase]
+    if phrase.replace(" ", "_") in registry:
+        return phrase.replace(" ", "_")
+    side = next((_SIDE_WORDS[w] for w in (words[:1] + words[-1:]) if w in _SIDE_WORDS), None) if words else None
+    if side and len(words) > 1:
+        rest = words[1:] if words[0] in _SIDE_WORDS else words[:-1]
+        base = _ALIASES.get(" ".join(rest), "_".join(rest))
+        if f"{base}_{side}" in registry:
+            return f"{base}_{side}"
+    try:
+        return registry.resolve(text).key
+    except UnknownClassError:
+        return None
+
+
+def normalise_label_map(raw: dict[Any, Any], registry: Registry, where: str) -> dict[int, str]:
+    """Parse a config's {value: class} mapping (values may be names or synonyms; null ignores)."""
+    out: dict[int, str] = {}
+    for value, name in raw.items():
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: label_map key {value!r} is not an integer label value") from None
+        if name is None or str(name).lower() in _IGNORE:
+            continue
+        key = resolve_label_key(name, registry)
+        if key is None:
+            raise InputError(f"{where}: label_map value {name!r} is not a known class "
+                             "(see `universalseg classes --all`)")
+        out[v] = key
+    return out
+
+
+def resolve_path(path: str | Path, base: Path) -> Path:
+    p = Path(str(path)).expanduser()
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def _apply_split(spec: DatasetSpec, split: Any) -> None:
+    ids = [c.case_id for c in spec.cases]
+    if split is None or split == "meta":  # "meta" is read by the TotalSegmentator adapter
+        return
+    if split == "none":
+        spec.holdout = []
+        return
+    if not isinstance(split, dict):
+        raise InputError(f"dataset {spec.name}: split must be a mapping like {{val: [ids]}} or {{val_fraction: 0.2}}")
+    if "val" in split:
+        unknown = sorted(set(map(str, split["val"])) - set(ids))
+        if unknown:
+            raise InputError(f"dataset {spec.name}: split lists unknown case ids {unknown[:5]}")
+        spec.holdout = [str(i) for i in split["val"]]
+    elif "val_fraction" in split:
+        frac = float(split["val_fraction"])
+        if not 0.0 <= frac < 1.0:
+            raise InputError(f"dataset {spec.name}: val_fraction must be in [0, 1)")
+        order = np.random.default_rng(int(split.get("seed", 0))).permutation(sorted(ids))
+        n_val = min(len(ids) - 1, round(frac * len(ids))) if len(ids) > 1 else 0
+        spec.holdout = sorted(str(i) for i in order[:n_val])
+    else:
+        raise InputError(f"dataset {spec.name}: split needs 'val' or 'val_fraction'")
+
+
+def _check_classes(name: str, wanted: list[Any], provided: list[str], registry: Registry) -> list[str]:
+    keys = []
+    for c in wanted:
+        key = resolve_label_key(str(c), registry)
+        if key is None or key not in registry:
+            raise InputError(f"dataset {name}: class {c!r} is not a registry class")
+        if key not in provided:
+            raise InputError(f"dataset {name}: class {key!r} is not in its labels (it provides: {', '.join(provided)})")
+        keys.append(key)
+    return keys
+
+
+def load_dataset_specs(entries: list[dict], base_dir: Path, registry: Registry | None = None) -> list[DatasetSpec]:
+    """Build a `DatasetSpec` per config entry, checking formats, paths and class keys."""
+    from UniversalSegLib.data.adapters import FORMATS
+
+    registry = registry or default_registry()
+    base_dir = Path(base_dir)
+    specs: list[DatasetSpec] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise InputError(f"dataset entry {i + 1}: needs at least 'name' and 'format'")
+        name, fmt = str(entry["name"]), str(entry.get("format", "plain")).lower()
+        if fmt not in FORMATS:
+            raise InputError(f"dataset {name}: unknown format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
+        if any(s.name == name for s in specs):
+            raise InputError(f"dataset name {name!r} is used twice")
+        root = resolve_path(entry.get("root", "."), base_dir)
+        if not root.is_dir():
+            raise InputError(f"dataset {name}: root folder {root} does not exist")
+        spec = FORMATS[fmt](name, root, entry, registry)
+        spec.format = fmt
+        if entry.get("cases") is not None and fmt != "plain":
+            keep = {str(c) for c in entry["cases"]}
+            spec.cases = [c for c in spec.cases if c.case_id in keep]
+            spec.holdout = [h for h in spec.holdout if h in keep]
+        if entry.get("classes") is not None:
+            spec.classes = _check_classes(name, list(entry["classes"]), spec.classes, registry)
+        _apply_split(spec, entry.get("split"))
+        if not spec.cases:
+            raise InputError(f"dataset {name}: no cases found under {root} for format {fmt!r}")
+        if not spec.classes:
+            raise InputError(f"dataset {name}: annotates no registry class")
+        ids = [c.case_id for c in spec.cases]
+        if len(set(ids)) != len(ids):
+            raise InputError(f"dataset {name}: case ids are not unique")
+        for note in spec.notes:
+            log.info("dataset %s: %s", name, note)
+        specs.append(spec)
+    return specs
+
+
+def load_dataset_file(path: str | Path, registry: Registry | None = None) -> list[DatasetSpec]:
+    """Load specs from a YAML/JSON file holding a list of entries or {datasets: [...]}; paths are
+    relative to the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"dataset config not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - a parse error is a user-facing bad file
+        raise InputError(f"cannot parse {path}: {exc}") from exc
+    entries = data.get("datasets") if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise InputError(f"{path}: expected a list of datasets (or a 'datasets:' list)")
+    return load_dataset_specs(entries, path.parent, registry)
