@@ -15,6 +15,8 @@ import torch
 from monai.networks.nets import SegResNet, SwinUNETR
 from torch import nn
 
+from UniversalSegLib.model.swin_merging import SWIN_DOWNSAMPLE_LAYERS
+
 
 class Backbone(nn.Module):
     """Interface: forward(x) -> (deep feature map, full-resolution voxel feature map)."""
@@ -39,6 +41,7 @@ class SegResNetBackbone(Backbone):
         self.net = SegResNet(spatial_dims=3, init_filters=init_filters, in_channels=in_channels,
                              out_channels=1, blocks_down=tuple(blocks_down), blocks_up=tuple(blocks_up),
                              norm=("GROUP", {"num_groups": num_groups}), use_conv_final=False)
+        del self.net.conv_final  # built even when unused; unused parameters would break DDP
         self.deep_channels = init_filters * 2 ** (len(blocks_down) - 1)
         self.voxel_channels = init_filters
         self.patch_multiple = 2 ** (len(blocks_down) - 1)
@@ -61,7 +64,8 @@ class SwinUNETRBackbone(Backbone):
                  in_channels: int = 1, downsample: str = "merging"):
         super().__init__()
         net = SwinUNETR(in_channels=in_channels, out_channels=1, feature_size=feature_size,
-                        use_v2=use_v2, use_checkpoint=use_checkpoint, downsample=downsample)
+                        use_v2=use_v2, use_checkpoint=use_checkpoint,
+                        downsample=SWIN_DOWNSAMPLE_LAYERS.get(downsample, downsample))
         del net.out  # our class heads replace it
         self.net = net
         self.deep_channels = 16 * feature_size
@@ -98,3 +102,7 @@ def build_backbone(name: str, config: dict[str, Any] | None = None) -> Backbone:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
     return BACKBONES[name](**(config or {}))
+
+
+# Backbones defined in their own modules register themselves on import.
+from UniversalSegLib.model import genesis_unet  # noqa: E402, F401

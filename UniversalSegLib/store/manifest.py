@@ -7,7 +7,7 @@ from typing import Any
 
 from UniversalSegLib.registry import ClassInfo, Registry
 from UniversalSegLib.registry.classes import DEFAULT_PROMPT_TEMPLATE
-from UniversalSegLib.text import DEFAULT_ENCODER_ID
+from UniversalSegLib.text.ids import DEFAULT_ENCODER_ID
 
 FORMAT_NAME = "universalseg-model"
 FORMAT_VERSION = 1

@@ -13,14 +13,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from UniversalSegLib.errors import ModelFileError
-from UniversalSegLib.model import UniversalModel
 from UniversalSegLib.store.manifest import Manifest
+
+if TYPE_CHECKING:  # torch and the model load only when a model is built: listing models stays fast
+    import torch
+
+    from UniversalSegLib.model import UniversalModel
 
 DEFAULT_MODEL = "universalseg-demo"
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "resources" / "models"
@@ -52,6 +53,8 @@ class LoadedModel:
 
 def build_model(manifest: Manifest, class_embeddings: torch.Tensor) -> UniversalModel:
     """An untrained model of the shape a manifest describes."""
+    from UniversalSegLib.model import UniversalModel
+
     return UniversalModel(manifest.backbone, manifest.backbone_config, class_embeddings,
                           lpg=manifest.lpg, lpg_hidden=manifest.lpg_hidden)
 
@@ -63,6 +66,9 @@ def save_model(model: UniversalModel, manifest: Manifest, directory: str | Path,
     `weights_dtype="float16"` stores floating-point tensors in half precision (bundled demo
     models); the default float32 round-trips bit for bit.
     """
+    import torch
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise ModelFileError(f"{directory} already exists; choose another name or remove it")
@@ -146,6 +152,9 @@ def _verify_weights(directory: Path, manifest: Manifest) -> Path:
 
 def load_model(name_or_path: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Find, verify (SHA-256) and load a model; raises ModelFileError on any corruption."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     directory = find_model(name_or_path)
     manifest = read_manifest(directory)
     weights = _verify_weights(directory, manifest)

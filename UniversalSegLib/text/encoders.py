@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-DEFAULT_ENCODER_ID = "minilm:all-MiniLM-L6-v2"
+from UniversalSegLib.text.ids import DEFAULT_ENCODER_ID
 
 
 class TextEncoder(Protocol):

@@ -26,8 +26,23 @@ def load_recipe() -> dict:
     return yaml.safe_load((HERE / "recipe.yaml").read_text())
 
 
-def model_space(path: Path, spacing, interpolator) -> sitk.Image:
-    return resample_to_spacing(to_ras(sitk.ReadImage(str(path))), spacing, interpolator)
+def model_space(path: Path, spacing, interpolator, default_value: float = 0.0) -> sitk.Image:
+    return resample_to_spacing(to_ras(sitk.ReadImage(str(path))), spacing, interpolator, default_value)
+
+
+def structure_map(hu: np.ndarray, source_list: list[dict], root: Path, spacing) -> np.ndarray:
+    """A full anatomical label map (TotalSegmentator ids + synth extras) for SynthSeg-style synthesis."""
+    from UniversalSegLib.data.synth import build_structure_map, label_map_from_masks
+
+    ts_map = None
+    masks: dict[str, np.ndarray] = {}
+    for source in source_list:
+        if "label_map" in source:
+            ts_map = array_xyz(model_space(root / source["label_map"], spacing, sitk.sitkNearestNeighbor))
+        for key, rel in source.get("masks", {}).items():
+            masks[key] = array_xyz(model_space(root / rel, spacing, sitk.sitkNearestNeighbor)) > 0
+    labels = ts_map if ts_map is not None else label_map_from_masks(masks)
+    return build_structure_map(hu, labels, spacing_mm=spacing).astype(np.int16)
 
 
 def source_labels(source: dict, root: Path, spacing, shape) -> dict[str, np.ndarray]:
@@ -60,9 +75,11 @@ def main() -> None:
     for source in recipe["sources"]:
         scan = source["image"]
         if scan not in scans:
-            image = array_xyz(model_space(root / scan, spacing, sitk.sitkLinear))
+            image = array_xyz(model_space(root / scan, spacing, sitk.sitkLinear, default_value=-1024.0))
             scans[scan] = len(scans)
             arrays[f"image_{scans[scan]}"] = normalise_hu(image, pre["hu_window"]).astype(np.float16)
+            same_scan = [s for s in recipe["sources"] if s["image"] == scan]
+            arrays[f"structure_{scans[scan]}"] = structure_map(image, same_scan, root, spacing)
         shape = arrays[f"image_{scans[scan]}"].shape
         masks = source_labels(source, root, spacing, shape)
         keys = [k for k in class_keys if k in masks]

@@ -34,16 +34,29 @@ HERE = Path(__file__).resolve().parent
 class Bundle:
     """The prepared scans and per-source labels, on the training device."""
 
-    def __init__(self, path: Path, device: torch.device):
+    def __init__(self, path: Path, device: torch.device, drop: dict[str, list[str]] | None = None):
         data = np.load(path)
+        drop = drop or {}
         self.meta = json.loads(str(data["meta"]))
         self.class_keys: list[str] = self.meta["class_keys"]
         self.embeddings = torch.from_numpy(data["class_embeddings"]).float()
         self.images = [torch.from_numpy(data[f"image_{i}"].astype(np.float32)).to(device)[None]
                        for i in range(len(self.meta["scans"]))]
+        self.structures = [torch.from_numpy(data[f"structure_{i}"].astype(np.float32)).to(device)[None]
+                           for i in range(len(self.meta["scans"]))]
         self.sources = []
         for i, src in enumerate(self.meta["sources"]):
             labels = torch.from_numpy(data[f"labels_{i}"]).to(device)
+            dropped = drop.get(src["name"], [])
+            if dropped:  # leave-out experiments: neither the labels nor the structure-map ids are used
+                from UniversalSegLib.data.synth import structure_id
+
+                keep = [j for j, k in enumerate(src["classes"]) if k not in dropped]
+                labels, src = labels[keep], {**src, "classes": [src["classes"][j] for j in keep]}
+                for key in dropped:
+                    sid = structure_id(key)
+                    if sid is not None:
+                        self.structures[src["scan"]][self.structures[src["scan"]] == sid] = 0
             idx = torch.tensor([self.class_keys.index(k) for k in src["classes"]], device=device)
             # foreground voxels per class, for class-balanced crop centres
             fg = [torch.nonzero(labels[c]) for c in range(labels.shape[0])]
@@ -63,8 +76,12 @@ def random_rotation(gen: torch.Generator, axial_deg: float = 15.0, tilt_deg: flo
 
 
 def sample_patch(bundle: Bundle, source: dict, patch: int, fg_ratio: float, gen: torch.Generator,
-                 num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One augmented patch: image (1,P,P,P), target (K,P,P,P) in model class order, annotated (K,)."""
+                 num_classes: int, spatial_augment: bool = True) -> dict[str, torch.Tensor]:
+    """One patch: image (1,P,P,P), label (K,P,P,P) in model class order, annotated (K,), structure_map (P,P,P).
+
+    With `spatial_augment` the crop is also rotated and scaled (the basic recipe); otherwise the
+    generalisation pipeline does the spatial work on the whole batch.
+    """
     image = bundle.images[source["scan"]]
     device = image.device
     size = torch.tensor(image.shape[1:], dtype=torch.float32)
@@ -75,8 +92,10 @@ def sample_patch(bundle: Bundle, source: dict, patch: int, fg_ratio: float, gen:
         centre = vox.float().cpu()
     else:
         centre = torch.rand(3, generator=gen) * (size - 1)
-    scale = 0.85 + 0.3 * torch.rand(3, generator=gen)
-    matrix = random_rotation(gen) * scale  # columns scaled: anisotropic zoom
+    if spatial_augment:
+        matrix = random_rotation(gen) * (0.85 + 0.3 * torch.rand(3, generator=gen))  # anisotropic zoom
+    else:
+        matrix = torch.eye(3)
     offsets = torch.arange(patch, dtype=torch.float32) - (patch - 1) / 2
     grid = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1)  # (P,P,P,3) voxel units
     coords = grid.to(device) @ matrix.T.to(device) + centre.to(device)
@@ -84,11 +103,15 @@ def sample_patch(bundle: Bundle, source: dict, patch: int, fg_ratio: float, gen:
     img = F.grid_sample(image[None], norm, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
     lab = F.grid_sample(source["labels"][None].float(), norm, mode="bilinear", padding_mode="zeros",
                         align_corners=True)[0] > 0.5
+    structures = F.grid_sample(bundle.structures[source["scan"]][None], norm, mode="nearest", padding_mode="zeros",
+                               align_corners=True)[0, 0]
     target = torch.zeros((num_classes, patch, patch, patch), device=device)
     target[source["idx"]] = lab.float()
     annotated = torch.zeros(num_classes, dtype=torch.bool, device=device)
     annotated[source["idx"]] = True
-    return intensity_augment(img, gen), target, annotated
+    if spatial_augment:
+        img = intensity_augment(img, gen)
+    return {"image": img, "label": target, "annotated": annotated, "structure_map": structures.to(torch.int16)}
 
 
 def intensity_augment(img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -150,6 +173,10 @@ def main() -> None:
     ap.add_argument("--run", default=str(HERE / "runs" / "default"))
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds: after 30 steps, shrink the step count (and the LR schedule) to fit")
+    ap.add_argument("--augment", choices=["basic", "generalise"], default="generalise",
+                    help="basic: crop rotation/scale + intensity; generalise: the SynthSeg-style pipeline (issue 8)")
+    ap.add_argument("--drop", nargs="*", default=[], metavar="SOURCE:KEY[,KEY]",
+                    help="leave-out experiments: do not supervise these classes of this source")
     args = ap.parse_args()
     recipe = yaml.safe_load((HERE / "recipe.yaml").read_text())
     cfg = recipe["train"]
@@ -157,8 +184,16 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
-    bundle = Bundle(HERE / "build" / "bundle.npz", device)
+    drop = {d.split(":")[0]: d.split(":")[1].split(",") for d in args.drop}
+    bundle = Bundle(HERE / "build" / "bundle.npz", device, drop)
+    pipeline = None
+    if args.augment == "generalise":
+        from UniversalSegLib.data.synth import build_generalisation_pipeline
+
+        pipeline = build_generalisation_pipeline(spacing_mm=recipe["preprocessing"]["spacing"],
+                                                 class_keys=bundle.class_keys, seed=cfg["seed"])
     manifest = make_manifest(recipe, bundle, steps)
+    manifest.provenance.update({"augment": args.augment, "dropped_labels": drop})
     model = build_model(manifest, bundle.embeddings).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     warm = cfg["warmup_steps"]
@@ -191,12 +226,16 @@ def main() -> None:
     step = start
     while step < total["steps"]:
         model.train()
-        batch = []
+        samples = []
         for _ in range(cfg["batch_size"]):
             source = bundle.sources[torch.randint(len(bundle.sources), (1,), generator=gen).item()]
-            batch.append(sample_patch(bundle, source, recipe["preprocessing"]["patch_size"][0],
-                                      cfg["foreground_ratio"], gen, k))
-        image, target, annotated = (torch.stack(t) for t in zip(*batch))
+            samples.append(sample_patch(bundle, source, recipe["preprocessing"]["patch_size"][0],
+                                        cfg["foreground_ratio"], gen, k, spatial_augment=pipeline is None))
+        batch = {key: torch.stack([smp[key] for smp in samples]) for key in samples[0]}
+        if pipeline is not None:
+            with torch.no_grad():
+                batch = pipeline(batch)
+        image, target, annotated = batch["image"], batch["label"], batch["annotated"]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(image)
         loss = loss_fn(logits.float(), target, annotated).total

@@ -1,0 +1,67 @@
+"""The partial-label loss: BCE + batch Dice per class, only where the sample's dataset annotates it.
+
+Each training dataset annotates only some classes. A (sample, class) pair whose dataset does not
+annotate the class says nothing about it (an unlabelled liver is not background), so that pair
+must contribute exactly zero loss and exactly zero gradient ("masked back-propagation",
+Universal Model). Following MultiTalent, the per-class terms are SUMMED over classes (not
+averaged, so adding datasets with other classes does not dilute each class's gradient) and the
+Dice of a class is computed over the whole batch: intersections and denominators are summed over
+the samples that annotate that class before the ratio is taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch import nn
+
+
+@dataclass
+class LossTerms:
+    """The total loss and its per-class parts (for logging; classes without annotation are 0)."""
+
+    total: torch.Tensor  # scalar
+    bce: torch.Tensor  # (K,)
+    dice: torch.Tensor  # (K,)
+    supervised: torch.Tensor  # (K,) bool: class annotated by at least one sample of the batch
+
+
+class PartialLabelLoss(nn.Module):
+    """BCE-with-logits + batch Dice, per class, masked by the `annotated` (B, K) flags, summed over classes.
+
+    forward(logits (B, K, *spatial), target (B, K, *spatial) in {0, 1}, annotated (B, K) bool)
+    -> LossTerms. The loss is computed in float32 whatever the logits' dtype (mixed precision).
+    A batch where no pair is annotated gives a zero loss that still back-propagates (zero
+    gradients), so distributed ranks never disagree on which parameters were used.
+    """
+
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1e-5):
+        super().__init__()
+        self.bce_weight, self.dice_weight = bce_weight, dice_weight
+        # Masked probabilities and targets are zero for unannotated pairs, so they add nothing to
+        # the batch sums; a class nobody annotates gives 1 - smooth/smooth = 0 with zero gradient.
+        self.dice = DiceLoss(sigmoid=False, batch=True, reduction="none", smooth_nr=smooth, smooth_dr=smooth)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> LossTerms:
+        if logits.shape != target.shape or annotated.shape != logits.shape[:2]:
+            raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
+                             f"annotated {tuple(annotated.shape)}")
+        logits = logits.float()
+        target = target.to(logits.dtype)
+        mask = annotated.to(device=logits.device, dtype=torch.bool)
+        weight = mask.to(logits.dtype).reshape(*mask.shape, *([1] * (logits.dim() - 2)))
+
+        # BCE: mean over voxels per pair, then mean over the samples that annotate the class.
+        bce_pair = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        bce_pair = (bce_pair * weight).flatten(2).mean(2)  # (B, K); unannotated pairs are 0
+        per_class_count = mask.sum(0)
+        bce = bce_pair.sum(0) / per_class_count.clamp(min=1)
+
+        dice = self.dice(torch.sigmoid(logits) * weight, target * weight).reshape(-1)
+        supervised = per_class_count > 0
+        dice = dice * supervised  # exactly 0 (and no gradient) for classes nobody annotates
+        total = (self.bce_weight * bce + self.dice_weight * dice).sum()
+        return LossTerms(total=total, bce=bce.detach(), dice=dice.detach(), supervised=supervised)
