@@ -1,6 +1,7 @@
 """UniversalSeg backend: universal CT segmentation with the CLIP-driven Universal Model.
 
 Public API (imported lazily so `import UniversalSegLib` stays cheap):
+    predict                                            -- segment a CT (masks on its exact grid)
     load_model, list_models, save_model, create_model  -- model files
     default_registry                                   -- the class registry
 """
@@ -16,6 +17,7 @@ _LAZY = {
     "create_model": "UniversalSegLib.store",
     "default_registry": "UniversalSegLib.registry",
     "UniversalModel": "UniversalSegLib.model",
+    "predict": "UniversalSegLib.inference.predict",
 }
 
 

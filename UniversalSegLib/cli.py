@@ -4,9 +4,9 @@ only parses arguments, prints, and turns our errors into one line and a non-zero
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from collections.abc import Callable
 
 from UniversalSegLib.errors import UniversalSegError
 
@@ -68,14 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_models)
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    for module, function in EXTRA_COMMANDS:
+        getattr(importlib.import_module(module), function)(sub)
     return parser
 
 
-# Sub-commands defined in other modules register themselves here: each entry adds a parser
-# (with set_defaults(func=...)) to the sub-parsers object it is given.
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+# Sub-commands defined in other modules, as (module, function): each function adds its parser
+# (with set_defaults(func=...)). Those modules import only the standard library at load time and
+# the heavy parts (torch, MONAI, SimpleITK) inside their handlers, so `universalseg models` is fast.
+EXTRA_COMMANDS: list[tuple[str, str]] = [
+    ("UniversalSegLib.predict_cli", "register"),
+    ("UniversalSegLib.train.cli", "register"),
+    ("UniversalSegLib.continual.command", "register_cli"),
+    ("UniversalSegLib.importers.command", "register_cli"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,17 +13,42 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.registry import ClassInfo
 
 
-@dataclass
 class ClassResult:
-    """One structure: its binary mask and how sure the model was."""
+    """One structure: its binary mask and how sure the model was.
 
-    info: ClassInfo
-    mask: np.ndarray  # bool, (z, y, x) on the input grid
-    mean_confidence: float  # mean sigmoid probability inside the mask (0 if empty)
-    probability: np.ndarray | None = None  # uint8 0..255 on the input grid, kept only when asked
+    The mask is stored compactly (its bounding box, bit-packed: see `BoxMask`), so a result with
+    hundreds of classes stays small; `mask` expands it to a full (z, y, x) bool array on each
+    access (read it once per use, and assign `mask` to change it: editing the returned array in
+    place changes nothing). `box` gives the compact form without expanding it.
+    """
+
+    def __init__(self, info: ClassInfo, mask: np.ndarray | BoxMask, mean_confidence: float,
+                 probability: np.ndarray | None = None):
+        self.info = info
+        self.mask = mask
+        self.mean_confidence = float(mean_confidence)  # mean sigmoid probability inside the mask (0 if empty)
+        self.probability = probability  # uint8 0..255 on the input grid, kept only when asked
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool, (z, y, x) on the input grid (a new array on each access)."""
+        return self.box.array()
+
+    @mask.setter
+    def mask(self, value: np.ndarray | BoxMask) -> None:
+        self.box = value if isinstance(value, BoxMask) else BoxMask.from_array(np.asarray(value, dtype=bool))
+
+    @property
+    def voxel_count(self) -> int:
+        return self.box.count
+
+    def __repr__(self) -> str:
+        return (f"ClassResult({self.info.key!r}, voxels={self.box.count}, "
+                f"mean_confidence={self.mean_confidence:.3f})")
 
 
 @dataclass
