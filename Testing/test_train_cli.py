@@ -75,7 +75,7 @@ def write_run(tmp_path: Path, steps: int, checkpoint_every: int, name: str = "cl
 def cli(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "UniversalSegLib", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=env, **kw)
 
 
 def steps_logged(run: Path) -> list[int]:

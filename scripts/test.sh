@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 .venv/bin/ruff check .
-export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# UTF-8 whatever the locale: progress bars print non-ASCII characters that subprocess tests decode
+export HF_HUB_OFFLINE=1 PYTHONUTF8=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 .venv/bin/python -m pytest -q "$@"

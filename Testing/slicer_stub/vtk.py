@@ -1,0 +1,20 @@
+"""Stand-in for the `vtk` module: the two names UniversalSeg uses (see README.md)."""
+
+
+class vtkCommand:
+    ModifiedEvent = 33
+
+
+class vtkStringArray:
+    def __init__(self):
+        self.values: list[str] = []
+
+    def InsertNextValue(self, value: str) -> int:
+        self.values.append(str(value))
+        return len(self.values) - 1
+
+    def GetNumberOfValues(self) -> int:
+        return len(self.values)
+
+    def GetValue(self, index: int) -> str:
+        return self.values[index]

@@ -1,0 +1,356 @@
+"""Inference pipeline: geometry restored exactly, compact stitching, post-processing rules, subsets, progress.
+
+Geometry is checked end to end with a pointwise stand-in model (class logit = 20 x (scaled HU - t)):
+whatever the orientation and spacing, its mask must equal `HU > threshold` on the input grid, so
+any flip, permutation or offset in preprocessing, stitching or resampling back shows up as voxel
+mismatches. Learned-weight behaviour (subsets, chunking) uses a tiny random SegResNet model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import SAMPLE_DIR, shared
+from scipy import ndimage
+from torch import nn
+
+from UniversalSegLib.errors import UnknownClassError
+from UniversalSegLib.inference import postprocess, sliding_window
+from UniversalSegLib.inference.masks import BoxMask
+from UniversalSegLib.inference.predict import needed_classes, predict
+from UniversalSegLib.inference.preprocess import preprocess
+from UniversalSegLib.inference.restore import to_input_grid
+from UniversalSegLib.model.heads import HEAD_PARAMS
+from UniversalSegLib.registry import ClassInfo, default_registry
+from UniversalSegLib.store import LoadedModel, Manifest, Preprocessing, create_model, load_model, save_model
+
+REG = default_registry()
+SAMPLE = SAMPLE_DIR / "ct_abdomen.nii.gz"
+SAMPLE_LABELS = SAMPLE_DIR / "ct_abdomen_labels_totalsegmentator_v2.nii.gz"
+LOW, HIGH = -175.0, 250.0
+# Scaled thresholds whose HU value (LOW + t * 425) is never an integer, so integer CTs have no ties.
+THRESHOLDS = {"liver": 0.5, "spleen": 0.9}  # HU 37.5 and 207.5
+KIDNEY_RIGHT, KIDNEY_LEFT, LIVER, SPLEEN = 2, 3, 5, 1
+
+
+class ThresholdModel(nn.Module):
+    """Pointwise stand-in for UniversalModel: logit of class c = 20 x (scaled intensity - t_c)."""
+
+    head_class_chunk = 8
+
+    def __init__(self, thresholds: list[float]):
+        super().__init__()
+        self.register_buffer("t", torch.tensor(thresholds, dtype=torch.float32))
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        voxel = torch.zeros(x.shape[0], 8, *x.shape[2:], dtype=x.dtype)
+        voxel[:, 0] = x[:, 0]
+        return torch.zeros(x.shape[0], 256), voxel
+
+    def head_parameters(self, image_feature: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        params = torch.zeros(image_feature.shape[0], idx.numel(), HEAD_PARAMS)
+        params[..., 0] = 1.0  # layer 1: h0 = x
+        params[..., 64] = 1.0  # layer 2: h0 = h0
+        params[..., 128] = 20.0  # layer 3 weight
+        params[..., 152] = -20.0 * self.t[idx]  # layer 3 bias
+        return params
+
+
+def stub_model(spacing: float, thresholds: dict[str, float] = THRESHOLDS, patch: int = 48,
+               overlap: float = 0.5) -> LoadedModel:
+    classes = [ClassInfo.from_dict({**REG[k].to_dict(), "postprocess": None}) for k in thresholds]
+    manifest = Manifest(name="threshold-stub", backbone="none", backbone_config={}, classes=classes,
+                        preprocessing=Preprocessing(spacing=[spacing] * 3, hu_window=[LOW, HIGH],
+                                                    patch_size=[patch] * 3, overlap=overlap))
+    return LoadedModel(ThresholdModel(list(thresholds.values())).eval(), manifest, Path("stub"))
+
+
+def expected_mask(image: sitk.Image, t: float) -> np.ndarray:
+    return sitk.GetArrayFromImage(image).astype(np.float32) > LOW + t * (HIGH - LOW)
+
+
+def assert_same_grid(result, image: sitk.Image) -> None:
+    assert result.reference.GetSize() == image.GetSize()
+    for c in result.classes:
+        assert c.mask.shape == sitk.GetArrayViewFromImage(image).shape
+    assert result.reference.GetSpacing() == image.GetSpacing()
+    assert result.reference.GetOrigin() == image.GetOrigin()
+    assert result.reference.GetDirection() == image.GetDirection()
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def sample_crop() -> sitk.Image:
+    return sitk.ReadImage(str(SAMPLE))[20:100, 15:85, 40:100]  # RAS, 3 mm, origin moved by the crop
+
+
+# --- geometry ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "PIR"])
+def test_masks_land_exactly_on_input_grid_in_any_orientation(orientation):
+    """Model grid = input spacing, so the stand-in's mask must equal `HU > threshold` voxel for voxel."""
+    image = sitk.DICOMOrient(sample_crop(), orientation)
+    result = predict(image, model=stub_model(3.0), device="cpu")
+    assert_same_grid(result, image)
+    for key, t in THRESHOLDS.items():
+        expected = expected_mask(image, t)
+        assert expected.sum() > 1000
+        assert np.array_equal(result[key].mask, expected), key
+
+
+def test_lps_thorax_ct_on_its_own_grid():
+    image = sitk.ReadImage(str(shared("ct-thorax-aorta", "ct.nii.gz")))[30:90, 30:100, 60:120]  # LPS, 1.5 mm
+    assert image.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    result = predict(image, model=stub_model(1.5, patch=64), device="cpu")
+    assert_same_grid(result, image)
+    for key, t in THRESHOLDS.items():
+        assert np.array_equal(result[key].mask, expected_mask(image, t)), key
+
+
+def test_coarser_model_grid_still_aligns():
+    """At 4.5 mm the masks are blurred by resampling, but sit best unshifted, and alike for RAS and LPS input."""
+    ras = sample_crop()
+    lps = sitk.DICOMOrient(ras, "LPS")
+    model = stub_model(4.5, patch=32)
+    from_ras, from_lps = predict(ras, model=model, device="cpu"), predict(lps, model=model, device="cpu")
+    assert_same_grid(from_lps, lps)
+    for key, t in THRESHOLDS.items():
+        mask, expected = from_ras[key].mask, expected_mask(ras, t)
+        shifted = [dice(mask, np.roll(expected, s, axis=a)) for a in range(3) for s in (-1, 1)]
+        assert dice(mask, expected) > 0.6 and dice(mask, expected) > max(shifted) + 0.03, (key, shifted)
+        back = sitk.GetImageFromArray(from_lps[key].mask.astype(np.uint8))
+        back.CopyInformation(lps)
+        assert np.count_nonzero(sitk.GetArrayFromImage(sitk.DICOMOrient(back, "RAS")) != mask) <= mask.size // 10000
+
+
+def test_dicom_series_input(tmp_path):
+    io = pytest.importorskip("UniversalSegLib.io")
+    if not hasattr(io, "write_dicom_series"):
+        pytest.skip("io.write_dicom_series not available")
+    io.write_dicom_series(sitk.DICOMOrient(sample_crop(), "LPS"), tmp_path / "series")
+    result = predict(tmp_path / "series", model=stub_model(3.0), device="cpu")
+    image = io.read_image(tmp_path / "series")
+    assert_same_grid(result, image)
+    for key, t in THRESHOLDS.items():
+        assert np.array_equal(result[key].mask, expected_mask(image, t)), key
+
+
+def test_restoring_a_box_equals_resampling_everything():
+    """The bounding-box shortcut in `to_input_grid` gives exactly the full resampling's mask."""
+    image = sitk.ReadImage(str(SAMPLE))
+    labels = sitk.ReadImage(str(SAMPLE_LABELS))
+    pre = Preprocessing(spacing=[1.7, 2.3, 4.1])
+    prepared = preprocess(image, pre)
+    liver = sitk.Cast(sitk.DICOMOrient(labels == LIVER, "RAS")[prepared.body_box], sitk.sitkFloat32)
+    liver = sitk.SmoothingRecursiveGaussian(liver, 3.0)
+    on_grid = sitk.Resample(liver, prepared.grid.sub_image(prepared.volume, (0, 0, 0)), sitk.Transform(),
+                            sitk.sitkLinear, 0.0)
+    probability = sitk.GetArrayFromImage(on_grid).transpose(2, 1, 0)
+    restored = to_input_grid(probability, prepared.grid, image, 0.5, keep_probability=True)
+    full = sitk.GetArrayFromImage(sitk.Resample(prepared.grid.sub_image(probability, (0, 0, 0)), image,
+                                                sitk.Transform(), sitk.sitkLinear, 0.0))
+    assert restored.mask.count > 10000
+    assert np.array_equal(restored.mask.array(), full > 0.5)
+    assert restored.mean_confidence == pytest.approx(full[full > 0.5].mean(), rel=1e-5)
+    assert np.abs(restored.probability.astype(int) - np.rint(full * 255)).max() <= 1
+    truth = sitk.GetArrayFromImage(labels) == LIVER
+    assert dice(restored.mask.array(), truth) > 0.9
+
+
+# --- stitching and memory ----------------------------------------------------------------------------------
+
+
+def test_windows_cover_the_volume_and_end_flush():
+    for size, patch, overlap in [(200, 96, 0.5), (96, 96, 0.5), (130, 96, 0.25), (97, 32, 0.0)]:
+        starts = sliding_window.window_starts(size, patch, overlap)
+        covered = np.zeros(size, bool)
+        for s in starts:
+            covered[s:s + patch] = True
+        assert covered.all() and starts[0] == 0 and starts[-1] == size - patch
+        assert all(b - a <= int(patch * (1 - overlap)) or overlap == 0 and b - a == patch
+                   for a, b in zip(starts, starts[1:]))
+
+
+def test_stitcher_keeps_float16_class_chunks_on_the_model_grid(monkeypatch):
+    """The only class-sized buffers are float16, model-grid sized and at most `class_chunk` classes deep."""
+    allocations = []
+    real_zeros = torch.zeros
+
+    def recording_zeros(*shape, **kwargs):
+        out = real_zeros(*shape, **kwargs)
+        allocations.append((tuple(out.shape), out.dtype))
+        return out
+
+    monkeypatch.setattr(sliding_window.torch, "zeros", recording_zeros)
+    thresholds = [0.1 + 0.08 * i for i in range(10)]
+    volume = np.random.default_rng(0).random((40, 30, 50), dtype=np.float32)
+    outputs = list(sliding_window.class_probabilities(ThresholdModel(thresholds), volume, list(range(10)), [32] * 3,
+                                                      0.5, torch.device("cpu"), class_chunk=4))
+    monkeypatch.undo()
+    stitch = [(s, d) for s, d in allocations if len(s) == 4]
+    assert [s[0] for s, _ in stitch] == [4, 4, 2]
+    assert all(d == torch.float16 and s[1:] == (40, 32, 50) for s, d in stitch)  # y padded up to one patch
+    assert [p for p, _ in outputs] == list(range(10))
+    for position, probability in outputs:  # fp16 stitching keeps the pointwise model's values
+        expected = 1 / (1 + np.exp(-20 * (volume - thresholds[position])))
+        assert probability.shape == volume.shape and np.abs(probability - expected).max() < 5e-3
+
+
+def test_one_window_equals_the_models_own_forward(tiny_model):
+    """Stitching a single window (slab-wise heads, float16 accumulation) reproduces sigmoid(model(x))."""
+    model = load_model(tiny_model).model
+    volume = np.random.default_rng(1).random((32, 32, 32), dtype=np.float32)
+    with torch.inference_mode():
+        expected = torch.sigmoid(model(torch.from_numpy(volume)[None, None], [4, 0, 2]))[0].numpy()
+        got = dict(sliding_window.class_probabilities(model, volume, [4, 0, 2], [32] * 3, 0.5, torch.device("cpu")))
+    for position in range(3):
+        assert np.abs(got[position] - expected[position]).max() < 2e-3
+
+
+def test_many_classes_never_hold_all_classes_at_input_resolution():
+    """40 classes with large masks: numpy's peak stays far below 40 bool volumes (masks are boxed, bit-packed)."""
+    import tracemalloc
+
+    image = sitk.ReadImage(str(SAMPLE))[:, :, 50:80]
+    keys = [c.key for c in REG.template_32()] + [c.key for c in REG if not c.template_id][:8]
+    thresholds = {k: 0.02 + 0.005 * i for i, k in enumerate(keys)}  # every mask covers most of the body
+    voxels = int(np.prod(image.GetSize()))
+    tracemalloc.start()
+    result = predict(image, model=stub_model(3.0, thresholds, patch=32, overlap=0.0), device="cpu")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(result.classes) == 40 and min(c.voxel_count for c in result.classes) > voxels // 3
+    assert peak < 40 * voxels / 2, f"numpy peak {peak / 1e6:.1f} MB for {voxels / 1e6:.2f} M voxels"
+    assert sum(c.box.nbytes for c in result.classes) < 40 * voxels / 7
+
+
+# --- post-processing on real labels ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def abdomen_labels() -> tuple[sitk.Image, np.ndarray]:
+    labels = sitk.ReadImage(str(shared("ct-abdomen", "labels_totalsegmentator_v2.nii.gz")))
+    return labels, sitk.GetArrayFromImage(labels)
+
+
+def test_largest_component_drops_islands(abdomen_labels):
+    _, labels = abdomen_labels
+    liver = labels == LIVER
+    noisy = liver | (labels == SPLEEN)  # the spleen is a separate island
+    noisy[0:2, 0:2, 0:2] = True
+    kept = postprocess.largest_component(BoxMask.from_array(noisy)).array()
+    components, n = ndimage.label(noisy, structure=np.ones((3, 3, 3)))
+    largest = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
+    assert n >= 3 and np.array_equal(kept, largest)
+    assert np.count_nonzero(kept & liver) > 0.99 * liver.sum() and not (kept & (labels == SPLEEN)).any()
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "PIR"])
+def test_split_pair_puts_real_kidneys_on_their_sides(abdomen_labels, orientation):
+    """Both kidneys predicted as 'left': the split must give label 3 to the left and 2 to the right."""
+    image, _ = abdomen_labels
+    oriented = sitk.DICOMOrient(image, orientation)
+    labels = sitk.GetArrayFromImage(oriented)
+    both = BoxMask.from_array((labels == KIDNEY_LEFT) | (labels == KIDNEY_RIGHT))
+    for left_in, right_in in [(both, BoxMask.empty(both.shape)), (BoxMask.empty(both.shape), both)]:
+        left, right = postprocess.split_pair(left_in, right_in, oriented)
+        assert np.array_equal(left.array(), labels == KIDNEY_LEFT)
+        assert np.array_equal(right.array(), labels == KIDNEY_RIGHT)
+
+
+def test_split_pair_with_one_kidney_keeps_its_owner(abdomen_labels):
+    _, labels = abdomen_labels
+    right_only = BoxMask.from_array(labels == KIDNEY_RIGHT)
+    left, right = postprocess.split_pair(BoxMask.empty(right_only.shape), right_only, abdomen_labels[0])
+    assert left.count == 0 and np.array_equal(right.array(), labels == KIDNEY_RIGHT)
+
+
+def test_within_parents_keeps_only_the_organ_and_its_margin(abdomen_labels):
+    image, labels = abdomen_labels
+    liver = labels == LIVER
+    grown = ndimage.binary_dilation(liver, np.ones((3, 3, 3)), iterations=3)
+    child = grown | (labels == KIDNEY_LEFT)  # a far-away part must go
+    radius = postprocess.parent_radius(image, [1.5, 1.5, 1.5])
+    assert radius == (1, 1, 1)  # 3 mm at 3 mm voxels
+    region = postprocess.parent_region([BoxMask.from_array(liver)], radius)
+    kept = postprocess.within(BoxMask.from_array(child), region).array()
+    cube = np.ones((3, 3, 3))
+    closed = ndimage.binary_erosion(ndimage.binary_dilation(liver, cube, iterations=1, border_value=0),
+                                    cube, iterations=1, border_value=1)
+    expected = child & ndimage.binary_dilation(closed | liver, cube)
+    assert not (kept & (labels == KIDNEY_LEFT) & ~expected).any()
+    assert np.array_equal(kept, expected)
+    assert (liver & ~kept).sum() == 0 and kept.sum() < grown.sum()
+
+
+def test_rules_by_registry_order(abdomen_labels):
+    """apply_rules: the tumour is cut by the liver's final mask, kidneys split by side."""
+    image, labels = abdomen_labels
+    liver = labels == LIVER
+    tumour = ndimage.binary_dilation(liver, np.ones((3, 3, 3)), iterations=4)
+    masks = {"liver": BoxMask.from_array(liver | (labels == SPLEEN)), "liver_tumor": BoxMask.from_array(tumour),
+             "kidney_left": BoxMask.from_array((labels == KIDNEY_LEFT) | (labels == KIDNEY_RIGHT)),
+             "kidney_right": BoxMask.empty(liver.shape)}
+    out = postprocess.apply_rules(masks, {k: REG[k] for k in masks}, image, [1.5] * 3)
+    assert np.array_equal(out["liver"].array(), liver)  # spleen island dropped
+    assert np.array_equal(out["kidney_right"].array(), labels == KIDNEY_RIGHT)
+    assert out["liver_tumor"].count < tumour.sum() and not (out["liver_tumor"].array() & (labels == SPLEEN)).any()
+
+
+# --- real (random-weight) model: subsets, helpers, progress -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, minilm) -> Path:
+    torch.manual_seed(0)
+    keys = ["liver", "spleen", "kidney_left", "kidney_right", "liver_tumor", "aorta"]
+    model, manifest = create_model("tiny-inference", keys, backbone_config={
+        "init_filters": 16, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}, text_encoder=minilm)
+    manifest.preprocessing.spacing = [9.0, 9.0, 9.0]  # a few 32^3 windows: fast on CPU
+    manifest.preprocessing.patch_size = [32, 32, 32]
+    return save_model(model, manifest, tmp_path_factory.mktemp("models") / "tiny-inference")
+
+
+def test_subset_run_equals_full_run_and_progress_rises(tiny_model):
+    image = sitk.ReadImage(str(SAMPLE))[:, :, 30:100]
+    model = load_model(tiny_model)
+    calls: list[tuple[float, str]] = []
+    full = predict(image, model=model, device="cpu", progress=lambda f, m: calls.append((f, m)))
+    subset = predict(image, model=model, classes=["liver tumor", "Left Kidney"], device="cpu")
+    assert subset.keys == ["liver_tumor", "kidney_left"]
+    assert set(subset.metadata["computed_classes"]) == {"liver", "kidney_left", "kidney_right", "liver_tumor"}
+    assert any(full[k].voxel_count for k in full.keys)
+    for key in subset.keys:
+        assert np.array_equal(subset[key].mask, full[key].mask), key
+        assert subset[key].mean_confidence == pytest.approx(full[key].mean_confidence, abs=1e-6)
+    fractions = [f for f, _ in calls]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and len(fractions) > 10
+    assert all(b >= a for a, b in zip(fractions, fractions[1:]))
+    assert "sliding window" in {m for _, m in calls}
+
+
+def test_chunked_stitching_equals_one_pass(tiny_model):
+    image = sitk.ReadImage(str(SAMPLE))[:, :, 50:90]
+    model = load_model(tiny_model)
+    one = predict(image, model=model, device="cpu", postprocess=False, keep_probabilities=True)
+    chunked = predict(image, model=model, device="cpu", postprocess=False, keep_probabilities=True, class_chunk=4)
+    for key in one.keys:
+        assert np.array_equal(one[key].mask, chunked[key].mask), key
+        assert np.array_equal(one[key].probability, chunked[key].probability), key
+
+
+def test_needed_classes_adds_parents_and_pairs_and_rejects_unknown(tiny_model):
+    manifest = load_model(tiny_model).manifest
+    wanted, computed = needed_classes(manifest, ["liver_tumor"])
+    assert [c.key for c in wanted] == ["liver_tumor"] and [c.key for c in computed] == ["liver", "liver_tumor"]
+    _, computed = needed_classes(manifest, ["kidney_right"])
+    assert [c.key for c in computed] == ["kidney_left", "kidney_right"]
+    with pytest.raises(UnknownClassError, match="kidney"):
+        needed_classes(manifest, ["kidneyy"])

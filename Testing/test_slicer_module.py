@@ -1,0 +1,1139 @@
+"""The 3D Slicer module (UniversalSeg/) without Slicer.
+
+Plain helpers (UniversalSeg/UniversalSegModuleLib) are tested in this process. Everything that imports
+`slicer`, `qt`, `ctk` or `vtk` runs in a fresh subprocess against the stand-in in Testing/slicer_stub/
+(see its README: exactly the Slicer calls the module makes), one subprocess per test, so the fakes never
+reach other tests' sys.modules. The scenario functions `_scenario_*` at the end of this file are what
+those subprocesses run. The backend is faked by `FakeRunner` (scripted --progress-json output) except
+in `test_real_backend_predict`, which runs the real `universalseg predict` on the bundled sample CT.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "UniversalSeg"
+STUB_DIR = REPO / "Testing" / "slicer_stub"
+SAMPLE_CT = REPO / "UniversalSegLib" / "resources" / "sample" / "ct_abdomen.nii.gz"
+sys.path.insert(0, str(MODULE_DIR))
+
+from UniversalSegModuleLib import backend, classes, dependencies, process, wizard  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# Fakes of the module's own seams (ProcessRunner, DependencyInstaller); plain Python, used here and in
+# the subprocess scenarios.
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeProcess:
+    """A scripted RunningProcess: each read_available() returns the next batch of (stream, line);
+    a batch may be a callable (run at that moment, e.g. to write output files) returning the lines."""
+
+    def __init__(self, batches=(), returncode: int = 0, hang: bool = False):
+        self.batches = list(batches)
+        self.returncode = returncode
+        self.hang = hang
+        self.killed = False
+
+    def read_available(self):
+        if self.killed or not self.batches:
+            return []
+        batch = self.batches.pop(0)
+        return list(batch() if callable(batch) else batch)
+
+    def poll(self):
+        if self.killed:
+            return -9
+        if self.batches or self.hang:
+            return None
+        return self.returncode
+
+    def kill_tree(self):
+        self.killed = True
+
+
+class FakeRunner:
+    """Dispatches on the backend sub-command (`python -m UniversalSegLib <sub> ...`); records every call."""
+
+    def __init__(self, handlers):
+        self.handlers = handlers
+        self.commands: list[list[str]] = []
+        self.envs: list[dict] = []
+
+    def start(self, args, env=None, cwd=None):
+        args = list(args)
+        assert args[1:3] == ["-m", "UniversalSegLib"], args
+        self.commands.append(args)
+        self.envs.append(dict(env or {}))
+        return self.handlers[args[3]](args, env)
+
+
+class FakeInstaller:
+    def __init__(self, torch: str | None = "2.5.0", backend_version: str | None = "0.1.0", answer: bool = True):
+        self.torch = torch
+        self.backend = backend_version
+        self.answer = answer
+        self.calls: list = []
+
+    def torch_version(self):
+        return self.torch
+
+    def install_torch(self, requirement):
+        self.calls.append(("torch", requirement))
+        self.torch = "2.5.0"
+        return True
+
+    def backend_version(self):
+        return self.backend
+
+    def install_backend(self, source_dir, upgrade):
+        self.calls.append(("backend", Path(source_dir), upgrade))
+        self.backend = dependencies.bundled_backend_version(source_dir)
+
+    def confirm(self, message, details):
+        self.calls.append(("confirm", details))
+        return self.answer
+
+
+def json_lines(value) -> list[tuple[str, str]]:
+    return [("stdout", line) for line in json.dumps(value, indent=1).splitlines()]
+
+
+def progress(fraction: float, message: str, **extra) -> tuple[str, str]:
+    return ("stdout", json.dumps({"progress": fraction, "message": message, **extra}))
+
+
+FAKE_MODELS = [{"name": "demo", "version": "0.1.0", "classes": 4, "backbone": "segresnet", "license": "Apache-2.0",
+                "path": "/models/demo"}]
+FAKE_CLASSES = [
+    {"key": "liver", "name": "Liver", "group": "organ", "color": [221, 130, 101], "parents": [], "synonyms": []},
+    {"key": "kidney_left", "name": "Left kidney", "group": "organ", "color": [185, 102, 83], "parents": [],
+     "synonyms": ["left renal"]},
+    {"key": "aorta", "name": "Aorta", "group": "vessel", "color": [224, 97, 76], "parents": [], "synonyms": []},
+    {"key": "liver_tumor", "name": "Liver tumor", "group": "tumour", "color": [255, 210, 0], "parents": ["liver"],
+     "synonyms": ["hepatic lesion"]},
+]
+
+
+def write_fake_prediction(input_path: str, output_dir: Path, keys: list[str]) -> dict:
+    """What `universalseg predict` writes: a layered .seg.nrrd on the input grid (liver_tumor inside
+    liver, so they overlap) and statistics.json."""
+    import numpy as np
+    import SimpleITK as sitk
+    import slicerio
+
+    image = sitk.ReadImage(input_path)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction @ np.diag(image.GetSpacing())
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    seg = slicerio.create_segmentation(image.GetSize(), ijk_to_lps)
+    size = np.array(image.GetSize())
+    boxes = {"liver": (size * 0.2, size * 0.6), "liver_tumor": (size * 0.3, size * 0.4),
+             "kidney_left": (size * 0.6, size * 0.7), "aorta": (size * 0.45, size * 0.55)}
+    rows = []
+    for key in keys:
+        lo, hi = boxes[key]
+        mask = np.zeros(tuple(size), bool)
+        mask[int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]):int(hi[2])] = True
+        slicerio.add_segment(seg, mask, {"id": key, "name": key.replace("_", " ").title()})
+        rows.append({"key": key, "name": key.replace("_", " ").title(), "group": "organ",
+                     "voxel_count": int(mask.sum()), "volume_ml": float(mask.sum() * 0.027), "mean_hu": 40.0,
+                     "std_hu": 10.0, "mean_confidence": 0.55 if key == "liver_tumor" else 0.93,
+                     "touches_border": False, "empty": False})
+    output_dir.mkdir(parents=True, exist_ok=True)
+    slicerio.write_segmentation(str(output_dir / "segmentation.seg.nrrd"), seg)
+    (output_dir / "statistics.json").write_text(json.dumps(rows))
+    return {"done": True, "outputs": {"seg.nrrd": str(output_dir / "segmentation.seg.nrrd"),
+                                      "stats": str(output_dir / "statistics.json")}}
+
+
+def predict_handler(args, env):
+    out = Path(args[args.index("-o") + 1])
+    keys = args[args.index("--classes") + 1:args.index("--device")] if "--classes" in args else \
+        [c["key"] for c in FAKE_CLASSES]
+
+    def finish():
+        return [("stdout", json.dumps(write_fake_prediction(args[4], out, keys)))]
+
+    return FakeProcess([[progress(0.0, "reading image"), ("stdout", "plain log text")],
+                        [("stderr", "a warning on stderr"), progress(0.5, "sliding window")],
+                        [progress(1.0, "writing outputs")], finish])
+
+
+def fake_runner(**extra_handlers) -> FakeRunner:
+    handlers = {"models": lambda a, e: FakeProcess([json_lines(FAKE_MODELS)]),
+                "classes": lambda a, e: FakeProcess([json_lines(FAKE_CLASSES)]),
+                "predict": predict_handler}
+    handlers.update(extra_handlers)
+    return FakeRunner(handlers)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a scenario in a subprocess against the stand-in
+# --------------------------------------------------------------------------------------------------
+
+
+def run_in_stub(scenario: str, tmp_path: Path, timeout: float = 240, **env) -> str:
+    paths = [str(STUB_DIR), str(MODULE_DIR), str(REPO / "Testing"), str(REPO)]
+    code = f"import sys; sys.path[:0] = {paths!r}; import test_slicer_module as t; t.{scenario}()"
+    full_env = {**os.environ, "TEST_TMP": str(tmp_path), "SLICER_STUB_TEMP": str(tmp_path / "slicer-temp"),
+                "OMP_NUM_THREADS": "1", **env}
+    (tmp_path / "slicer-temp").mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                            cwd=str(tmp_path), timeout=timeout)
+    assert result.returncode == 0, f"{scenario} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend protocol and command lines (in process)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_predict_command_line():
+    args = backend.predict_args("/t/in.nrrd", "/t/out", model="demo", classes=["liver", "liver_tumor"],
+                                device="cpu", fast=True)
+    assert backend.backend_command("py", *args) == [
+        "py", "-m", "UniversalSegLib", "predict", "/t/in.nrrd", "-o", "/t/out", "--model", "demo", "--classes",
+        "liver", "liver_tumor", "--device", "cpu", "--fast", "--formats", "seg.nrrd,stats", "--progress-json"]
+    assert "--classes" not in backend.predict_args("i", "o")  # all of the model's classes
+    with pytest.raises(ValueError):
+        backend.predict_args("i", "o", device="gpu")
+    assert backend.import_checkpoint_args("/x.pth", "unet", "pub") == [
+        "import-checkpoint", "/x.pth", "--format", "clip-driven-universal", "--backbone", "unet", "-o", "pub"]
+
+
+def test_job_follows_progress_log_and_done(tmp_path):
+    seg = tmp_path / "s.seg.nrrd"
+    seg.write_text("x")
+    events, logs = [], []
+    proc = FakeProcess([[progress(0.1, "a"), ("stdout", "not json {"), ("stdout", "[1, 2]")],
+                        [("stderr", "careful"), ("stdout", '{"progress": NaN}'), progress(0.7, "b")],
+                        [("stdout", '{"loss": 0.5, "step": 3}')],
+                        [("stdout", json.dumps({"done": True, "outputs": {"seg.nrrd": str(seg)}}))]])
+    job = backend.BackendJob(proc, on_progress=events.append, on_log=logs.append)
+    steps = 0
+    while not job.step():
+        steps += 1
+    assert steps >= 2 and job.state == job.DONE
+    assert [e.fraction for e in events] == [0.1, None, 0.7, None]  # a NaN fraction is no fraction
+    assert [e.message for e in events] == ["a", "", "b", ""] and job.progress == 0.7
+    assert events[-1].data == {"loss": 0.5, "step": 3}
+    assert logs == ["not json {", "[1, 2]", "careful"]
+    assert backend.output_path(job.result, "seg.nrrd") == seg
+    with pytest.raises(backend.BackendError, match="no 'stats' output"):
+        backend.output_path(job.result, "stats")
+    assert backend.statistics_output(job.result) is None
+    (tmp_path / "statistics.csv").write_text("x")
+    (tmp_path / "statistics.json").write_text("[]")
+    for outputs in ({"stats": str(tmp_path / "statistics.json")},
+                    {"stats": str(tmp_path / "statistics.csv"), "stats:json": str(tmp_path / "statistics.json")}):
+        assert backend.statistics_output({"done": True, "outputs": outputs}) == tmp_path / "statistics.json"
+
+
+def test_job_failure_reports_the_backend_error_and_cleans_up(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = FakeProcess([[progress(0.2, "x"), ("stderr", "universalseg: error: the input image is 2D")]], returncode=2)
+    job = backend.BackendJob(proc, cleanup=[work])
+    with pytest.raises(backend.BackendError, match="^the input image is 2D$"):
+        job.wait(poll_interval=0)
+    assert not work.exists()
+    refused = backend.BackendJob(FakeProcess([[("stdout", '{"done": false, "error": "no mask for lumen"}'),
+                                               ("stderr", "universalseg: error: no mask for lumen")]], returncode=2))
+    with pytest.raises(backend.BackendError, match="^no mask for lumen$"):
+        refused.wait(poll_interval=0)
+    silent = backend.BackendJob(FakeProcess([[progress(0.5, "x")]], returncode=0))
+    with pytest.raises(backend.BackendError, match="without reporting a result"):
+        silent.wait(poll_interval=0)
+
+
+def _backend_parser(register_module: str | None = None):
+    """The backend's real argument parser (with a sub-command registered by another module if named)."""
+    import argparse
+    import importlib
+
+    from UniversalSegLib import cli
+
+    parser = cli.build_parser()
+    if register_module:
+        try:
+            register = importlib.import_module(register_module).register_cli
+        except ImportError:
+            pytest.skip(f"{register_module} is not available yet")
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if "extend" not in sub.choices:
+            register(sub)
+    return parser
+
+
+def test_command_lines_fit_the_backend_parsers(tmp_path):
+    """The arguments the module builds are accepted by the backend's own parsers (where they exist yet)."""
+    parser = _backend_parser()
+    ns = parser.parse_args(backend.import_checkpoint_args("/x.pth", "swinunetr", "pub"))
+    assert (ns.path, ns.backbone, ns.name) == ("/x.pth", "swinunetr", "pub")
+    parser = _backend_parser("UniversalSegLib.continual.command")
+    new = [wizard.NewClass("aorta_true_lumen", "Aorta true lumen", group="vessel", parents=["aorta"])]
+    settings = wizard.TrainingSettings("demo", "demo-plus", epochs=3, time_budget_minutes=2, train="heads")
+    ns = parser.parse_args(wizard.extend_args(settings, tmp_path, new, tmp_path / "out"))
+    assert ns.new_class == ["aorta_true_lumen:Aorta true lumen"] and ns.group == "vessel" and ns.parent == ["aorta"]
+    assert (ns.train, ns.epochs, ns.time_budget, ns.progress_json) == ("heads", 3, 120, True)
+
+
+def test_statistics_warnings(tmp_path):
+    path = tmp_path / "statistics.json"
+    path.write_text(json.dumps([
+        {"key": "liver", "name": "Liver", "voxel_count": 10, "volume_ml": 1.5, "mean_confidence": 0.95},
+        {"key": "pancreas", "name": "Pancreas", "voxel_count": 10, "mean_confidence": 0.6, "touches_border": True},
+        {"key": "spleen", "name": "Spleen", "voxel_count": 0, "empty": True, "extra_field": 1}]))
+    rows = backend.load_statistics(path)
+    assert [r.warnings() for r in rows] == [
+        [], ["low confidence (0.60)", "touches the scan border (may be cut off)"], ["not found in this scan"]]
+
+
+def _spawning_script(marker: Path) -> str:
+    """A parent that starts a child, prints both pids, writes a file and sleeps (a stand-in backend)."""
+    return textwrap.dedent(f"""
+        import subprocess, sys, time, json
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        print(json.dumps({{"progress": 0.1, "message": "started", "pids": [child.pid]}}), flush=True)
+        open({str(marker)!r}, "w").write("partial")
+        time.sleep(60)
+    """)
+
+
+def test_subprocess_runner_cancel_kills_the_whole_tree(tmp_path):
+    import psutil
+
+    proc = process.SubprocessRunner().start([sys.executable, "-c", _spawning_script(tmp_path / "partial")])
+    job = backend.BackendJob(proc, cleanup=[tmp_path / "partial"])
+    events = []
+    job.on_progress = events.append
+    deadline = time.monotonic() + 30
+    while not events and time.monotonic() < deadline:
+        job.step()
+        time.sleep(0.02)
+    child = psutil.Process(events[0].data["pids"][0])
+    parent = psutil.Process(proc.pid)
+    job.cancel()
+    for p in (parent, child):
+        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    assert job.state == job.CANCELLED and proc.poll() is not None
+
+
+def test_subprocess_runner_keeps_lines_and_exit_code():
+    script = "import sys\nfor i in range(300): print(i)\nprint('bad', file=sys.stderr)\nsys.exit(3)"
+    proc = process.SubprocessRunner().start([sys.executable, "-c", script])
+    lines = []
+    while (code := proc.poll()) is None:
+        lines += proc.read_available()
+        time.sleep(0.01)
+    lines += proc.read_available()
+    assert code == 3
+    assert [text for stream, text in lines if stream == "stdout"] == [str(i) for i in range(300)]
+    assert ("stderr", "bad") in lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Dependencies (in process)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bundled_backend_found_with_its_version():
+    import UniversalSegLib
+
+    source = dependencies.bundled_backend_dir(MODULE_DIR)
+    assert source == REPO
+    assert dependencies.bundled_backend_version(source) == UniversalSegLib.__version__
+    requirements = dependencies.read_backend_requirements(source)
+    assert any(r.startswith("monai") for r in requirements) and any(r.startswith("torch") for r in requirements)
+    kept = dependencies.without_skipped(requirements)
+    assert {dependencies.requirement_name(r) for r in kept}.isdisjoint({"torch", "numpy", "simpleitk", "requests"})
+    assert len(kept) == len(requirements) - 3  # torch, numpy, SimpleITK are backend requirements
+
+
+def test_requirements_reader_without_tomllib(monkeypatch):
+    with_tomllib = dependencies.read_backend_requirements(REPO)
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # Python 3.10 has no tomllib
+    assert dependencies.read_backend_requirements(REPO) == with_tomllib
+
+
+def test_first_run_installs_after_consent():
+    installer = FakeInstaller(torch=None, backend_version=None)
+    plan = dependencies.ensure_dependencies(installer, REPO)
+    assert plan.install_torch and plan.install_backend and not plan.upgrade_backend
+    kinds = [c[0] for c in installer.calls]
+    assert kinds == ["confirm", "torch", "backend"]
+    assert "PyTorch" in installer.calls[0][1] and "kept" in installer.calls[0][1]
+    assert installer.calls[1] == ("torch", ">=2.2")
+    # Now everything is there: nothing is asked or installed again.
+    installer.calls.clear()
+    assert not dependencies.ensure_dependencies(installer, REPO).needed and installer.calls == []
+
+
+def test_declined_installation_installs_nothing():
+    installer = FakeInstaller(torch=None, backend_version=None, answer=False)
+    with pytest.raises(dependencies.DependencyError, match="declined"):
+        dependencies.ensure_dependencies(installer, REPO)
+    assert [c[0] for c in installer.calls] == ["confirm"]
+
+
+def test_stale_backend_is_updated_and_newer_one_kept():
+    stale = FakeInstaller(backend_version="0.0.9")
+    plan = dependencies.ensure_dependencies(stale, REPO)
+    assert plan.upgrade_backend and stale.calls[-1] == ("backend", REPO, True)
+    assert "update 0.0.9 ->" in stale.calls[0][1]
+    newer = FakeInstaller(backend_version="99.0")
+    assert not dependencies.ensure_dependencies(newer, REPO).needed and newer.calls == []
+    old_torch = FakeInstaller(torch="1.13.1+cu117")
+    with pytest.raises(dependencies.DependencyError, match="too old"):
+        dependencies.ensure_dependencies(old_torch, REPO)
+
+
+# --------------------------------------------------------------------------------------------------
+# Class list and wizard logic (in process)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_class_groups_and_search():
+    grouped = classes.group_classes(FAKE_CLASSES + [{"key": "x", "name": "X", "group": "weird"}])
+    assert [g for g, _ in grouped] == ["organ", "vessel", "tumour", "other"]
+    assert [c["key"] for c in grouped[0][1]] == ["liver", "kidney_left"]
+    found = [c["key"] for c in FAKE_CLASSES if classes.matches(c, "renal")]
+    assert found == ["kidney_left"]
+    assert [c["key"] for c in FAKE_CLASSES if classes.matches(c, "LIVER tum")] == ["liver_tumor"]
+    assert classes.selection_summary(["a"], 4) == "1 of 4 structures selected"
+
+
+def test_wizard_validation():
+    ok = wizard.NewClass("aorta_false_lumen", "Aorta false lumen", group="vessel", parents=["aorta"])
+    assert wizard.validate_classes([ok], ["aorta", "liver"]) == []
+    errors = wizard.validate_classes([
+        wizard.NewClass("liver", "Liver again"), wizard.NewClass("bad key", "Bad"), wizard.NewClass("a", ""),
+        wizard.NewClass("a", "A", group="blob", parents=["nothing"], color=(0, 0, 300))], ["liver"])
+    text = "\n".join(errors)
+    for fragment in ("already has a class 'liver'", "letters, digits and _", "give it a name", "used twice",
+                     "group must be", "parent 'nothing'", "colour"):
+        assert fragment in text
+    assert wizard.validate_classes([], []) == ["add at least one new class"]
+    cases = [wizard.TrainingCase("/i.nrrd", {"aorta_false_lumen": "/m.nrrd", "other": "/o.nrrd"})]
+    assert wizard.validate_cases(cases, ["aorta_false_lumen", "second"]) == [
+        "case 1: mask for 'other', which is not one of the new classes", "new class 'second' has no training mask"]
+    settings = wizard.TrainingSettings("demo", "demo", epochs=0, train="decoder")
+    text = "\n".join(wizard.validate_settings(settings, ["demo"]))
+    assert "already exists" in text and "at least 1" in text and "what to train" in text
+    assert wizard.suggest_key("Aorta, false lumen (TL)") == "aorta_false_lumen_tl"
+
+
+def test_wizard_training_folder_and_extend_command(tmp_path):
+    (tmp_path / "src").mkdir()
+    for name in ("ct.nii.gz", "m.nii.gz", "scene.nrrd", "lumen.nrrd"):
+        (tmp_path / "src" / name).write_text(name)
+    cases = [wizard.TrainingCase(str(tmp_path / "src" / "ct.nii.gz"), {"aorta_true_lumen": str(tmp_path / "src" /
+                                                                                               "m.nii.gz")}),
+             wizard.TrainingCase(str(tmp_path / "src" / "scene.nrrd"), {"aorta_true_lumen": str(tmp_path / "src" /
+                                                                                                "lumen.nrrd")})]
+    folder = wizard.write_training_folder(cases, tmp_path / "data")
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert files == ["images/case001.nii.gz", "images/case002.nrrd", "masks/aorta_true_lumen/case001.nii.gz",
+                     "masks/aorta_true_lumen/case002.nrrd"]
+    assert (folder / "masks/aorta_true_lumen/case002.nrrd").read_text() == "lumen.nrrd"
+    new = [wizard.NewClass("aorta_true_lumen", "Aorta true lumen", "", "vessel", ["aorta"]),
+           wizard.NewClass("aorta_false_lumen", "Aorta false lumen", "", "vessel", ["aorta"])]
+    settings = wizard.TrainingSettings("demo", "demo-plus", epochs=None, time_budget_minutes=7.5, train="all")
+    assert wizard.extend_args(settings, folder, new, "/models/demo-plus") == [
+        "extend", "--model", "demo", "--data", str(folder), "--new-class", "aorta_true_lumen:Aorta true lumen",
+        "--new-class", "aorta_false_lumen:Aorta false lumen", "-o", "/models/demo-plus", "--train", "all",
+        "--device", "auto", "--group", "vessel", "--parent", "aorta", "--time-budget", "450", "--progress-json"]
+    mixed = [*new, wizard.NewClass("gland", "Gland", group="organ")]
+    assert "share their group and parent" in "\n".join(wizard.validate_classes(mixed, ["aorta"]))
+
+
+def test_wizard_cases_from_folder(tmp_path):
+    for case, layout in (("case1", "masks/"), ("case2", ""), ("case3", "masks/")):
+        (tmp_path / case / "masks").mkdir(parents=True)
+        (tmp_path / case / ("ct.nii.gz" if case != "case2" else "image.nrrd")).write_text("x")
+        if case != "case3":
+            (tmp_path / case / f"{layout}aorta_true_lumen.nii.gz").write_text("x")
+    found = wizard.cases_from_folder(tmp_path, ["aorta_true_lumen", "other"])
+    assert [Path(c.source).name for c in found] == ["case1", "case2"]  # case3 has no mask of a new class
+    assert found[0].masks == {"aorta_true_lumen": str(tmp_path / "case1" / "masks" / "aorta_true_lumen.nii.gz")}
+    assert Path(found[1].image).name == "image.nrrd"
+    assert wizard.cases_from_folder(tmp_path / "case1", ["aorta_true_lumen"])[0].source == str(tmp_path / "case1")
+
+
+def test_wizard_report_and_loss_curve():
+    report = wizard.parse_report({  # the shape of UniversalSegLib.continual's ExtensionReport.to_dict()
+        "model_name": "demo-plus", "parent": {"name": "demo"}, "settings": {"train": "heads+decoder"},
+        "timing_s": {"extension": 61.2}, "retention_summary": {"sample": {"extended_mean_retention": 0.95}},
+        "heldout": [{"name": "a", "new": {"lumen": {"extended_dice": 0.8, "naive_dice": 0.7}}},
+                    {"name": "b", "new": {"lumen": {"extended_dice": 0.6, "naive_dice": None}}}],
+        "retention": [{"name": "sample", "old": {"liver": {"extended_retention": 0.97, "naive_retention": 0.61},
+                                                  "spleen": {"extended_retention": None}}}]})
+    assert report.rows() == [("new class Dice (held out)", "lumen", pytest.approx(0.7), 0.7),
+                             ("old class retention", "liver", 0.97, 0.61)]
+    assert report.summary.splitlines() == ["Extended demo -> demo-plus", "Training: heads+decoder, 61 s",
+                                           "Mean retention on sample: 0.950"]
+    history = wizard.LossHistory()
+    for step, loss in ((1, 1.0), (2, 0.5), (3, 0.25)):
+        assert history.add(backend.ProgressEvent(0.1, "", {"loss": loss, "step": step}))
+    assert not history.add(backend.ProgressEvent(0.2, "no loss", {}))
+    assert wizard.plot_coordinates(history.points, 100, 50, margin=0) == [(0, 0), (50, 25), (100, 38)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Packaging: every file ships, and only documented Slicer functions are called (in process)
+# --------------------------------------------------------------------------------------------------
+
+
+def _cmake_list(text: str, variable: str) -> list[str]:
+    block = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S).group(1)
+    return [line.strip().replace("${MODULE_NAME}", "UniversalSeg") for line in block.splitlines() if line.strip()]
+
+
+def test_every_module_file_is_listed_in_cmake():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    scripts, resources = _cmake_list(text, "MODULE_PYTHON_SCRIPTS"), _cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    on_disk_py = sorted(str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*.py")
+                        if "__pycache__" not in p.parts)
+    on_disk_res = sorted(str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file())
+    assert sorted(scripts) == on_disk_py
+    assert sorted(resources) == on_disk_res
+    assert "Resources/UI/UniversalSeg.ui" in resources and "Resources/Icons/UniversalSeg.png" in resources
+    assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    assert "UniversalSegLib/*" in text and "pyproject.toml" in text  # the bundled backend ships too
+    top = (REPO / "CMakeLists.txt").read_text()
+    for needed in ("project(UniversalSeg)", 'EXTENSION_CATEGORY "Segmentation"', 'EXTENSION_DEPENDS "PyTorch"',
+                   "find_package(Slicer REQUIRED)", "add_subdirectory(UniversalSeg)", "## NEXT_MODULE",
+                   "Slicer_EXTENSION_GENERATE_CONFIG", "Slicer_EXTENSION_CPACK", "EXTENSION_ICONURL"):
+        assert needed in top
+    from PIL import Image
+
+    assert Image.open(REPO / "Resources" / "UniversalSeg.png").size == (128, 128)
+
+
+def _attribute_calls(path: Path, prefix: str) -> set[str]:
+    """Names X used as `slicer.<prefix>.X` or through `import slicer.<prefix> as alias` in a file."""
+    tree = ast.parse(path.read_text())
+    aliases = {f"slicer.{prefix}"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname for a in node.names if a.name == f"slicer.{prefix}" and a.asname}
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            owner = ast.unparse(node.value)
+            if owner in aliases:
+                used.add(node.attr)
+    return used
+
+
+def test_only_documented_slicer_util_functions_are_called():
+    listed = {line.strip() for line in (STUB_DIR / "slicer_util_functions.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    files = list(MODULE_DIR.rglob("*.py"))
+    for prefix in ("util", "packaging"):
+        used = set().union(*(_attribute_calls(f, prefix) for f in files))
+        assert used, prefix
+        assert used <= listed, f"slicer.{prefix} functions not in Slicer: {sorted(used - listed)}"
+    stub_util = ast.parse((STUB_DIR / "slicer" / "util.py").read_text())
+    stub_functions = {n.name for n in stub_util.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+    assert stub_functions <= listed, sorted(stub_functions - listed)
+
+
+def test_module_code_is_python_310_compatible():
+    for path in list(MODULE_DIR.rglob("*.py")) + list(STUB_DIR.rglob("*.py")):
+        ast.parse(path.read_text(), filename=str(path), feature_version=(3, 10))
+
+
+# --------------------------------------------------------------------------------------------------
+# The module against the stand-in (each in its own subprocess)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_module_metadata_and_classes(tmp_path):
+    run_in_stub("_scenario_module_metadata", tmp_path)
+
+
+def test_logic_segment_flow(tmp_path):
+    run_in_stub("_scenario_segment_flow", tmp_path)
+
+
+def test_logic_failure_leaves_nothing(tmp_path):
+    run_in_stub("_scenario_segment_failure", tmp_path)
+
+
+def test_cancel_kills_process_tree_and_leaves_nothing(tmp_path):
+    run_in_stub("_scenario_cancel_real_process", tmp_path)
+
+
+def test_dependency_install_on_slicer_512_and_510(tmp_path):
+    run_in_stub("_scenario_slicer_installer", tmp_path)
+
+
+def test_widget_panel_flow(tmp_path):
+    run_in_stub("_scenario_widget", tmp_path)
+
+
+def test_widget_actions(tmp_path):
+    run_in_stub("_scenario_widget_actions", tmp_path)
+
+
+def test_add_classes_flow(tmp_path):
+    run_in_stub("_scenario_add_classes", tmp_path)
+
+
+def test_wizard_dialog_flow(tmp_path):
+    run_in_stub("_scenario_wizard_dialog", tmp_path)
+
+
+def _predict_available() -> bool:
+    import argparse
+
+    sub = next(a for a in _backend_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return "predict" in sub.choices and "--progress-json" in sub.choices["predict"]._option_string_actions
+
+
+def test_real_backend_predict(tmp_path, minilm):
+    """The exact command line the Logic builds, run for real on the bundled sample CT with a tiny model."""
+    if not _predict_available():
+        pytest.skip("`universalseg predict --progress-json` is not available yet")
+    import torch
+
+    from UniversalSegLib.store import Preprocessing, create_model, save_model
+
+    torch.manual_seed(0)
+    models = tmp_path / "models"
+    one_window = Preprocessing(spacing=[6.0, 6.0, 6.0], patch_size=[64, 64, 64])  # the sample at 6 mm fits in one
+    model, manifest = create_model("tiny-slicer", ["liver", "liver_tumor", "spleen"], backbone="segresnet",
+                                   backbone_config={"init_filters": 16}, text_encoder=minilm, preprocessing=one_window)
+    save_model(model, manifest, models / "tiny-slicer")
+    run_in_stub("_scenario_real_backend", tmp_path, timeout=540, UNIVERSALSEG_MODELS=str(models))
+
+
+# --------------------------------------------------------------------------------------------------
+# Scenarios (run in a subprocess with the stand-in first on sys.path)
+# --------------------------------------------------------------------------------------------------
+
+
+def _tmp() -> Path:
+    return Path(os.environ["TEST_TMP"])
+
+
+def _load_module(runner=None, installer=None):
+    """Import UniversalSeg.py with the module's seams replaced (the Logic creates its defaults from these)."""
+    import UniversalSeg
+
+    if runner is not None:
+        UniversalSeg.SubprocessRunner = lambda: runner
+    if installer is not None:
+        UniversalSeg.SlicerDependencyInstaller = lambda: installer
+    return UniversalSeg
+
+
+def _sample_volume_in_study():
+    """The sample CT as a volume node inside a study folder of the subject hierarchy."""
+    import slicer
+
+    volume = slicer.util.loadVolume(str(SAMPLE_CT))
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    study = sh.CreateFolderItem(sh.GetSceneItemID(), "Study")
+    sh.SetItemParent(sh.GetItemByDataNode(volume), study)
+    return volume, study
+
+
+def _scenario_module_metadata():
+    import slicer
+
+    UniversalSeg = _load_module()
+    parent = type("Parent", (), {"path": str(MODULE_DIR / "UniversalSeg.py")})()
+    UniversalSeg.UniversalSeg(parent)
+    assert parent.title == "UniversalSeg" and parent.categories == ["Segmentation"]
+    assert "Liu" in parent.acknowledgementText and "TotalSegmentator" in parent.acknowledgementText
+    assert parent.contributors and "Apply" in parent.helpText
+    assert ("startupCompleted()", UniversalSeg.registerSampleData) in slicer.app.connections
+    UniversalSeg.registerSampleData()  # no SampleData module here: must be a no-op, not an error
+    mro = UniversalSeg.UniversalSegWidget.__mro__
+    assert slicer.ScriptedLoadableModule.ScriptedLoadableModuleWidget in mro and slicer.util.VTKObservationMixin in mro
+    assert issubclass(UniversalSeg.UniversalSegTest, slicer.ScriptedLoadableModule.ScriptedLoadableModuleTest)
+    assert UniversalSeg.sampleCtPath() == SAMPLE_CT
+    test_names = [n for n in dir(UniversalSeg.UniversalSegTest) if "test" in n]  # what Slicer's runTest calls
+    assert {"test_segment_sample_end_to_end", "test_cancel_leaves_nothing", "test_wizard_validation"} <= set(test_names)
+    logic = UniversalSeg.UniversalSegLogic(runner=fake_runner(), installer=FakeInstaller(backend_version=None))
+    try:  # console use without consent must not install anything silently
+        logic.listModels()
+        raise AssertionError("expected DependencyError")
+    except UniversalSeg.DependencyError as e:
+        assert "setupPythonRequirements" in str(e)
+
+
+def _scenario_segment_flow():
+    import SimpleITK as sitk
+    import slicer
+
+    runner = fake_runner()
+    UniversalSeg = _load_module()
+    logic = UniversalSeg.UniversalSegLogic(runner=runner, installer=FakeInstaller())
+    volume, study = _sample_volume_in_study()
+    events, logs = [], []
+    seg = logic.segment(volume, classes=["liver", "liver_tumor"], device="cpu", model="demo",
+                        progressCallback=events.append, logCallback=logs.append)
+    command = runner.commands[-1]
+    temp = Path(command[4]).parent
+    assert command == [sys.executable, "-m", "UniversalSegLib", "predict", str(temp / "input.nrrd"), "-o",
+                       str(temp / "output"), "--model", "demo", "--classes", "liver", "liver_tumor", "--device",
+                       "cpu", "--formats", "seg.nrrd,stats", "--progress-json"]
+    assert runner.envs[-1]["UNIVERSALSEG_MODELS"] == str(logic.modelsFolder())
+    assert not temp.exists(), "the temporary folder must be removed after loading"
+    assert [e.fraction for e in events] == [0.0, 0.5, 1.0]
+    assert logs == ["plain log text", "a warning on stderr"]
+    # one node, one segment per class, overlap kept, geometry and hierarchy set
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert seg.GetName() == f"{volume.GetName()} UniversalSeg"
+    assert seg.GetSegmentation().GetSegmentIDs() == ["liver", "liver_tumor"]
+    assert (seg.masks["liver"] & seg.masks["liver_tumor"]).sum() == seg.masks["liver_tumor"].sum() > 0
+    assert seg.masks["liver"].shape == sitk.GetArrayViewFromImage(volume.image).shape
+    assert seg.referenceGeometryVolume is volume
+    assert seg.GetNodeReferenceID(seg.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
+    assert [s.key for s in logic.lastStatistics] == ["liver", "liver_tumor"]
+    assert logic.lastStatistics[1].warnings() == ["low confidence (0.55)"]
+    assert json.loads(seg.GetAttribute("UniversalSeg.Statistics"))[0]["key"] == "liver"
+    # models and classes come from the CLI, once (cached)
+    assert logic.listModels() == FAKE_MODELS and logic.listModels() == FAKE_MODELS
+    assert logic.listClasses("demo") == FAKE_CLASSES and logic.listClasses("demo") == FAKE_CLASSES
+    listed = [c[3:] for c in runner.commands if c[3] in ("models", "classes")]
+    assert listed == [["models", "--json"], ["classes", "--json", "--model", "demo"]]
+    # all classes: no --classes argument
+    logic.segment(volume)
+    assert "--classes" not in runner.commands[-1] and "--model" not in runner.commands[-1]
+
+
+def _scenario_segment_failure():
+    import slicer
+
+    def failing(args, env):
+        out = Path(args[args.index("-o") + 1])
+        out.mkdir(parents=True)
+        (out / "half-written.tmp").write_text("x")
+        return FakeProcess([[progress(0.3, "x")], [("stderr", "universalseg: error: not a CT: values look like MR")]],
+                           returncode=2)
+
+    UniversalSeg = _load_module()
+    logic = UniversalSeg.UniversalSegLogic(runner=fake_runner(predict=failing), installer=FakeInstaller())
+    volume, _study = _sample_volume_in_study()
+    try:
+        logic.segment(volume, classes=["liver"])
+        raise AssertionError("expected BackendError")
+    except UniversalSeg.BackendError as e:
+        assert str(e) == "not a CT: values look like MR"
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    assert list((_tmp() / "slicer-temp").iterdir()) == []
+
+
+def _scenario_cancel_real_process():
+    import psutil
+    import slicer
+
+    marker = _tmp() / "started"
+    script = _spawning_script(marker)
+
+    class ScriptRunner(process.SubprocessRunner):
+        """Runs a stand-in backend (parent + child, writes into the output folder) instead of UniversalSegLib."""
+
+        def start(self, args, env=None, cwd=None):
+            out = args[args.index("-o") + 1]
+            code = script.replace("time.sleep(60)\n", f"import os; os.makedirs({out!r}); "
+                                  f"open(os.path.join({out!r}, 'partial.seg.nrrd'), 'w').write('x'); time.sleep(60)\n",
+                                  1)
+            return super().start([sys.executable, "-c", code], env, cwd)
+
+    UniversalSeg = _load_module()
+    logic = UniversalSeg.UniversalSegLogic(runner=ScriptRunner(), installer=FakeInstaller())
+    volume, _study = _sample_volume_in_study()
+    events = []
+    run = logic.startSegmentation(volume, classes=["liver"], progressCallback=events.append)
+    deadline = time.monotonic() + 60
+    while not events and time.monotonic() < deadline:
+        assert not run.step()
+        time.sleep(0.05)
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = psutil.Process(events[0].data["pids"][0])
+    parent = psutil.Process(run.job.process.pid)
+    assert (run.tempDir / "output" / "partial.seg.nrrd").exists()
+    run.cancel()
+    assert run.finished and run.cancelled and run.step()
+    for p in (parent, child):
+        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, p
+    assert not run.tempDir.exists()
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    try:
+        run.wait()
+        raise AssertionError("expected JobCancelled")
+    except UniversalSeg.JobCancelled:
+        pass
+
+
+def _scenario_slicer_installer():
+    import PyTorchUtils
+    import slicer
+    import slicer.packaging
+
+    installer = dependencies.SlicerDependencyInstaller()
+    assert installer.torch_version() is not None and installer.backend_version() is not None  # the dev venv
+    assert installer.install_torch(">=2.2") and PyTorchUtils.calls == [
+        {"askConfirmation": False, "torchVersionRequirement": ">=2.2"}]
+    # Slicer >= 5.12: the backend itself with --no-deps from a copy, then pip_ensure with skip_packages.
+    installer.install_backend(REPO, upgrade=True)
+    pip = slicer.util._log["pip_install"]
+    assert slicer.util._log["pip_uninstall"] == ["UniversalSegLib"]
+    assert len(pip) == 1 and pip[0][1:] == ["--no-deps"] and Path(pip[0][0]).name == "src"
+    assert not Path(pip[0][0]).exists(), "the temporary copy must be removed"
+    ensure = slicer.packaging.calls[-1]
+    assert ensure["requirements"] == dependencies.read_backend_requirements(REPO)
+    assert ensure["skip_packages"] == ["SimpleITK", "numpy", "requests", "torch"]
+    assert ensure["prompt_install"] is False and ensure["requester"] == "UniversalSeg"
+    # Slicer 5.10 (no slicer.packaging): remaining requirements one by one, never the skipped ones.
+    source = _tmp() / "backend"
+    (source / "UniversalSegLib").mkdir(parents=True)
+    (source / "UniversalSegLib" / "__init__.py").write_text('__version__ = "0.1.0"\n')
+    (source / "pyproject.toml").write_text(textwrap.dedent("""
+        [project]
+        name = "UniversalSegLib"
+        dependencies = ["numpy>=1", "torch>=2.2", "SimpleITK>=2", "psutil>=5", "surely-not-installed-xyz>=1"]
+    """))
+    sys.modules["slicer.packaging"] = None
+    del slicer.packaging
+    pip.clear()
+    installer.install_backend(source, upgrade=False)
+    assert pip[1:] == ["surely-not-installed-xyz>=1"] and pip[0][1:] == ["--no-deps"]
+
+
+def _make_widget(runner, installer):
+    import qt
+    import slicer
+
+    UniversalSeg = _load_module(runner, installer)
+    parent = slicer.qMRMLWidget()
+    parent.setLayout(qt.QVBoxLayout())
+    widget = UniversalSeg.UniversalSegWidget(parent)
+    widget.setup()
+    return UniversalSeg, widget
+
+
+def _pump(timer, limit: int = 200) -> None:
+    for _ in range(limit):
+        if not timer.isActive():
+            return
+        timer.fire()
+        time.sleep(0.01)
+    raise AssertionError("the run did not finish")
+
+
+def _scenario_widget():
+    import qt
+    import slicer
+
+    runner = fake_runner()
+    volume, _study = _sample_volume_in_study()
+    UniversalSeg, widget = _make_widget(runner, FakeInstaller())
+    ui = widget.ui
+    assert ui.inputVolumeSelector.currentNode() is volume and widget._parameterNode.inputVolume is volume
+    assert ui.modelSelector.count == 1 and widget.currentModel() == "demo"
+    assert "Apache-2.0" in ui.modelInfoLabel.text
+    tree = ui.classTree
+    assert [tree.topLevelItem(i).text(0) for i in range(tree.topLevelItemCount)] == [
+        "Organs", "Vessels", "Tumours and lesions"]
+    assert widget.selectedClasses() == ["liver", "kidney_left", "aorta", "liver_tumor"]
+    assert ui.selectionLabel.text == "All 4 structures selected" and ui.applyButton.enabled
+    # search + select none acts on the shown classes only
+    ui.classSearchBox.typeText("kidney")
+    assert [k for k, item in widget._classItems.items() if not item.isHidden()] == ["kidney_left"]
+    ui.selectNoneButton.click()
+    assert widget.selectedClasses() == ["liver", "aorta", "liver_tumor"]
+    ui.classSearchBox.typeText("")
+    ui.selectNoneButton.click()
+    assert widget.selectedClasses() == [] and not ui.applyButton.enabled
+    organs = tree.topLevelItem(0)
+    organs.setCheckState(0, qt.Qt.Checked)  # a group box checks its classes
+    assert widget.selectedClasses() == ["liver", "kidney_left"]
+    assert tree.topLevelItem(2).checkState(0) == qt.Qt.Unchecked
+    widget._classItems["liver_tumor"].setCheckState(0, qt.Qt.Checked)
+    assert widget._parameterNode.classes == ["liver", "kidney_left", "liver_tumor"]
+    ui.deviceSelector.setCurrentIndex(2)
+    assert widget.currentDevice() == "cpu" and widget.logic.preferredDevice() == "cpu"
+    ui.fastCheckBox.setChecked(True)
+    assert widget._parameterNode.fast is True
+    # Apply -> Cancel while running -> results table
+    ui.applyButton.click()
+    assert ui.applyButton.text == "Cancel" and not ui.classTree.enabled and ui.progressBar.visible
+    assert runner.commands[-1][runner.commands[-1].index("--classes") + 1:][:3] == ["liver", "kidney_left",
+                                                                                  "liver_tumor"]
+    assert "--fast" in runner.commands[-1] and runner.commands[-1][runner.commands[-1].index("--device") + 1] == "cpu"
+    _pump(widget._timer)
+    assert ui.applyButton.text == "Apply" and ui.classTree.enabled and not ui.progressBar.visible
+    assert ui.progressBar.value == 100
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    table = ui.resultsTable
+    assert table.rowCount == 3 and table.item(0, 0).text() == "Liver"
+    tumour_row = [r for r in range(3) if table.item(r, 0).text() == "Liver Tumor"][0]
+    assert "low confidence" in table.item(tumour_row, 4).text() and table.item(tumour_row, 4).icon() is not None
+    assert table.item(0, 4).icon() is None
+    assert "sliding window" in ui.logTextEdit.toPlainText()
+    # Cancel mid-run: nothing added
+    ui.applyButton.click()
+    assert ui.applyButton.text == "Cancel"
+    process_ = widget._run.job.process
+    ui.applyButton.click()
+    assert process_.killed and widget._run is None and ui.applyButton.text == "Apply"
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert "Cancelled" in ui.logTextEdit.toPlainText()
+    assert list((_tmp() / "slicer-temp").iterdir()) == []
+    # a failing run shows the backend's message
+    runner.handlers["predict"] = lambda a, e: FakeProcess([[("stderr", "universalseg: error: out of memory")]], 2)
+    ui.applyButton.click()
+    _pump(widget._timer)
+    assert slicer.util._log["errorDisplay"][-1].endswith("out of memory")
+    widget.cleanup()
+
+
+def _scenario_widget_actions():
+    import qt
+    import slicer
+
+    models = list(FAKE_MODELS)
+
+    def import_handler(args, env):
+        models.append({**FAKE_MODELS[0], "name": args[args.index("-o") + 1], "license": "CC BY-NC-ND 4.0"})
+        return FakeProcess([[("stdout", "checkpoint read"), ("stdout", "model written")]])
+
+    runner = fake_runner(models=lambda a, e: FakeProcess([json_lines(models)]), **{"import-checkpoint": import_handler})
+    installer = FakeInstaller(backend_version="0.0.1")  # stale
+    _sample_volume_in_study()
+    UniversalSeg, widget = _make_widget(runner, installer)
+    ui = widget.ui
+    assert "older than the bundled" in ui.backendInfoLabel.text
+    # Import model...: file, backbone, name -> the CLI, then the new model is listed, selected, its license shown
+    qt.QFileDialog.answers = ["/downloads/clip_driven_universal_unet.pth"]
+    qt.QInputDialog.answers = ["unet", "pub-unet"]
+    ui.importModelButton.click()
+    assert runner.commands[-3][3:] == ["import-checkpoint", "/downloads/clip_driven_universal_unet.pth", "--format",
+                                       "clip-driven-universal", "--backbone", "unet", "-o", "pub-unet"]
+    assert widget.currentModel() == "pub-unet" and "CC BY-NC-ND" in ui.modelInfoLabel.text
+    assert installer.calls[0][0] == "confirm" and installer.calls[-1] == ("backend", REPO, True)
+    assert "model written" in ui.logTextEdit.toPlainText() and slicer.util._log["infoDisplay"]
+    # a cancelled file dialog does nothing
+    started = len(runner.commands)
+    ui.importModelButton.click()
+    assert len(runner.commands) == started
+    # Update backend: always asks, then reinstalls
+    ui.updateBackendButton.click()
+    assert installer.calls[-2][0] == "confirm" and installer.calls[-1] == ("backend", REPO, True)
+    assert ui.backendInfoLabel.text == "Backend 0.1.0 installed"
+    # Add classes...: opens the wizard; a kept model becomes the selected one
+    ui.addClassesButton.click()
+    wizard_ = widget._wizard
+    assert wizard_ is not None and wizard_.dialog.visible and wizard_.baseModel == "pub-unet"
+    models.append({**FAKE_MODELS[0], "name": "pub-unet-plus"})
+    wizard_.createdModel = "pub-unet-plus"
+    wizard_.onClose()
+    assert widget._wizard is None and widget.currentModel() == "pub-unet-plus"
+    assert widget.logic.preferredModel() == "pub-unet-plus"
+
+
+def _extend_handler(record: dict, outcome: str = "done"):
+    """A stand-in `universalseg extend`: checks the data folder, reports losses, writes a model."""
+    def handler(args, env):
+        import SimpleITK as sitk
+
+        data = Path(args[args.index("--data") + 1])
+        out = Path(args[args.index("-o") + 1])
+        record["args"] = args
+        record["files"] = sorted(str(p.relative_to(data)) for p in data.rglob("*") if p.is_file())
+        for image_path in sorted((data / "images").iterdir()):
+            image = sitk.ReadImage(str(image_path))
+            for mask_path in sorted((data / "masks").glob(f"*/{image_path.name}")):
+                mask = sitk.ReadImage(str(mask_path))
+                assert mask.GetSize() == image.GetSize() and mask.GetOrigin() == image.GetOrigin()
+                record.setdefault("mask_voxels", []).append(int(sitk.GetArrayViewFromImage(mask).astype(bool).sum()))
+
+        def partial():
+            out.mkdir(parents=True)
+            (out.parent / f".{out.name}.tmp123").mkdir()
+            return [progress(0.1, "pseudo-labels"), ("stdout", json.dumps({"loss": 1.0, "step": 1}))]
+
+        def finish():
+            (out / "manifest.json").write_text("{}")
+            report = {"model_name": out.name, "parent": {"name": "demo"}, "settings": {"train": "heads"},
+                      "timing_s": {"extension": 12.0}, "notes": ["kept liver"],
+                      "heldout": [{"name": "h", "new": {"aorta_false_lumen": {"extended_dice": 0.71}}}],
+                      "retention": [{"name": "sample", "old": {"liver": {"extended_retention": 0.96,
+                                                                          "naive_retention": 0.52}}}]}
+            return [("stdout", json.dumps({"done": True, "model": str(out), "report": report}))]
+
+        batches = [partial, [progress(0.5, "epoch 1"), ("stdout", json.dumps({"loss": 0.6, "step": 2}))],
+                   [("stdout", json.dumps({"loss": 0.3, "step": 3})), progress(0.9, "epoch 2")]]
+        if outcome == "hang":
+            return FakeProcess(batches, hang=True)
+        return FakeProcess(batches + [finish])
+    return handler
+
+
+def _scene_pair():
+    import numpy as np
+    import SimpleITK as sitk
+    import slicer
+
+    volume, _study = _sample_volume_in_study()
+    array = sitk.GetArrayViewFromImage(volume.image)
+    mask = np.zeros(array.shape, bool)
+    mask[40:60, 40:55, 50:70] = True
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
+    seg.addSegmentFromMask("Segment_1", "false lumen", mask, volume.image)
+    return volume, seg, int(mask.sum())
+
+
+def _scenario_add_classes():
+    UniversalSeg = _load_module()
+    record: dict = {}
+    runner = fake_runner(extend=_extend_handler(record))
+    logic = UniversalSeg.UniversalSegLogic(runner=runner, installer=FakeInstaller())
+    volume, seg, voxels = _scene_pair()
+    new = {"key": "aorta_false_lumen", "name": "Aorta false lumen", "group": "vessel", "parents": ["aorta"]}
+    events = []
+    run = logic.addClasses([new], [(volume, seg, {"Segment_1": "aorta_false_lumen"})], baseModel="demo",
+                           outputName="demo-plus", epochs=2, train="heads+decoder", device="cpu",
+                           progressCallback=events.append)
+    out = logic.modelsFolder() / "demo-plus"
+    args = record["args"]
+    assert args[3:] == ["extend", "--model", "demo", "--data", args[7], "--new-class",
+                        "aorta_false_lumen:Aorta false lumen", "-o", str(out), "--train", "heads+decoder",
+                        "--device", "cpu", "--group", "vessel", "--parent", "aorta", "--epochs", "2",
+                        "--progress-json"]
+    assert record["files"] == ["images/case001.nrrd", "masks/aorta_false_lumen/case001.nrrd"]
+    assert record["mask_voxels"] == [voxels]
+    assert run.modelPath == out and run.report.new_class_dice == {"aorta_false_lumen": 0.71}
+    assert run.report.naive_retention == {"liver": 0.52} and "kept liver" in run.report.summary
+    assert run.lossHistory.points == [(1.0, 1.0), (2.0, 0.6), (3.0, 0.3)]
+    assert [e.fraction for e in events if e.fraction is not None] == [0.1, 0.5, 0.9]
+    assert not run.tempDir.exists(), "exported training files are temporary"
+    # invalid input: refused before anything runs
+    started = len(runner.commands)
+    for bad, fragment in (({"key": "liver", "name": "Liver"}, "already has"), ({"key": "x y", "name": "X"}, "letters")):
+        try:
+            logic.addClasses([bad], [(volume, seg, {"Segment_1": bad["key"]})], baseModel="demo", outputName="n2")
+            raise AssertionError("expected ValueError")
+        except ValueError as e:
+            assert fragment in str(e)
+    assert all(c[3] != "extend" for c in runner.commands[started:])
+    assert sorted(p.name for p in (_tmp() / "slicer-temp").iterdir()) == [], "refused runs leave no exported files"
+    # cancel mid-training: no model, no hidden temporary folder, no exported files
+    runner.handlers["extend"] = _extend_handler(record, outcome="hang")
+    cases = [logic.exportTrainingCase(volume, seg, {"Segment_1": "aorta_false_lumen"}, _tmp() / "cases" / "c1")]
+    settings = UniversalSeg.TrainingSettings("demo", "demo-cancelled", epochs=5)
+    run = logic.startAddClasses([UniversalSeg.NewClass(**new)], cases, settings)
+    for _ in range(3):
+        run.step()
+    cancelled_out = logic.modelsFolder() / "demo-cancelled"
+    assert cancelled_out.exists()
+    run.cancel()
+    assert run.cancelled and not cancelled_out.exists() and not run.tempDir.exists()
+    assert list(cancelled_out.parent.glob(".demo-cancelled.*")) == []
+
+
+def _scenario_wizard_dialog():
+    UniversalSeg = _load_module()
+    record: dict = {}
+    registry = FAKE_CLASSES + [{"key": "aorta_false_lumen", "name": "Aorta false lumen", "group": "vessel",
+                                "color": [90, 40, 200], "parents": ["aorta"], "prompt": "false lumen of the aorta"}]
+    runner = fake_runner(extend=_extend_handler(record),
+                         classes=lambda a, e: FakeProcess([json_lines(registry if "--all" in a else FAKE_CLASSES)]))
+    logic = UniversalSeg.UniversalSegLogic(runner=runner, installer=FakeInstaller())
+    volume, seg, _voxels = _scene_pair()
+    from UniversalSegModuleLib.wizard_dialog import AddClassesWizard
+
+    finished = []
+    w = AddClassesWizard(logic, "demo", FAKE_MODELS, device="cpu", finishedCallback=finished.append)
+    w.show()
+    assert w.knownClassSelector.count == 1  # registry classes the model lacks
+    w.onNext()
+    assert "add at least one new class" in w.errorLabel.text and w.stack.currentIndex == 0
+    w.addKnownButton.click()
+    assert [c.key for c in w.newClasses()] == ["aorta_false_lumen"]
+    assert w.newClasses()[0].parents == ["aorta"] and w.newClasses()[0].color == (90, 40, 200)
+    w.addClassButton.click()
+    name = w.classTable.cellWidget(1, 0)
+    name.typeText("Aorta, true lumen")
+    assert w.classTable.cellWidget(1, 1).text == "aorta_true_lumen"
+    w.classTable.setCurrentCell(1, 0)
+    w.removeClassButton.click()
+    w.onNext()
+    assert w.stack.currentIndex == 1 and w.targetClassSelector.currentText == "aorta_false_lumen"
+    w.onNext()
+    assert "training image" in w.errorLabel.text
+    w.volumeSelector.setCurrentNode(volume)
+    w.segmentationSelector.setCurrentNode(seg)
+    assert w.segmentSelector.currentText == "false lumen"
+    w.addPairButton.click()
+    assert w.caseTable.rowCount == 1 and w.caseTable.item(0, 2).text() == "aorta_false_lumen"
+    w.onNext()
+    assert w.stack.currentIndex == 2 and w.outputNameEdit.text == "demo-plus-aorta_false_lumen"
+    w.outputNameEdit.setText("demo")
+    w.onNext()
+    assert "already exists" in w.errorLabel.text
+    w.outputNameEdit.setText("demo-plus")
+    w.epochsSpinBox.setValue(3)
+    w.trainSelector.setCurrentIndex(2)
+    w.onNext()
+    assert w.stack.currentIndex == 3 and not w.nextButton.enabled
+    w.startButton.click()
+    assert w.startButton.text == "Cancel training" and not w.backButton.enabled
+    _pump(w.timer)
+    assert w.stack.currentIndex == 4 and w.reportTable.rowCount == 2
+    assert w.reportTable.item(1, 3).text() == "0.520" and "kept liver" in w.reportSummary.text
+    assert w.reportTable.item(0, 1).text() == "aorta_false_lumen" and w.reportTable.item(0, 2).text() == "0.710"
+    assert w.lossPlot.pixmap.painted and all(isinstance(v, int) for line in w.lossPlot.pixmap.painted for v in line)
+    assert record["args"][record["args"].index("--train") + 1] == "all"
+    assert record["args"][record["args"].index("--epochs") + 1] == "3"
+    w.keepButton.click()
+    assert w.createdModel == "demo-plus" and finished == [w] and not w.dialog.visible
+
+
+def _scenario_real_backend():
+    UniversalSeg = _load_module()
+    logic = UniversalSeg.UniversalSegLogic(installer=FakeInstaller())  # the real SubprocessRunner
+    assert "tiny-slicer" in [m["name"] for m in logic.listModels()]
+    listed = logic.listClasses("tiny-slicer")
+    assert [c["key"] for c in listed] == ["liver", "liver_tumor", "spleen"]
+    volume, study = _sample_volume_in_study()
+    events, logs = [], []
+    seg = logic.segment(volume, classes=["liver", "liver_tumor"], device="cpu", model="tiny-slicer", fast=True,
+                        progressCallback=events.append, logCallback=logs.append)
+    assert seg.GetSegmentation().GetSegmentIDs() == ["liver", "liver_tumor"], logs
+    fractions = [e.fraction for e in events if e.fraction is not None]
+    assert fractions and fractions == sorted(fractions) and 0.0 <= fractions[0] and fractions[-1] <= 1.0
+    import SimpleITK as sitk
+
+    assert seg.masks["liver"].shape == sitk.GetArrayViewFromImage(volume.image).shape
+    assert [s.key for s in logic.lastStatistics] == ["liver", "liver_tumor"]
+    for row in logic.lastStatistics:
+        assert row.voxel_count == int(seg.masks[row.key].sum()), row
+    names = {c["key"]: c["name"] for c in listed}
+    for key in ("liver", "liver_tumor"):  # names and terminology travel from the registry into the node
+        segment = seg.GetSegmentation().GetSegment(key)
+        assert segment.GetName() == names[key] and segment.GetTag("TerminologyEntry").get("type")

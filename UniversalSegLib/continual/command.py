@@ -1,0 +1,134 @@
+"""`universalseg extend`: the command-line face of `extend_model` (imports nothing heavy until run).
+
+With --progress-json, stdout carries one JSON object per line for a GUI (the Slicer wizard):
+    {"progress": 0.42, "message": "..."}   {"loss": 0.81, "step": 12}
+    {"done": true, "model": "<folder>", "report": {...}}     or, on failure, {"done": false, "error": "..."}
+SIGTERM cancels cleanly (no model written); the exit code is then 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+EXIT_CANCELLED = 3
+
+
+def parse_new_class(text: str, group: str | None, parents: list[str], synonyms: list[str]) -> dict:
+    """KEY or KEY:"Display name" -> the dict form `extend_model` accepts."""
+    key, _, name = text.partition(":")
+    spec: dict = {"key": key.strip()}
+    if name.strip():
+        spec["name"] = name.strip().strip('"')
+    if group:
+        spec["group"] = group
+    if parents:
+        spec["parents"] = list(parents)
+    if synonyms:
+        spec["synonyms"] = list(synonyms)
+    return spec
+
+
+def _emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def human_progress() -> Callable[[float, str], None]:
+    last = {"message": None}
+
+    def show(fraction: float, message: str) -> None:
+        head = message.split(":")[0]
+        if head != last["message"]:
+            print(f"[{fraction:5.1%}] {message}", file=sys.stderr, flush=True)
+            last["message"] = head
+
+    return show
+
+
+def _cmd_extend(args: argparse.Namespace) -> int:
+    cancel = threading.Event()
+    if threading.current_thread() is threading.main_thread():  # signals can only be set there
+        previous = signal.signal(signal.SIGTERM, lambda *_: cancel.set())
+    else:
+        previous = None
+    try:
+        return _run(args, cancel)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, cancel: threading.Event) -> int:
+    from UniversalSegLib.continual import ExtensionCancelled, extend_model
+    from UniversalSegLib.errors import UniversalSegError
+
+    new = [parse_new_class(t, args.group, args.parent or [], args.synonym or []) for t in args.new_class]
+    retention = [] if args.retention_image == ["none"] else (args.retention_image or ["sample"])
+    if args.progress_json:
+        progress = lambda f, m: _emit({"progress": round(f, 4), "message": m})  # noqa: E731
+        on_step = lambda s, loss: _emit({"loss": round(loss, 5), "step": s})  # noqa: E731
+    else:
+        progress, on_step = human_progress(), None
+    try:
+        report = extend_model(
+            args.model, new, args.data, args.output, train=args.train, warmup_heads_steps=args.warmup_steps,
+            steps=args.steps, epochs=args.epochs, time_budget_s=args.time_budget, lr=args.lr, init=args.init,
+            holdout_fraction=args.holdout_fraction, batch_size=args.batch_size, patch_size=args.patch_size,
+            naive_baseline=not args.no_naive_baseline, retention_images=retention, device=args.device,
+            seed=args.seed, overwrite=args.overwrite, progress=progress, on_step=on_step, cancel=cancel)
+    except ExtensionCancelled as e:
+        if args.progress_json:
+            _emit({"done": False, "cancelled": True, "error": str(e)})
+        print(f"universalseg: {e}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except UniversalSegError as e:
+        if args.progress_json:
+            _emit({"done": False, "error": str(e)})
+        raise
+    if args.report:
+        report.write(args.report)
+    if args.progress_json:
+        _emit({"done": True, "model": report.model_path, "report": report.to_dict()})
+    else:
+        print(report.summary())
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    """Add the `extend` sub-command (see cli.EXTRA_COMMANDS)."""
+    p = sub.add_parser("extend", help="add new classes to a model from new data, without forgetting the old ones",
+                       description="Add classes to a trained model using only new image + mask pairs. Old classes "
+                                   "are protected by the base model's own predictions (pseudo-labels).")
+    p.add_argument("--model", default=None, help="base model name or folder (default: the bundled model)")
+    p.add_argument("--data", required=True, help="dataset spec (YAML/JSON), a folder with images/ + masks/<class>/, "
+                                                 "or a one-case folder with one image and masks/<class>.nii.gz")
+    p.add_argument("--new-class", action="append", required=True, metavar='KEY[:"display name"]',
+                   help="a class to add (repeat for several); its masks are masks/<KEY>...")
+    p.add_argument("-o", "--output", required=True, help="new model name (user model folder) or folder path")
+    p.add_argument("--group", default=None, help="group of the new classes (organ, vessel, tumour, bone, ...)")
+    p.add_argument("--parent", action="append", help="host structure(s) of the new classes (repeatable)")
+    p.add_argument("--synonym", action="append", help="synonym(s) of the new class (repeatable)")
+    p.add_argument("--train", default="heads+decoder", choices=("heads", "heads+decoder", "all"))
+    p.add_argument("--init", default="auto", choices=("auto", "similar", "fresh"))
+    p.add_argument("--steps", type=int, default=None, help="main training steps (default 60)")
+    p.add_argument("--epochs", type=float, default=None, help="main training length in passes over the data")
+    p.add_argument("--warmup-steps", type=int, default=100, help="steps of new-heads-only warm-up")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S", help="training time limit in seconds")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, help="default: the model's patch size")
+    p.add_argument("--holdout-fraction", type=float, default=0.3, help="share of the data held out for the report")
+    p.add_argument("--retention-image", action="append", metavar="PATH",
+                   help="CT to measure old-class retention on (repeatable; default: the bundled sample; 'none')")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model of that name")
+    p.add_argument("--progress-json", action="store_true", help="print JSON lines (progress, loss, result)")
+    p.add_argument("--report", default=None, metavar="PATH", help="also write the JSON report here")
+    p.add_argument("--no-naive-baseline", action="store_true",
+                   help="skip the comparison run without pseudo-labels (about halves the time)")
+    p.set_defaults(func=_cmd_extend)

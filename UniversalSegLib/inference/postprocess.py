@@ -1,0 +1,161 @@
+"""Post-processing rules from the registry, applied to the masks on the input grid.
+
+Rules (`ClassInfo.postprocess`):
+- "largest_component": keep the largest 26-connected component (cc3d).
+- "split_pair": merge a paired organ with its other side (`ClassInfo.pair`), keep the two largest
+  components of the union and give each to the side it lies on (patient left/right, decided in
+  physical LPS coordinates, so any orientation of the input works).
+- "within_parents": keep only the part inside the parent organs (`ClassInfo.parents`) after a
+  closing and a dilation of their union by a cube of 5 model-grid voxels (+-3 mm at 1.5 mm).
+
+Why on the input grid: the rule then holds for exactly the mask the user gets, and every step
+works on the masks' bounding boxes (`BoxMask`), so its cost follows the structures' sizes rather
+than the scan's. Rules run in that order (pairs, single organs, then children), so a tumour is
+restricted by its organ's final mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import cc3d
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from UniversalSegLib.inference.masks import BoxMask, union_box
+from UniversalSegLib.registry import ClassInfo
+
+PARENT_MARGIN_MODEL_VOXELS = 2  # the 5x5x5 cube's half-width, in model-grid voxels
+
+
+def largest_component(mask: BoxMask) -> BoxMask:
+    """The largest 26-connected component of `mask`."""
+    if not mask:
+        return mask
+    return BoxMask(mask.shape, mask.start, cc3d.largest_k(mask.crop(), k=1, connectivity=26) > 0)
+
+
+def _lps_x(reference: sitk.Image, centroid_zyx: Sequence[float], offset_zyx: Sequence[int]) -> float:
+    """Physical LPS x (larger = more to the patient's left) of an array-order position."""
+    index_xyz = [float(c + o) for c, o in zip(reversed(centroid_zyx), reversed(offset_zyx))]
+    return reference.TransformContinuousIndexToPhysicalPoint(index_xyz)[0]
+
+
+def split_pair(left: BoxMask, right: BoxMask, reference: sitk.Image) -> tuple[BoxMask, BoxMask]:
+    """Re-assign a paired organ's two largest components by side; returns (left, right).
+
+    With a single component, it goes to the side whose own prediction covers more of it.
+    """
+    box = union_box([left, right])
+    if box is None:
+        return left, right
+    start, stop = box
+    own_left, own_right = left.region(start, stop), right.region(start, stop)
+    labels = cc3d.largest_k(own_left | own_right, k=2, connectivity=26)
+    components = [labels == n for n in (1, 2) if (labels == n).any()]
+    if len(components) == 1:
+        only = components[0]
+        left_wins = np.count_nonzero(only & own_left) >= np.count_nonzero(only & own_right)
+        components = [only, np.zeros_like(only)] if left_wins else [np.zeros_like(only), only]
+    else:
+        xs = [_lps_x(reference, np.argwhere(c).mean(axis=0), start) for c in components]
+        if xs[0] < xs[1]:  # the first lies more to the patient's right
+            components.reverse()
+    shape = left.shape
+    return BoxMask(shape, start, components[0]), BoxMask(shape, start, components[1])
+
+
+def parent_region(parents: Sequence[BoxMask], radius: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]] | None:
+    """Closing then dilation of the parents' union by a box of half-width `radius` (z, y, x voxels).
+
+    Returns the region and its start in the full grid, or None when every parent is empty.
+    """
+    box = union_box(parents, pad=[2 * r for r in radius])
+    if box is None:
+        return None
+    start, stop = box
+    union = np.zeros([b - a for a, b in zip(start, stop)], dtype=np.uint8)
+    for p in parents:
+        union |= p.region(start, stop)
+    size = [2 * r + 1 for r in radius]
+    closed = ndimage.minimum_filter(ndimage.maximum_filter(union, size=size, mode="constant"), size=size,
+                                    mode="nearest")
+    return ndimage.maximum_filter(closed, size=size, mode="constant").astype(bool), start
+
+
+def within(mask: BoxMask, region: tuple[np.ndarray, tuple[int, ...]] | None) -> BoxMask:
+    """`mask` restricted to a region from `parent_region` (empty when there is no region)."""
+    if not mask or region is None:
+        return BoxMask.empty(mask.shape)
+    area, start = region
+    stop = [s + n for s, n in zip(start, area.shape)]
+    lo = [max(a, b) for a, b in zip(mask.start, start)]
+    hi = [min(a, b) for a, b in zip(mask.stop, stop)]
+    if any(h <= low for low, h in zip(lo, hi)):
+        return BoxMask.empty(mask.shape)
+    inner = tuple(slice(low - s, h - s) for low, h, s in zip(lo, hi, start))
+    return BoxMask(mask.shape, lo, mask.region(lo, hi) & area[inner])
+
+
+def parent_radius(reference: sitk.Image, model_spacing: Sequence[float]) -> tuple[int, int, int]:
+    """The cube's half-width in input voxels (z, y, x): 2 model voxels in millimetres, at least 1."""
+    mm = PARENT_MARGIN_MODEL_VOXELS * float(np.mean(model_spacing))
+    return tuple(max(1, round(mm / s)) for s in reversed(reference.GetSpacing()))  # type: ignore[return-value]
+
+
+ALL_RULES = ("split_pair", "largest_component", "within_parents")
+
+
+def apply_rules(masks: Mapping[str, BoxMask], classes: Mapping[str, ClassInfo], reference: sitk.Image,
+                model_spacing: Sequence[float], rules: Sequence[str] = ALL_RULES) -> dict[str, BoxMask]:
+    """The classes' `rules` on `masks` (keyed by class key); returns the new masks.
+
+    A pair is split only when both sides are present; otherwise its side keeps its largest
+    component. A child whose parents are all absent from `masks` is left as predicted.
+    """
+    out = dict(masks)
+    for key, info in classes.items():
+        if "split_pair" not in rules or info.postprocess != "split_pair" or key not in out:
+            continue
+        if info.pair in out and info.laterality in ("left", "right"):
+            if info.laterality == "left":
+                out[key], out[info.pair] = split_pair(out[key], out[info.pair], reference)
+        else:
+            out[key] = largest_component(out[key])
+    for key, info in classes.items():
+        if "largest_component" in rules and info.postprocess == "largest_component" and key in out:
+            out[key] = largest_component(out[key])
+    radius = parent_radius(reference, model_spacing)
+    for key, info in classes.items():
+        present = [out[p] for p in info.parents if p in out]
+        if "within_parents" in rules and info.postprocess == "within_parents" and key in out and present:
+            out[key] = within(out[key], parent_region(present, radius))
+    return out
+
+
+def mean_within(final: BoxMask, sources: Sequence[tuple[BoxMask, np.ndarray]]) -> float:
+    """Mean probability over `final`'s voxels, read from predicted masks and their voxels' uint8 values.
+
+    Each source is (predicted mask, uint8 values of its voxels in C order); a voxel takes its value
+    from the first source holding it (a side's own prediction before its pair's).
+    """
+    if not final:
+        return 0.0
+    remaining = final.crop()
+    total, count = 0.0, 0
+    for predicted, values in sources:
+        lo = [max(a, b) for a, b in zip(final.start, predicted.start)]
+        hi = [min(a, b) for a, b in zip(final.stop, predicted.stop)]
+        if not predicted or any(h <= low for low, h in zip(lo, hi)):
+            continue
+        own = predicted.crop()
+        in_final = tuple(slice(low - s, h - s) for low, h, s in zip(lo, hi, final.start))
+        in_own = tuple(slice(low - s, h - s) for low, h, s in zip(lo, hi, predicted.start))
+        take = np.zeros_like(own)
+        take[in_own] = remaining[in_final] & own[in_own]
+        picked = values[take[own]]
+        total += float(picked.sum(dtype=np.float64))
+        count += picked.size
+        remaining[in_final] &= ~own[in_own]
+    return total / count / 255.0 if count else 0.0

@@ -1,0 +1,195 @@
+"""`predict`: from a CT (file, DICOM folder or SimpleITK image) to per-class masks on its exact grid.
+
+image -> check -> preprocess (RAS, spacing, HU window, body crop) -> sliding window (backbone
+once per window, heads of the needed classes only) -> per class: model grid -> input grid ->
+threshold -> post-processing rules -> `SegmentationResult`. Nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from UniversalSegLib.errors import InputError
+from UniversalSegLib.inference.masks import BoxMask
+from UniversalSegLib.inference.postprocess import apply_rules, mean_within
+from UniversalSegLib.inference.preprocess import preprocess
+from UniversalSegLib.inference.restore import to_input_grid
+from UniversalSegLib.inference.result import ClassResult, SegmentationResult
+from UniversalSegLib.inference.sliding_window import class_probabilities
+from UniversalSegLib.registry import ClassInfo
+from UniversalSegLib.store import DEFAULT_MODEL, LoadedModel, Manifest, load_model
+
+ProgressFn = Callable[[float, str], None]
+FAST_OVERLAP = 0.25
+# Shares of the progress bar per stage (sliding window dominates).
+_READ, _PREP, _WINDOWS, _POST = 0.02, 0.06, 0.92, 0.99
+
+
+class _Progress:
+    """Forwards (fraction, message) to the user's callback, never going backwards."""
+
+    def __init__(self, callback: ProgressFn | None):
+        self.callback, self.last = callback, 0.0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.last = max(self.last, min(1.0, fraction))
+        if self.callback:
+            self.callback(self.last, message)
+
+    def span(self, start: float, end: float) -> ProgressFn:
+        return lambda f, m: self(start + (end - start) * f, m)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" picks CUDA when available; asking for an absent CUDA is a user error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
+    return dev
+
+
+def _load(model: str | os.PathLike | LoadedModel | None, device: torch.device) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        model.model.to(device).eval()
+        return model
+    return load_model(model or DEFAULT_MODEL, device=device)
+
+
+def _read(image: str | os.PathLike | sitk.Image, allow_non_ct: bool) -> sitk.Image:
+    from UniversalSegLib.io import check_image, read_image
+
+    if isinstance(image, sitk.Image):
+        check_image(image, allow_non_ct=allow_non_ct)
+        return image
+    return read_image(Path(image), allow_non_ct=allow_non_ct)
+
+
+def needed_classes(manifest: Manifest, requested: Sequence[str] | None) -> tuple[list[ClassInfo], list[ClassInfo]]:
+    """(requested classes, classes to compute): the request plus pair partners and parents the rules need.
+
+    Names are keys, display names or synonyms; unknown names raise UnknownClassError with suggestions.
+    """
+    registry = manifest.registry()
+    wanted = list(registry) if requested is None else [registry.resolve(n) for n in requested]
+    wanted = list({c.key: c for c in wanted}.values())
+    if not wanted:
+        raise InputError("no classes requested")
+    keys = {c.key for c in wanted}
+    todo = list(wanted)
+    while todo:
+        info = todo.pop()
+        extra = [info.pair] if info.postprocess == "split_pair" and info.pair else []
+        extra += info.parents if info.postprocess == "within_parents" else []
+        for key in extra:
+            if key in registry and key not in keys:
+                keys.add(key)
+                todo.append(registry[key])
+    return wanted, [c for c in registry if c.key in keys]  # model order
+
+
+def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | LoadedModel | None = None,
+            classes: Sequence[str] | None = None, device: str | torch.device = "auto", fast: bool = False,
+            progress: ProgressFn | None = None, keep_probabilities: bool = False, allow_non_ct: bool = False,
+            *, postprocess: bool = True, include_helper_classes: bool = False, sw_batch_size: int | None = None,
+            class_chunk: int = 32, cache_features: bool | None = None) -> SegmentationResult:
+    """Segment `image` and return every requested class as its own mask on the input's exact grid.
+
+    image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU.
+    model: a model name, folder, or `LoadedModel` (default: the bundled model).
+    classes: names, keys or synonyms (default: all the model's classes). Parents and pair
+        partners the post-processing needs are computed too, and returned only with
+        `include_helper_classes`.
+    device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N". Mixed precision on CUDA.
+    fast: window overlap 0.25 instead of the manifest's (about 3x fewer windows in 3D) and, on
+        CUDA, twice the window batch; expect slightly rougher borders.
+    progress: called as progress(fraction, message) with fractions rising to 1.0.
+    keep_probabilities: also return each class's probability (uint8 0..255) on the input grid.
+    allow_non_ct: segment an image that does not look like CT (a warning instead of an error).
+    sw_batch_size: windows per forward pass (default 1 on CPU, 4 on CUDA).
+    class_chunk: classes stitched at once on CPU (memory: class_chunk x model-grid voxels x 2 bytes).
+    cache_features: keep the windows' backbone features between class chunks (None: only when cheap;
+        see `sliding_window`); True is faster for many classes on CPU, at some memory.
+    postprocess: apply the registry's rules (largest component, left/right split, within parents).
+    """
+    report = _Progress(progress)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    report(0.0, "reading image")
+    reference = _read(image, allow_non_ct)
+    dev = resolve_device(device)
+    loaded = _load(model, dev)
+    manifest, net = loaded.manifest, loaded.model
+    wanted, computed = needed_classes(manifest, classes)
+    timings["read_and_load_s"] = time.perf_counter() - t0
+
+    report(_READ, "preprocessing")
+    t = time.perf_counter()
+    pre = manifest.preprocessing
+    prepared = preprocess(reference, pre)
+    timings["preprocess_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    overlap = min(pre.overlap, FAST_OVERLAP) if fast else pre.overlap
+    batch = sw_batch_size or ((8 if fast else 4) if dev.type == "cuda" else 1)
+    index = {k: i for i, k in enumerate(manifest.class_keys)}
+    computed_keys = {c.key for c in computed}
+    masks: dict[str, BoxMask] = {}
+    confidence: dict[str, float] = {}
+    probabilities: dict[str, np.ndarray | None] = {}
+    values: dict[str, np.ndarray] = {}  # voxel probabilities of classes whose later rules change the mask
+    windows = report.span(_PREP, _WINDOWS)
+    with torch.inference_mode():
+        for position, probability in class_probabilities(
+                net, prepared.volume, [index[c.key] for c in computed], pre.patch_size, overlap, dev,
+                sw_batch_size=batch, class_chunk=class_chunk, amp=True, cache_features=cache_features,
+                progress=windows):
+            info = computed[position]
+            # A single organ's rule needs nothing else: apply it now, while its probabilities are at hand.
+            largest = postprocess and (info.postprocess == "largest_component" or (
+                info.postprocess == "split_pair" and info.pair not in computed_keys))
+            later = postprocess and info.postprocess in ("split_pair", "within_parents") and not largest
+            restored = to_input_grid(probability, prepared.grid, reference, pre.threshold, keep_probabilities,
+                                     largest_only=largest, keep_values=later)
+            del probability
+            masks[info.key], confidence[info.key] = restored.mask, restored.mean_confidence
+            probabilities[info.key] = restored.probability
+            if later:
+                values[info.key] = restored.values
+            report(report.last, f"resampled {info.key}")
+    timings["inference_s"] = time.perf_counter() - t
+
+    report(_WINDOWS, "post-processing")
+    t = time.perf_counter()
+    if values:
+        infos = {c.key: c for c in computed}
+        final = apply_rules(masks, infos, reference, pre.spacing, rules=("split_pair", "within_parents"))
+        for key in values:  # a side may have received voxels its pair predicted: read them there
+            sources = [(masks[k], values[k]) for k in (key, infos[key].pair) if k in values]
+            confidence[key] = mean_within(final[key], sources)
+        masks = final
+    timings["postprocess_s"] = time.perf_counter() - t
+
+    shown = computed if include_helper_classes else wanted
+    results = [ClassResult(c, masks[c.key], confidence[c.key], probabilities[c.key])
+               for c in shown]
+    metadata = {
+        "model_path": str(loaded.path), "model_version": manifest.version, "device": str(dev), "fast": fast,
+        "overlap": overlap, "sw_batch_size": batch, "computed_classes": [c.key for c in computed],
+        "model_grid_size": list(prepared.grid.size), "model_spacing": list(pre.spacing),
+        "postprocessed": postprocess, **timings, "total_s": time.perf_counter() - t0,
+    }
+    report(_POST, "done")
+    report(1.0, "done")
+    return SegmentationResult(reference, results, manifest.name, metadata)

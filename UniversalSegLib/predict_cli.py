@@ -1,0 +1,134 @@
+"""`universalseg predict INPUT -o OUTDIR ...`: segment a CT and write the chosen formats.
+
+Registered into `universalseg` through `cli.EXTRA_COMMANDS`. Progress goes to a bar on stderr,
+or with --progress-json to stdout as one JSON object per line (for the Slicer module):
+    {"progress": 0.42, "message": "sliding window"}
+    ...
+    {"done": true, "outputs": {"seg.nrrd": "/out/segmentation.seg.nrrd", ...}}
+The input is read and checked before anything is created, and a failure later removes whatever
+this run added to OUTDIR (OUTDIR itself too when this run created it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+CLI_DEFAULT_FORMATS = ("seg.nrrd", "nifti", "stats")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `predict` sub-command."""
+    p = sub.add_parser("predict", help="segment a CT: every requested structure as its own mask",
+                       description="Segment a CT (NIfTI, NRRD, MHA/MHD or a DICOM series folder).")
+    p.add_argument("input", help="CT image file or DICOM series folder")
+    p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
+    p.add_argument("--model", default=None, help="model name or folder (default: the bundled model)")
+    p.add_argument("--classes", nargs="+", default=None, metavar="NAME",
+                   help="structures to segment: keys, names or synonyms (default: all the model's classes)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--formats", default=None,
+                   help="comma-separated: seg.nrrd,nifti,labelmap,dicom-seg,stats,preview "
+                        f"(default: {','.join(CLI_DEFAULT_FORMATS)}, plus dicom-seg for DICOM input)")
+    p.add_argument("--fast", action="store_true", help="fewer windows (overlap 0.25): faster, slightly rougher")
+    p.add_argument("--allow-non-ct", action="store_true", help="segment an image that does not look like CT")
+    p.add_argument("--progress-json", action="store_true",
+                   help="print progress as JSON lines on stdout instead of a progress bar")
+    p.set_defaults(func=run_predict)
+
+
+def dicom_source(input_path: Path) -> bool:
+    from UniversalSegLib.io import dicom_source_files
+
+    return bool(dicom_source_files(input_path))
+
+
+def _formats(arg: str | None, input_path: Path) -> list[str]:
+    from UniversalSegLib.io import parse_formats
+
+    if arg is not None:
+        return parse_formats(arg)
+    return [*CLI_DEFAULT_FORMATS, *(["dicom-seg"] if dicom_source(input_path) else [])]
+
+
+def _json_progress(fraction: float, message: str) -> None:
+    print(json.dumps({"progress": round(fraction, 4), "message": message}), flush=True)
+
+
+class _Bar:
+    """A tqdm bar on stderr driven by (fraction, message) callbacks."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1000, file=sys.stderr, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.bar.set_description(message, refresh=False)
+        self.bar.update(max(0, int(fraction * 1000) - self.bar.n))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _remove_new(outdir: Path, existed: bool, before: set[str]) -> None:
+    """Undo this run's traces in `outdir`: the folder if we made it, else the entries we added."""
+    if not outdir.exists():
+        return
+    if not existed:
+        shutil.rmtree(outdir, ignore_errors=True)
+        return
+    for entry in outdir.iterdir():
+        if entry.name not in before:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _check_model_and_classes(model: str | None, classes: list[str] | None) -> None:
+    """Unknown model or class names fail here, before the (slow) run starts."""
+    from UniversalSegLib.inference.predict import needed_classes
+    from UniversalSegLib.store import find_model, read_manifest
+
+    needed_classes(read_manifest(find_model(model)), classes)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from UniversalSegLib.errors import InputError
+    from UniversalSegLib.inference.predict import predict, resolve_device
+    from UniversalSegLib.io import NonCTWarning, read_image, write_outputs
+
+    input_path, outdir = Path(args.input).expanduser(), Path(args.output).expanduser()
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"output {outdir} exists and is not a folder")
+    image = read_image(input_path, allow_non_ct=args.allow_non_ct)  # every input check, before any output
+    formats = _formats(args.formats, input_path)
+    if "dicom-seg" in formats and not dicom_source(input_path):
+        raise InputError("DICOM SEG output (dicom-seg) needs a DICOM series as input; choose other formats")
+    resolve_device(args.device)
+    _check_model_and_classes(args.model, args.classes)
+    existed = outdir.exists()
+    before = {e.name for e in outdir.iterdir()} if existed else set()
+    bar = None if args.progress_json else _Bar()
+    progress: Callable[[float, str], None] = _json_progress if args.progress_json else bar
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonCTWarning)  # read_image has already warned
+            result = predict(image, model=args.model, classes=args.classes, device=args.device, fast=args.fast,
+                             progress=progress, allow_non_ct=args.allow_non_ct)
+        outputs = write_outputs(result, outdir, formats)
+    except BaseException:
+        _remove_new(outdir, existed, before)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.progress_json:
+        print(json.dumps({"done": True, "outputs": {k: str(v) for k, v in outputs.items()}}), flush=True)
+    else:
+        for name, path in outputs.items():
+            print(f"{name}: {path}")
+    return 0
