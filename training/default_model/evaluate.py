@@ -28,6 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--holdout-top", type=float, default=0.0, help="score only the held-out top slices")
     args = ap.parse_args()
     loaded = load_model(args.model)
     keys = loaded.manifest.class_keys
@@ -42,8 +43,10 @@ def main() -> None:
                 logits = sliding_window_inference(image, (96, 96, 96), 4, loaded.model, overlap=0.5, mode="gaussian")
             probs[scan] = torch.sigmoid(logits)[0].numpy()
         labels = data[f"labels_{i}"]
-        results[src["name"]] = {k: round(dice(probs[scan][keys.index(k)] > 0.5, labels[j] > 0), 3)
-                                for j, k in enumerate(src["classes"])}
+        first = int(round(labels.shape[3] * (1 - args.holdout_top))) if args.holdout_top else 0
+        pred = probs[scan][..., first:] > 0.5
+        results[src["name"]] = {k: round(dice(pred[keys.index(k)], labels[j][..., first:] > 0), 3)
+                                for j, k in enumerate(src["classes"]) if labels[j][..., first:].any()}
         print(src["name"], results[src["name"]])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -34,19 +34,23 @@ HERE = Path(__file__).resolve().parent
 class Bundle:
     """The prepared scans and per-source labels, on the training device."""
 
-    def __init__(self, path: Path, device: torch.device, drop: dict[str, list[str]] | None = None):
+    def __init__(self, path: Path, device: torch.device, drop: dict[str, list[str]] | None = None,
+                 holdout_top: float = 0.0):
         data = np.load(path)
         drop = drop or {}
+        # held-out experiments: the top (superior) fraction of every scan is never seen in training
+        keep = {i: int(round(data[f"image_{i}"].shape[2] * (1 - holdout_top))) for i in range(len(json.loads(
+            str(data["meta"]))["scans"]))}
         self.meta = json.loads(str(data["meta"]))
         self.class_keys: list[str] = self.meta["class_keys"]
         self.embeddings = torch.from_numpy(data["class_embeddings"]).float()
-        self.images = [torch.from_numpy(data[f"image_{i}"].astype(np.float32)).to(device)[None]
+        self.images = [torch.from_numpy(data[f"image_{i}"][..., :keep[i]].astype(np.float32)).to(device)[None]
                        for i in range(len(self.meta["scans"]))]
-        self.structures = [torch.from_numpy(data[f"structure_{i}"].astype(np.float32)).to(device)[None]
+        self.structures = [torch.from_numpy(data[f"structure_{i}"][..., :keep[i]].astype(np.float32)).to(device)[None]
                            for i in range(len(self.meta["scans"]))]
         self.sources = []
         for i, src in enumerate(self.meta["sources"]):
-            labels = torch.from_numpy(data[f"labels_{i}"]).to(device)
+            labels = torch.from_numpy(data[f"labels_{i}"][..., :keep[src["scan"]]]).to(device)
             dropped = drop.get(src["name"], [])
             if dropped:  # leave-out experiments: neither the labels nor the structure-map ids are used
                 from UniversalSegLib.data.synth import structure_id
@@ -177,6 +181,8 @@ def main() -> None:
                     help="basic: crop rotation/scale + intensity; generalise: the SynthSeg-style pipeline (issue 8)")
     ap.add_argument("--drop", nargs="*", default=[], metavar="SOURCE:KEY[,KEY]",
                     help="leave-out experiments: do not supervise these classes of this source")
+    ap.add_argument("--holdout-top", type=float, default=0.0,
+                    help="hold out this fraction of slices at the top of every scan (evaluate.py --holdout-top)")
     args = ap.parse_args()
     recipe = yaml.safe_load((HERE / "recipe.yaml").read_text())
     cfg = recipe["train"]
@@ -185,7 +191,7 @@ def main() -> None:
     torch.manual_seed(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     drop = {d.split(":")[0]: d.split(":")[1].split(",") for d in args.drop}
-    bundle = Bundle(HERE / "build" / "bundle.npz", device, drop)
+    bundle = Bundle(HERE / "build" / "bundle.npz", device, drop, args.holdout_top)
     pipeline = None
     if args.augment == "generalise":
         from UniversalSegLib.data.synth import build_generalisation_pipeline
@@ -193,7 +199,7 @@ def main() -> None:
         pipeline = build_generalisation_pipeline(spacing_mm=recipe["preprocessing"]["spacing"],
                                                  class_keys=bundle.class_keys, seed=cfg["seed"])
     manifest = make_manifest(recipe, bundle, steps)
-    manifest.provenance.update({"augment": args.augment, "dropped_labels": drop})
+    manifest.provenance.update({"augment": args.augment, "dropped_labels": drop, "holdout_top": args.holdout_top})
     model = build_model(manifest, bundle.embeddings).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     warm = cfg["warmup_steps"]
