@@ -25,7 +25,7 @@ from UniversalSegLib.importers.clip_driven_universal import (
     import_checkpoint,
     published_layout,
 )
-from UniversalSegLib.model.genesis_unet import BatchStatsNorm3d
+from UniversalSegLib.model.genesis_unet import BatchStatsNorm3d, UpStage, upsample_2x
 from UniversalSegLib.model.swin_merging import ReferencePatchMerging
 from UniversalSegLib.registry import default_registry
 from UniversalSegLib.store import load_model, sha256_file
@@ -260,3 +260,15 @@ def test_swin_patch_merging_gathers_in_the_reference_order():
     model = build_imported_model("swinunetr")
     layers = [getattr(model.backbone.net.swinViT, f"layers{i}")[0].downsample for i in range(1, 5)]
     assert all(type(m) is ReferencePatchMerging for m in layers)
+
+
+def test_up_stage_equals_transposed_conv_then_concatenation():
+    # Our up stage avoids torch's transposed-conv buffer and the concatenated tensor (memory);
+    # it must compute what ConvTranspose3d followed by conv(cat[upsampled, skip]) computes.
+    torch.manual_seed(0)
+    stage = UpStage(in_channels=6, skip_channels=3, out=4).eval()
+    x, skip = torch.randn(2, 6, 3, 4, 5), torch.randn(2, 3, 6, 8, 10)
+    up = stage.up_conv(x)
+    assert torch.allclose(upsample_2x(x, stage.up_conv.weight, stage.up_conv.bias), up, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(stage(x, skip), stage.ops(torch.cat([up, skip], 1)), atol=1e-5)
