@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from UniversalSegLib.continual.extend import _extended_registry
 from UniversalSegLib.continual.trainer import _sampled_logits
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.model import UniversalModel
+from UniversalSegLib.registry import default_registry
 from UniversalSegLib.store import Preprocessing, create_model, load_model, save_model, sha256_file
 
 TINY = {"init_filters": 16, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}
@@ -247,3 +249,88 @@ def test_extended_model_runs_in_predict(base_model, crops, tmp_path):
     result = predict(crops / "images" / "c3.nii.gz", model=report.model_path, device="cpu")
     assert result.keys == OLD + NEW
     assert result["aorta_true_lumen"].mask.shape == sitk.GetArrayViewFromImage(result.reference).shape
+
+
+def _extend_args(*extra: str) -> list[str]:
+    return ["extend", "--model", "m", "--data", "d", "-o", "out", *extra]
+
+
+def _cli_classes(manifest, *extra: str) -> list:
+    from UniversalSegLib.cli import build_parser
+    from UniversalSegLib.continual.command import new_class_specs
+
+    return make_new_classes(new_class_specs(build_parser().parse_args(_extend_args(*extra))), manifest)
+
+
+CLASSES_FILE = [
+    {"key": "aorta_true_lumen", "name": "True lumen", "prompt": "true lumen of the aorta", "group": "vessel",
+     "parents": ["aorta"], "colour": [10, 20, 30], "synonyms": ["TL"]},
+    {"key": "aorta_false_lumen", "color": "200, 30, 30", "parents": "aorta_true_lumen", "group": "tumour"},
+    "pulmonary_artery",  # a bare key: the registry's entry, then the command-wide defaults
+]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_cli_classes_file_gives_each_class_its_own_fields(base_model, tmp_path, suffix):
+    import yaml
+
+    manifest = load_model(base_model).manifest
+    path = tmp_path / f"classes{suffix}"
+    path.write_text(json.dumps(CLASSES_FILE) if suffix == ".json" else yaml.safe_dump({"classes": CLASSES_FILE}))
+    made = _cli_classes(manifest, "--classes-file", str(path), "--new-class", "aortic_wall:Aortic wall",
+                        "--group", "other", "--parent", "heart", "--synonym", "shared")
+    fields = {c.key: (c.name, c.prompt, c.group, c.parents, c.color, c.synonyms) for c in made}
+    assert list(fields) == ["aorta_true_lumen", "aorta_false_lumen", "pulmonary_artery", "aortic_wall"]
+    assert fields["aorta_true_lumen"] == ("True lumen", "true lumen of the aorta", "vessel", ["aorta"],
+                                          [10, 20, 30], ["TL"])
+    assert fields["aorta_false_lumen"] == ("Aorta false lumen", "aorta false lumen", "tumour", ["aorta_true_lumen"],
+                                           [200, 30, 30], ["shared"])
+    registry = default_registry()["pulmonary_artery"]
+    assert fields["pulmonary_artery"] == (registry.name, registry.prompt, "other", ["heart"], registry.color,
+                                          ["shared"])
+    assert fields["aortic_wall"][:4] == ("Aortic wall", "aortic wall", "other", ["heart"])
+
+
+@pytest.mark.parametrize("content, extra, fragment", [
+    (None, (), "give the classes to add"),
+    ("missing", (), "cannot read classes file"),
+    ("[{key: a", (), "cannot parse classes file"),
+    ({"a": 1}, (), "expected a non-empty list"),
+    (["aorta_true_lumen", 42], (), "entry 2 must be an object"),
+    ([{"name": "No key"}], (), "has no key"),
+    ([{"key": "k", "colour": [1, 2, 300]}], (), "colour must be three whole numbers 0-255"),
+    ([{"key": "k", "colour": "red"}], (), "colour must be three whole numbers 0-255"),
+    ([{"key": "k", "colour": [1, 2, 3], "color": [3, 2, 1]}], (), "colour or color, not both"),
+    ([{"key": "k", "colr": [1, 2, 3]}], (), "unknown field(s) colr"),
+    ([{"key": "k", "parents": ["no_such"]}], (), "parent(s) no_such"),
+    ([{"key": "k", "group": "blob"}], (), "group 'blob'"),
+    ([{"key": "k"}], ("--new-class", "k"), "given twice"),
+    ([{"key": "liver"}], (), "already in model"),
+])
+def test_cli_classes_file_errors_are_one_line(base_model, tmp_path, content, extra, fragment):
+    manifest = load_model(base_model).manifest
+    path = tmp_path / "classes.yaml"
+    if isinstance(content, str) and content != "missing":
+        path.write_text(content)
+    elif content not in (None, "missing"):
+        path.write_text(json.dumps(content))
+    args = [*extra] if content is None else ["--classes-file", str(path), *extra]
+    with pytest.raises(InputError, match=re.escape(fragment)) as error:
+        _cli_classes(manifest, *args)
+    assert "\n" not in str(error.value)
+
+
+def test_cli_extend_bad_classes_file_fails_before_training(base_model, tmp_path, capsys):
+    from UniversalSegLib.cli import main
+
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps([{"key": "aorta_true_lumen", "parents": ["aorta"], "colour": [0, 0, 256]}]))
+    args = ["extend", "--model", str(base_model), "--data", str(tmp_path), "-o", "never", "--progress-json"]
+    assert main([*args, "--classes-file", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        "universalseg: error: new class 'aorta_true_lumen': colour must be three whole numbers 0-255, not [0, 0, 256]"]
+    assert json.loads(captured.out.splitlines()[-1]) == {"done": False, "error": captured.err.split("error: ")[1]
+                                                         .strip()}
+    assert main(args) == 2 and "give the classes to add" in capsys.readouterr().err
+    assert not (Path(os.environ["UNIVERSALSEG_MODELS"]) / "never").exists()

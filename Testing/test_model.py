@@ -93,3 +93,34 @@ def test_swin_unetr_backbone_taps():
     with torch.no_grad():
         y = model(torch.randn(1, 1, 64, 64, 64))
     assert y.shape == (1, 2, 64, 64, 64)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_segresnet_backbone_equals_monai_decode(grad):
+    # Our forward frees skips early and adds in place without autograd; the numbers must be MONAI's.
+    from UniversalSegLib.model.backbones import SegResNetBackbone
+
+    torch.manual_seed(0)
+    backbone = SegResNetBackbone(init_filters=8).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.set_grad_enabled(grad):
+        deep, voxel = backbone(x)
+        deep_ref, skips = backbone.net.encode(x)
+        expected = backbone.net.decode(deep_ref, list(reversed(skips)))
+    assert torch.equal(deep, deep_ref) and torch.allclose(voxel, expected, atol=1e-6)
+    if grad:
+        voxel.sum().backward()
+        assert backbone.net.convInit.conv.weight.grad is not None
+
+
+def test_import_keeps_monai_lean():
+    # MONAI eagerly imports optional extras (transformers, sklearn, ...); UniversalSeg skips them while
+    # MONAI initialises (faster start, less memory) and they stay importable afterwards.
+    import subprocess
+    import sys
+
+    code = ("import sys, UniversalSegLib, monai.networks.nets; "
+            "print(sorted(m for m in ('transformers', 'sklearn', 'matplotlib') if m in sys.modules)); "
+            "import transformers, matplotlib; print('importable')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "importable"]

@@ -285,11 +285,23 @@ def test_command_lines_fit_the_backend_parsers(tmp_path):
     ns = parser.parse_args(backend.import_checkpoint_args("/x.pth", "swinunetr", "pub"))
     assert (ns.path, ns.backbone, ns.name) == ("/x.pth", "swinunetr", "pub")
     parser = _backend_parser("UniversalSegLib.continual.command")
-    new = [wizard.NewClass("aorta_true_lumen", "Aorta true lumen", group="vessel", parents=["aorta"])]
+    new = [wizard.NewClass("aorta_true_lumen", "Aorta true lumen", group="vessel", parents=["aorta"]),
+           wizard.NewClass("gland", "Gland", "a small gland", "organ", ["aorta_true_lumen"], (1, 2, 3), ["glandula"])]
     settings = wizard.TrainingSettings("demo", "demo-plus", epochs=3, time_budget_minutes=2, train="heads")
-    ns = parser.parse_args(wizard.extend_args(settings, tmp_path, new, tmp_path / "out"))
-    assert ns.new_class == ["aorta_true_lumen:Aorta true lumen"] and ns.group == "vessel" and ns.parent == ["aorta"]
+    classes_file = wizard.write_classes_file(new, tmp_path / "job" / "classes.json")
+    ns = parser.parse_args(wizard.extend_args(settings, tmp_path, classes_file, tmp_path / "out"))
+    assert ns.classes_file == str(classes_file) and ns.new_class is None and ns.group is None
     assert (ns.train, ns.epochs, ns.time_budget, ns.progress_json) == ("heads", 3, 120, True)
+    # ... and the backend turns the file into the classes the wizard asked for, each with its own fields
+    from types import SimpleNamespace
+
+    from UniversalSegLib.continual.classes import make_new_classes
+    from UniversalSegLib.continual.command import new_class_specs
+
+    made = make_new_classes(new_class_specs(ns), SimpleNamespace(class_keys=["aorta"], name="demo"))
+    assert [(c.key, c.name, c.prompt, c.group, c.parents, c.color, c.synonyms) for c in made] == [
+        ("aorta_true_lumen", "Aorta true lumen", "aorta true lumen", "vessel", ["aorta"], [230, 160, 40], []),
+        ("gland", "Gland", "a small gland", "organ", ["aorta_true_lumen"], [1, 2, 3], ["glandula"])]
 
 
 def test_statistics_warnings(tmp_path):
@@ -435,6 +447,12 @@ def test_wizard_validation():
     text = "\n".join(wizard.validate_settings(settings, ["demo"]))
     assert "already exists" in text and "at least 1" in text and "what to train" in text
     assert wizard.suggest_key("Aorta, false lumen (TL)") == "aorta_false_lumen_tl"
+    made = wizard.NewClass.from_dict({"key": "k", "name": "K", "colour": [1, 2, 3], "synonyms": ["kay"]})
+    assert made.color == [1, 2, 3] and made.synonyms == ["kay"] and made.group == "other"
+    for bad, fragment in (({"key": "k", "name": "K", "colr": [1, 2, 3]}, "unknown field(s) colr"),
+                          ({"key": "k"}, "name")):
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            wizard.NewClass.from_dict(bad)
 
 
 def test_wizard_training_folder_and_extend_command(tmp_path):
@@ -450,15 +468,24 @@ def test_wizard_training_folder_and_extend_command(tmp_path):
     assert files == ["images/case001.nii.gz", "images/case002.nrrd", "masks/aorta_true_lumen/case001.nii.gz",
                      "masks/aorta_true_lumen/case002.nrrd"]
     assert (folder / "masks/aorta_true_lumen/case002.nrrd").read_text() == "lumen.nrrd"
+    # classes trained together keep their own prompt, group, parents and colour
     new = [wizard.NewClass("aorta_true_lumen", "Aorta true lumen", "", "vessel", ["aorta"]),
-           wizard.NewClass("aorta_false_lumen", "Aorta false lumen", "", "vessel", ["aorta"])]
+           wizard.NewClass("aorta_false_lumen", "Aorta false lumen", " false lumen ", "vessel",
+                           ["aorta", "aorta_true_lumen"], (200, 30, 30)),
+           wizard.NewClass("gland", "Gland", "thyroid gland", "organ", [], (10, 20, 30), ["thyroid"])]
+    assert wizard.validate_classes(new, ["aorta"]) == []
     settings = wizard.TrainingSettings("demo", "demo-plus", epochs=None, time_budget_minutes=7.5, train="all")
-    assert wizard.extend_args(settings, folder, new, "/models/demo-plus") == [
-        "extend", "--model", "demo", "--data", str(folder), "--new-class", "aorta_true_lumen:Aorta true lumen",
-        "--new-class", "aorta_false_lumen:Aorta false lumen", "-o", "/models/demo-plus", "--train", "all",
-        "--device", "auto", "--group", "vessel", "--parent", "aorta", "--time-budget", "450", "--progress-json"]
-    mixed = [*new, wizard.NewClass("gland", "Gland", group="organ")]
-    assert "share their group and parent" in "\n".join(wizard.validate_classes(mixed, ["aorta"]))
+    classes_file = wizard.write_classes_file(new, tmp_path / "job" / "classes.json")
+    assert wizard.extend_args(settings, folder, classes_file, "/models/demo-plus") == [
+        "extend", "--model", "demo", "--data", str(folder), "--classes-file", str(classes_file),
+        "-o", "/models/demo-plus", "--train", "all", "--device", "auto", "--time-budget", "450", "--progress-json"]
+    assert json.loads(classes_file.read_text()) == [
+        {"key": "aorta_true_lumen", "name": "Aorta true lumen", "group": "vessel", "parents": ["aorta"],
+         "color": [230, 160, 40]},
+        {"key": "aorta_false_lumen", "name": "Aorta false lumen", "group": "vessel",
+         "parents": ["aorta", "aorta_true_lumen"], "color": [200, 30, 30], "prompt": "false lumen"},
+        {"key": "gland", "name": "Gland", "group": "organ", "parents": [], "color": [10, 20, 30],
+         "prompt": "thyroid gland", "synonyms": ["thyroid"]}]
 
 
 def test_wizard_cases_from_folder(tmp_path):
@@ -964,6 +991,7 @@ def _extend_handler(record: dict, outcome: str = "done"):
         data = Path(args[args.index("--data") + 1])
         out = Path(args[args.index("-o") + 1])
         record["args"] = args
+        record["classes"] = json.loads(Path(args[args.index("--classes-file") + 1]).read_text())
         record["files"] = sorted(str(p.relative_to(data)) for p in data.rglob("*") if p.is_file())
         for image_path in sorted((data / "images").iterdir()):
             image = sitk.ReadImage(str(image_path))
@@ -1014,17 +1042,20 @@ def _scenario_add_classes():
     runner = fake_runner(extend=_extend_handler(record))
     logic = UniversalSeg.UniversalSegLogic(runner=runner, installer=FakeInstaller())
     volume, seg, voxels = _scene_pair()
-    new = {"key": "aorta_false_lumen", "name": "Aorta false lumen", "group": "vessel", "parents": ["aorta"]}
+    new = {"key": "aorta_false_lumen", "name": "Aorta false lumen", "group": "vessel", "parents": ["aorta"],
+           "prompt": "false lumen of a dissected aorta", "colour": [200, 30, 30], "synonyms": ["FL"]}
     events = []
     run = logic.addClasses([new], [(volume, seg, {"Segment_1": "aorta_false_lumen"})], baseModel="demo",
                            outputName="demo-plus", epochs=2, train="heads+decoder", device="cpu",
                            progressCallback=events.append)
     out = logic.modelsFolder() / "demo-plus"
     args = record["args"]
-    assert args[3:] == ["extend", "--model", "demo", "--data", args[7], "--new-class",
-                        "aorta_false_lumen:Aorta false lumen", "-o", str(out), "--train", "heads+decoder",
-                        "--device", "cpu", "--group", "vessel", "--parent", "aorta", "--epochs", "2",
-                        "--progress-json"]
+    assert args[3:] == ["extend", "--model", "demo", "--data", args[7], "--classes-file", args[9], "-o", str(out),
+                        "--train", "heads+decoder", "--device", "cpu", "--epochs", "2", "--progress-json"]
+    assert Path(args[9]).parent == Path(args[7]).parent, "the classes file lives in the job's temporary folder"
+    assert record["classes"] == [{"key": "aorta_false_lumen", "name": "Aorta false lumen", "group": "vessel",
+                                  "parents": ["aorta"], "color": [200, 30, 30],
+                                  "prompt": "false lumen of a dissected aorta", "synonyms": ["FL"]}]
     assert record["files"] == ["images/case001.nrrd", "masks/aorta_false_lumen/case001.nrrd"]
     assert record["mask_voxels"] == [voxels]
     assert run.modelPath == out and run.report.new_class_dice == {"aorta_false_lumen": 0.71}
@@ -1046,7 +1077,7 @@ def _scenario_add_classes():
     runner.handlers["extend"] = _extend_handler(record, outcome="hang")
     cases = [logic.exportTrainingCase(volume, seg, {"Segment_1": "aorta_false_lumen"}, _tmp() / "cases" / "c1")]
     settings = UniversalSeg.TrainingSettings("demo", "demo-cancelled", epochs=5)
-    run = logic.startAddClasses([UniversalSeg.NewClass(**new)], cases, settings)
+    run = logic.startAddClasses([UniversalSeg.NewClass.from_dict(new)], cases, settings)
     for _ in range(3):
         run.step()
     cancelled_out = logic.modelsFolder() / "demo-cancelled"
@@ -1137,3 +1168,9 @@ def _scenario_real_backend():
     for key in ("liver", "liver_tumor"):  # names and terminology travel from the registry into the node
         segment = seg.GetSegmentation().GetSegment(key)
         assert segment.GetName() == names[key] and segment.GetTag("TerminologyEntry").get("type")
+
+
+def test_new_classes_get_distinct_colours():
+    colours = [wizard.distinct_color(i) for i in range(len(wizard.NEW_CLASS_COLORS))]
+    assert len(set(colours)) == len(colours)
+    assert wizard.distinct_color(len(colours)) == colours[0]

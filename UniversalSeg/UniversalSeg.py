@@ -66,6 +66,7 @@ from UniversalSegModuleLib.wizard import (
     validate_cases,
     validate_classes,
     validate_settings,
+    write_classes_file,
     write_training_folder,
 )
 
@@ -969,7 +970,8 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
         outputDir = self.modelsFolder() / settings.output_name
         try:
             data = write_training_folder(cases, tempDir / "data")
-            job = self._startJob(extend_args(settings, data, newClasses, outputDir), None, logCallback,
+            classesFile = write_classes_file(newClasses, tempDir / "classes.json")
+            job = self._startJob(extend_args(settings, data, classesFile, outputDir), None, logCallback,
                                  cleanup=[tempDir])
         except BaseException:
             shutil.rmtree(tempDir, ignore_errors=True)
@@ -984,11 +986,12 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
                    progressCallback=None, logCallback=None):
         """Teach a model new structures (blocking; the wizard does the same step by step).
 
-        newClasses: NewClass or dicts {key, name, prompt, group, parents, color}.
+        newClasses: NewClass or dicts {key, name, prompt, group, parents, color, synonyms}, each sent with
+        its own fields (as the wizard does).
         trainingData: TrainingCase objects, or (volumeNode, segmentationNode, {segmentId: classKey}) tuples.
         Returns the finished AddClassesRun: .modelPath (the new model folder) and .report (Dice, retention).
         """
-        classes = [c if isinstance(c, NewClass) else NewClass(**dict(c)) for c in newClasses]
+        classes = [c if isinstance(c, NewClass) else NewClass.from_dict(c) for c in newClasses]
         baseModel = baseModel or (self.listModels()[0]["name"] if self.listModels() else "")
         outputName = outputName or f"{baseModel}-plus-{'-'.join(c.key for c in classes)}"
         settings = TrainingSettings(baseModel, outputName, epochs, timeBudgetMinutes, train, device)

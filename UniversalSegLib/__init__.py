@@ -8,7 +8,10 @@ Public API (imported lazily so `import UniversalSegLib` stays cheap):
 
 from __future__ import annotations
 
+from UniversalSegLib import _lean_monai
+
 __version__ = "0.1.0"
+_lean_monai.install()  # before anything imports MONAI (standard library only, so still cheap)
 
 _LAZY = {
     "load_model": "UniversalSegLib.store",

@@ -4,9 +4,9 @@
 Training data goes to the backend as a folder in the layout `extend --data` reads:
     images/<case>.<ext>             the CT of each case
     masks/<class key>/<case>.<ext>  a binary mask of a new class on that case's grid (a case may lack some)
-`extend` takes each new class as `--new-class KEY:Name`, and one `--group` / `--parent` list for all of
-them, so the wizard asks that classes trained together share their group and parents. Prompt and colour
-come from the registry for structures it knows, else the backend derives them from the name and key.
+Each new class goes in a classes file (`extend --classes-file`, JSON) with its own name, prompt, group,
+parents, colour and synonyms, so classes trained together need not share anything. An empty prompt is
+left out: the backend then uses the registry's prompt for a structure it knows, else the name.
 """
 
 from __future__ import annotations
@@ -32,9 +32,18 @@ IMAGE_STEMS = ("image", "ct", "img", "volume")
 MASK_FOLDERS = ("", "masks", "segmentations", "labels")
 
 
+# Colours for new classes the user names (distinguishable from each other and from the usual organ colours).
+NEW_CLASS_COLORS = ((230, 160, 40), (40, 170, 230), (200, 60, 160), (120, 200, 60), (240, 90, 60), (150, 110, 230))
+
+
+def distinct_color(index: int) -> tuple[int, int, int]:
+    """The colour for the `index`-th new class of a wizard session."""
+    return NEW_CLASS_COLORS[index % len(NEW_CLASS_COLORS)]
+
+
 @dataclass
 class NewClass:
-    """A structure the model should learn (prompt and colour are shown, not yet sent: see the module doc)."""
+    """A structure the model should learn, with the fields `extend` gives it (see `to_spec`)."""
 
     key: str
     name: str
@@ -42,6 +51,31 @@ class NewClass:
     group: str = "other"
     parents: list[str] = field(default_factory=list)
     color: tuple[int, int, int] = (230, 160, 40)
+    synonyms: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NewClass:
+        """From {key, name, prompt, group, parents, color|colour, synonyms}; unknown fields are an error."""
+        fields = dict(data)
+        if "colour" in fields:
+            fields["color"] = fields.pop("colour")
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"new class {fields.get('key', '?')!r}: unknown field(s) {', '.join(unknown)}")
+        try:
+            return cls(**fields)
+        except TypeError as e:  # a required field (key, name) is missing
+            raise ValueError(f"new class {fields.get('key', '?')!r}: {e}") from None
+
+    def to_spec(self) -> dict[str, Any]:
+        """The class as one entry of `extend --classes-file` (an empty prompt: the backend's default)."""
+        spec: dict[str, Any] = {"key": self.key, "name": self.name, "group": self.group,
+                                "parents": list(self.parents), "color": [int(v) for v in self.color]}
+        if self.prompt.strip():
+            spec["prompt"] = self.prompt.strip()
+        if self.synonyms:
+            spec["synonyms"] = list(self.synonyms)
+        return spec
 
 
 @dataclass
@@ -97,9 +131,6 @@ def validate_classes(new: Sequence[NewClass], existing_keys: Collection[str]) ->
                 errors.append(f"{label}: parent {parent!r} is neither in the model nor a new class")
         if len(c.color) != 3 or any(not 0 <= int(v) <= 255 for v in c.color):
             errors.append(f"{label}: colour must be three values 0-255")
-    if len({(c.group, tuple(sorted(c.parents))) for c in new}) > 1:
-        errors.append("classes added together must share their group and parent (`universalseg extend` takes one "
-                      "of each); add the others in a second run")
     return errors
 
 
@@ -168,17 +199,19 @@ def write_training_folder(cases: Sequence[TrainingCase], folder: str | Path) -> 
     return folder
 
 
-def extend_args(settings: TrainingSettings, data_folder: str | Path, new: Sequence[NewClass],
+def write_classes_file(new: Sequence[NewClass], path: str | Path) -> Path:
+    """Write the new classes, each with its own fields, as `extend --classes-file` reads them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([c.to_spec() for c in new], indent=2), encoding="utf-8")
+    return path
+
+
+def extend_args(settings: TrainingSettings, data_folder: str | Path, classes_file: str | Path,
                 output_dir: str | Path) -> list[str]:
-    """Arguments of `universalseg extend` as the wizard runs it."""
-    args = ["extend", "--model", settings.base_model, "--data", str(data_folder)]
-    for c in new:
-        args += ["--new-class", f"{c.key}:{c.name}"]
-    args += ["-o", str(output_dir), "--train", settings.train, "--device", settings.device]
-    if new:
-        args += ["--group", new[0].group]
-        for parent in new[0].parents:
-            args += ["--parent", parent]
+    """Arguments of `universalseg extend` as the wizard runs it (classes from `write_classes_file`)."""
+    args = ["extend", "--model", settings.base_model, "--data", str(data_folder), "--classes-file",
+            str(classes_file), "-o", str(output_dir), "--train", settings.train, "--device", settings.device]
     if settings.epochs is not None:
         args += ["--epochs", str(int(settings.epochs))]
     if settings.time_budget_minutes is not None:

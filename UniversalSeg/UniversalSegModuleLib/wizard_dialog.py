@@ -24,6 +24,7 @@ from UniversalSegModuleLib.wizard import (
     TrainingCase,
     TrainingSettings,
     cases_from_folder,
+    distinct_color,
     plot_coordinates,
     suggest_key,
     validate_cases,
@@ -96,7 +97,8 @@ class AddClassesWizard:
 
     def _buildClassesPage(self, layout) -> None:
         layout.addWidget(qt.QLabel(_("Name each structure to add. The parent is a structure that contains it "
-                                     "(e.g. a tumour's organ); classes trained together share group and parent.")))
+                                     "(e.g. a tumour's organ). The prompt is the text the model reads; it defaults to "
+                                     "the name.")))
         self.classTable = qt.QTableWidget(0, len(CLASS_COLUMNS))
         self.classTable.setHorizontalHeaderLabels(list(CLASS_COLUMNS))
         layout.addWidget(self.classTable)
@@ -109,7 +111,8 @@ class AddClassesWizard:
         for widget in (self.addClassButton, self.knownClassSelector, self.addKnownButton, self.removeClassButton):
             row.addWidget(widget)
         layout.addLayout(row)
-        self.addClassButton.connect("clicked(bool)", lambda: self.addClassRow(NewClass("", "")))
+        self.addClassButton.connect("clicked(bool)", lambda: self.addClassRow(
+            NewClass("", "", color=distinct_color(self.classTable.rowCount))))
         self.addKnownButton.connect("clicked(bool)", self.onAddKnownClass)
         self.removeClassButton.connect("clicked(bool)", self.onRemoveClass)
         self._fillKnownClasses()
@@ -152,10 +155,8 @@ class AddClassesWizard:
             parent.setCurrentIndex(max(parent.findData(new.parents[0]), 0))
         color = ctk.ctkColorPickerButton()
         color.setColor(qt.QColor(*[int(v) for v in new.color]))
-        # `universalseg extend` does not take a prompt or colour yet: show what will be used, read-only.
-        for widget in (prompt, color):
-            widget.setEnabled(False)
-            widget.setToolTip(_("Taken from the registry for known structures, else derived from the name and key"))
+        prompt.setToolTip(_("Text the model reads for this class (e.g. 'a computerized tomography of a liver tumor')"))
+        color.setToolTip(_("Colour of the new segment"))
         for column, widget in enumerate((name, key, prompt, group, parent, color)):
             self.classTable.setCellWidget(row, column, widget)
 

@@ -27,15 +27,54 @@ def _default_colour(key: str) -> list[int]:
     return [64 + digest[i] % 176 for i in range(3)]
 
 
-def _from_dict(spec: dict[str, Any]) -> ClassInfo:
+_FIELDS = frozenset(ClassInfo.__dataclass_fields__) | {"colour"}
+
+
+def _colour(key: str, value: Any) -> list[int]:
+    """Three whole numbers 0-255 (a list, or "R,G,B" text as a CLI or YAML user might write it)."""
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        rgb = [int(str(v).strip()) for v in parts] if isinstance(parts, (list, tuple)) else []
+    except ValueError:
+        rgb = []
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise InputError(f"new class {key!r}: colour must be three whole numbers 0-255, not {value!r}")
+    return rgb
+
+
+def _text_list(key: str, name: str, value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise InputError(f"new class {key!r}: {name} must be a name or a list of names, not {value!r}")
+    return list(items)
+
+
+def _checked_fields(key: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The user's fields with their types checked (ClassInfo itself checks only key and group)."""
     data = dict(spec)
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:  # a misspelt field would otherwise be dropped without a word
+        raise InputError(f"new class {key!r}: unknown field(s) {', '.join(map(str, unknown))}")
     if "colour" in data:  # accept British spelling, as the docs use it
+        if data.get("color") is not None and data["color"] != data["colour"]:
+            raise InputError(f"new class {key!r}: give colour or color, not both")
         data["color"] = data.pop("colour")
-    if isinstance(data.get("parents"), str):
-        data["parents"] = [data["parents"]]
-    key = data.get("key")
-    if not key:
+    if data.get("color") is not None:
+        data["color"] = _colour(key, data["color"])
+    for name in ("parents", "synonyms"):
+        if data.get(name) is not None:
+            data[name] = _text_list(key, name, data[name])
+    for name in ("name", "prompt", "group"):
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise InputError(f"new class {key!r}: {name} must be text, not {data[name]!r}")
+    return data
+
+
+def _from_dict(spec: dict[str, Any]) -> ClassInfo:
+    key = spec.get("key")
+    if not key or not isinstance(key, str):
         raise InputError(f"new class {spec!r} has no key")
+    data = _checked_fields(key, spec)
     base = default_registry()[key].to_dict() if key in default_registry() else {}
     merged = {**base, **{k: v for k, v in data.items() if v is not None}}
     merged.setdefault("name", key.replace("_", " ").capitalize())
@@ -57,8 +96,10 @@ def make_new_classes(specs: Sequence[ClassSpec], manifest: Manifest) -> list[Cla
             classes.append(ClassInfo.from_dict(spec.to_dict()))
         elif isinstance(spec, str):
             classes.append(_from_dict({"key": spec}))
-        else:
+        elif isinstance(spec, dict):
             classes.append(_from_dict(spec))
+        else:
+            raise InputError(f"new class {spec!r}: give a key or an object with a key")
     known = set(manifest.class_keys)
     new_keys = [c.key for c in classes]
     for c in classes:

@@ -4,6 +4,8 @@ With --progress-json, stdout carries one JSON object per line for a GUI (the Sli
     {"progress": 0.42, "message": "..."}   {"loss": 0.81, "step": 12}
     {"done": true, "model": "<folder>", "report": {...}}     or, on failure, {"done": false, "error": "..."}
 SIGTERM cancels cleanly (no model written); the exit code is then 3.
+Each class may carry its own prompt, group, parents, colour and synonyms through --classes-file (what
+the wizard sends); --group / --parent / --synonym fill in what a class leaves unset.
 """
 
 from __future__ import annotations
@@ -14,8 +16,18 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_CANCELLED = 3
+
+
+def _with_defaults(spec: dict, group: str | None, parents: list[str], synonyms: list[str]) -> dict:
+    """Fill the fields a class leaves unset from the command-wide --group / --parent / --synonym."""
+    spec = dict(spec)
+    for name, value in (("group", group), ("parents", list(parents)), ("synonyms", list(synonyms))):
+        if value and spec.get(name) is None:
+            spec[name] = value
+    return spec
 
 
 def parse_new_class(text: str, group: str | None, parents: list[str], synonyms: list[str]) -> dict:
@@ -24,13 +36,47 @@ def parse_new_class(text: str, group: str | None, parents: list[str], synonyms: 
     spec: dict = {"key": key.strip()}
     if name.strip():
         spec["name"] = name.strip().strip('"')
-    if group:
-        spec["group"] = group
-    if parents:
-        spec["parents"] = list(parents)
-    if synonyms:
-        spec["synonyms"] = list(synonyms)
-    return spec
+    return _with_defaults(spec, group, parents, synonyms)
+
+
+def load_classes_file(path: str | Path) -> list[dict]:
+    """The new classes of a JSON/YAML file: a list (or {classes: [...]}) of objects {key, name, prompt,
+    group, parents, colour, synonyms} or bare keys. Fields are checked later, by `make_new_classes`."""
+    from UniversalSegLib.errors import InputError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read classes file {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is a bad file, said in one line
+        raise InputError(f"cannot parse classes file {path}: {' '.join(str(e).split())}") from None
+    entries = data.get("classes") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"classes file {path}: expected a non-empty list of classes (or a 'classes:' list)")
+    for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, (dict, str)):
+            raise InputError(f"classes file {path}: entry {i} must be an object with a key, not {entry!r}")
+    return [{"key": e} if isinstance(e, str) else e for e in entries]
+
+
+def new_class_specs(args: argparse.Namespace) -> list[dict]:
+    """The classes to add from --classes-file and --new-class, command-wide defaults filled in."""
+    from UniversalSegLib.errors import InputError
+
+    if not args.new_class and not args.classes_file:
+        raise InputError("give the classes to add: --new-class KEY (repeatable) and/or --classes-file PATH")
+    defaults = (args.group, args.parent or [], args.synonym or [])
+    from_file = load_classes_file(args.classes_file) if args.classes_file else []
+    return ([_with_defaults(spec, *defaults) for spec in from_file]
+            + [parse_new_class(text, *defaults) for text in args.new_class or []])
 
 
 def _emit(obj: dict) -> None:
@@ -66,7 +112,6 @@ def _run(args: argparse.Namespace, cancel: threading.Event) -> int:
     from UniversalSegLib.continual import ExtensionCancelled, extend_model
     from UniversalSegLib.errors import UniversalSegError
 
-    new = [parse_new_class(t, args.group, args.parent or [], args.synonym or []) for t in args.new_class]
     retention = [] if args.retention_image == ["none"] else (args.retention_image or ["sample"])
     if args.progress_json:
         progress = lambda f, m: _emit({"progress": round(f, 4), "message": m})  # noqa: E731
@@ -75,8 +120,9 @@ def _run(args: argparse.Namespace, cancel: threading.Event) -> int:
         progress, on_step = human_progress(), None
     try:
         report = extend_model(
-            args.model, new, args.data, args.output, train=args.train, warmup_heads_steps=args.warmup_steps,
-            steps=args.steps, epochs=args.epochs, time_budget_s=args.time_budget, lr=args.lr, init=args.init,
+            args.model, new_class_specs(args), args.data, args.output, train=args.train,
+            warmup_heads_steps=args.warmup_steps, steps=args.steps, epochs=args.epochs,
+            time_budget_s=args.time_budget, lr=args.lr, init=args.init,
             holdout_fraction=args.holdout_fraction, batch_size=args.batch_size, patch_size=args.patch_size,
             naive_baseline=not args.no_naive_baseline, retention_images=retention, device=args.device,
             seed=args.seed, overwrite=args.overwrite, progress=progress, on_step=on_step, cancel=cancel)
@@ -106,12 +152,18 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="base model name or folder (default: the bundled model)")
     p.add_argument("--data", required=True, help="dataset spec (YAML/JSON), a folder with images/ + masks/<class>/, "
                                                  "or a one-case folder with one image and masks/<class>.nii.gz")
-    p.add_argument("--new-class", action="append", required=True, metavar='KEY[:"display name"]',
+    p.add_argument("--new-class", action="append", metavar='KEY[:"display name"]',
                    help="a class to add (repeat for several); its masks are masks/<KEY>...")
+    p.add_argument("--classes-file", default=None, metavar="PATH",
+                   help="JSON/YAML list of classes to add, each with its own key, name, prompt, group, parents, "
+                        "colour and synonyms (with or instead of --new-class)")
     p.add_argument("-o", "--output", required=True, help="new model name (user model folder) or folder path")
-    p.add_argument("--group", default=None, help="group of the new classes (organ, vessel, tumour, bone, ...)")
-    p.add_argument("--parent", action="append", help="host structure(s) of the new classes (repeatable)")
-    p.add_argument("--synonym", action="append", help="synonym(s) of the new class (repeatable)")
+    p.add_argument("--group", default=None,
+                   help="group (organ, vessel, tumour, bone, ...) of the new classes that set none of their own")
+    p.add_argument("--parent", action="append",
+                   help="host structure(s) of the new classes that set none of their own (repeatable)")
+    p.add_argument("--synonym", action="append",
+                   help="synonym(s) of the new classes that set none of their own (repeatable)")
     p.add_argument("--train", default="heads+decoder", choices=("heads", "heads+decoder", "all"))
     p.add_argument("--init", default="auto", choices=("auto", "similar", "fresh"))
     p.add_argument("--steps", type=int, default=None, help="main training steps (default 60)")
