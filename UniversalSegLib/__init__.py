@@ -9,6 +9,7 @@ Public API (imported lazily so `import UniversalSegLib` stays cheap):
 from __future__ import annotations
 
 from UniversalSegLib import _lean_monai
+from UniversalSegLib._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 _lean_monai.install()  # before anything imports MONAI (standard library only, so still cheap)
@@ -24,12 +25,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'UniversalSegLib' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

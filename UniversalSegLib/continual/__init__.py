@@ -7,6 +7,8 @@ its sub-command without loading torch.
 
 from __future__ import annotations
 
+from UniversalSegLib._lazy import lazy_getattr
+
 _LAZY = {
     "extend_model": "UniversalSegLib.continual.extend",
     "ExtensionReport": "UniversalSegLib.continual.report",
@@ -14,12 +16,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'UniversalSegLib.continual' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

@@ -5,6 +5,8 @@ Lazy like the top-level package, so the CLI can register `import-checkpoint` wit
 
 from __future__ import annotations
 
+from UniversalSegLib._lazy import lazy_getattr
+
 _LAZY = {
     "import_checkpoint": "UniversalSegLib.importers.clip_driven_universal",
     "read_checkpoint_state": "UniversalSegLib.importers.clip_driven_universal",
@@ -13,12 +15,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'UniversalSegLib.importers' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

@@ -6,6 +6,8 @@ Imported lazily: `from UniversalSegLib.train import Trainer` loads torch and MON
 
 from __future__ import annotations
 
+from UniversalSegLib._lazy import lazy_getattr
+
 _LAZY = {
     "PartialLabelLoss": "UniversalSegLib.train.losses",
     "Trainer": "UniversalSegLib.train.loop",
@@ -22,12 +24,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'UniversalSegLib.train' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def train(config_path, resume: bool = False, **train_overrides):
