@@ -354,3 +354,22 @@ def test_needed_classes_adds_parents_and_pairs_and_rejects_unknown(tiny_model):
     assert [c.key for c in computed] == ["kidney_left", "kidney_right"]
     with pytest.raises(UnknownClassError, match="kidney"):
         needed_classes(manifest, ["kidneyy"])
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_fast_mode_uses_bfloat16_backbone_only_where_native(tiny_model, monkeypatch, native_bf16):
+    # --fast on CPU runs the backbone in bfloat16 only on CPUs that do it natively (else it is slower);
+    # the default stays float32. bfloat16 may move borders a little, never the structures.
+    import UniversalSegLib.inference.predict as predict_module
+
+    monkeypatch.setattr(predict_module, "cpu_has_native_bf16", lambda: native_bf16)
+    image = sitk.ReadImage(str(SAMPLE))[:, :, 40:100]
+    model = load_model(tiny_model)
+    default = predict(image, model=model, device="cpu")
+    fast = predict(image, model=model, device="cpu", fast=True)
+    assert default.metadata["mixed_precision"] is False
+    assert fast.metadata["mixed_precision"] is native_bf16 and fast.metadata["overlap"] == 0.25
+    for key in default.keys:
+        a, b = default[key].mask, fast[key].mask
+        if a.sum() > 500:
+            assert dice(a, b) > 0.8, key

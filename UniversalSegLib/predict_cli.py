@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--formats", default=None,
                    help="comma-separated: seg.nrrd,nifti,labelmap,dicom-seg,stats,preview "
                         f"(default: {','.join(CLI_DEFAULT_FORMATS)}, plus dicom-seg for DICOM input)")
-    p.add_argument("--fast", action="store_true", help="fewer windows (overlap 0.25): faster, slightly rougher")
+    p.add_argument("--fast", action="store_true", help="fewer windows (overlap 0.25) and, on CPUs with native "
+                   "bfloat16, a bfloat16 backbone: 2-5x faster, slightly rougher borders")
     p.add_argument("--allow-non-ct", action="store_true", help="segment an image that does not look like CT")
     p.add_argument("--progress-json", action="store_true",
                    help="print progress as JSON lines on stdout instead of a progress bar")

@@ -22,7 +22,7 @@ from UniversalSegLib.inference.postprocess import apply_rules, mean_within
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.restore import to_input_grid
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
-from UniversalSegLib.inference.sliding_window import class_probabilities
+from UniversalSegLib.inference.sliding_window import class_probabilities, cpu_has_native_bf16
 from UniversalSegLib.registry import ClassInfo
 from UniversalSegLib.store import DEFAULT_MODEL, LoadedModel, Manifest, load_model
 
@@ -112,8 +112,10 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
         partners the post-processing needs are computed too, and returned only with
         `include_helper_classes`.
     device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N". Mixed precision on CUDA.
-    fast: window overlap 0.25 instead of the manifest's (about 3x fewer windows in 3D) and, on
-        CUDA, twice the window batch; expect slightly rougher borders.
+    fast: window overlap 0.25 instead of the manifest's (about 2-3x fewer windows in 3D), on CUDA
+        twice the window batch, and on CPUs with native bfloat16 (AVX512-BF16/AMX) a bfloat16
+        backbone (about 2x faster); expect slightly rougher borders. Without `fast`, CPU runs are
+        float32 throughout and CUDA runs use float16 mixed precision.
     progress: called as progress(fraction, message) with fractions rising to 1.0.
     keep_probabilities: also return each class's probability (uint8 0..255) on the input grid.
     allow_non_ct: segment an image that does not look like CT (a warning instead of an error).
@@ -143,6 +145,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     t = time.perf_counter()
     overlap = min(pre.overlap, FAST_OVERLAP) if fast else pre.overlap
     batch = sw_batch_size or ((8 if fast else 4) if dev.type == "cuda" else 1)
+    amp = dev.type == "cuda" or (fast and dev.type == "cpu" and cpu_has_native_bf16())
     index = {k: i for i, k in enumerate(manifest.class_keys)}
     computed_keys = {c.key for c in computed}
     masks: dict[str, BoxMask] = {}
@@ -153,7 +156,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     with torch.inference_mode():
         for position, probability in class_probabilities(
                 net, prepared.volume, [index[c.key] for c in computed], pre.patch_size, overlap, dev,
-                sw_batch_size=batch, class_chunk=class_chunk, amp=True, cache_features=cache_features,
+                sw_batch_size=batch, class_chunk=class_chunk, amp=amp, cache_features=cache_features,
                 progress=windows):
             info = computed[position]
             # A single organ's rule needs nothing else: apply it now, while its probabilities are at hand.
@@ -186,7 +189,8 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
                for c in shown]
     metadata = {
         "model_path": str(loaded.path), "model_version": manifest.version, "device": str(dev), "fast": fast,
-        "overlap": overlap, "sw_batch_size": batch, "computed_classes": [c.key for c in computed],
+        "overlap": overlap, "sw_batch_size": batch, "mixed_precision": amp,
+        "computed_classes": [c.key for c in computed],
         "model_grid_size": list(prepared.grid.size), "model_spacing": list(pre.spacing),
         "postprocessed": postprocess, **timings, "total_s": time.perf_counter() - t0,
     }

@@ -74,9 +74,22 @@ class WindowPlan:
         return tuple(slice(s, s + p) for s, p in zip(start, self.patch))  # type: ignore[return-value]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions natively here (AVX512-BF16 / AMX): about 2x faster
+    backbones on CPU. Without it bfloat16 is emulated and slower than float32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _autocast(device: torch.device, enabled: bool):
+    """Mixed precision for the backbone: float16 on CUDA, bfloat16 on CPU (callers enable it on CPU
+    only where `cpu_has_native_bf16`)."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
+    if enabled and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
