@@ -65,7 +65,7 @@ def make_imported_model(backbone: str, folder: Path) -> tuple[Path, float, int]:
     return path, time.perf_counter() - t, ckpt.stat().st_size
 
 
-def child(model: str, image: str, threads: int) -> None:
+def child(model: str, image: str, threads: int, fast: bool) -> None:
     """Runs in a fresh process: one prediction, then a JSON line with time and peak RSS."""
     import torch
 
@@ -73,18 +73,22 @@ def child(model: str, image: str, threads: int) -> None:
     from UniversalSegLib.inference.predict import predict
 
     t = time.perf_counter()
-    result = predict(image, model=model, classes=None, device="cpu")
+    result = predict(image, model=model, classes=None, device="cpu", fast=fast)
     seconds = time.perf_counter() - t
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    # VmHWM: this process's own peak (ru_maxrss may carry the parent's size over fork + exec).
+    peak_kib = next((int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                     if line.startswith("VmHWM:")), usage.ru_maxrss)
     meta = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.metadata.items()
-            if k.endswith("_s") or k == "model_grid_size"}
+            if k.endswith("_s") or k in ("model_grid_size", "overlap", "mixed_precision")}
     print(json.dumps({"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                      "peak_gb": usage.ru_maxrss / 2**20, "metadata": meta}))  # ru_maxrss: KiB on Linux
+                      "peak_gb": peak_kib / 2**20, "metadata": meta}))
 
 
-def run_child(model: Path, image: Path, threads: int) -> dict:
+def run_child(model: Path, image: Path, threads: int, fast: bool) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, __file__, "--child", str(model), str(image), "--threads", str(threads)],
+    proc = subprocess.run([sys.executable, __file__, "--child", str(model), str(image), "--threads", str(threads)]
+                          + (["--fast"] if fast else []),
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"prediction failed:\n{proc.stderr[-3000:]}")
@@ -97,10 +101,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--spacing", type=float, nargs=3, default=CLINICAL_SPACING,
                         help="grid of the test CT in mm (default: %(default)s; e.g. 3 3 3 for a quick smoke run)")
+    parser.add_argument("--modes", nargs="+", choices=["default", "fast"], default=["default", "fast"],
+                        help="default: the published settings (overlap 0.5, float32 on CPU); fast: --fast")
+    parser.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)  # the child's mode
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "IMAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child, args.threads)
+        child(*args.child, args.threads, args.fast)
         return
     try:
         import UniversalSegLib.inference.predict  # noqa: F401
@@ -114,16 +121,21 @@ def main() -> None:
         size = resample_sample(image, tuple(args.spacing))
         print(f"input: bundled sample CT resampled to {tuple(args.spacing)} mm, {size[0]}x{size[1]}x{size[2]} voxels; "
               f"CPU, {args.threads} threads, all 32 classes")
-        print(f"{'backbone':10} {'import':>8} {'predict':>9} {'peak RSS':>9}   reference (2 cores)   speed-up  memory")
+        print(f"{'backbone':18} {'import':>8} {'predict':>9} {'peak RSS':>9}   reference (2 cores)   speed-up  memory")
         for backbone in backbones:
             model, import_s, ckpt_bytes = make_imported_model(backbone, folder)
-            r = run_child(model, image, args.threads)
-            print(f"{backbone:10} {import_s:7.1f}s {r['seconds'] / 60:7.1f}min {r['peak_gb']:7.2f}GB   "
-                  f"~{REFERENCE_SECONDS / 60:.0f} min, ~{REFERENCE_PEAK_GB:.0f} GB       "
-                  f"{REFERENCE_SECONDS / r['seconds']:5.1f}x  {REFERENCE_PEAK_GB / r['peak_gb']:5.1f}x less")
-            print(f"{'':10} checkpoint {ckpt_bytes / 2**20:.0f} MiB; CPU time {r['cpu_seconds'] / 60:.1f} min "
-                  f"(= {r['cpu_seconds'] / 60 / args.threads:.1f} min of wall time on {args.threads} free cores); "
-                  f"stages: {json.dumps(r['metadata'])}")
+            for mode in args.modes:
+                result = run_child(model, image, args.threads, mode == "fast")
+                report(f"{backbone} {mode}", import_s, ckpt_bytes, result, args.threads)
+
+
+def report(label: str, import_s: float, ckpt_bytes: int, r: dict, threads: int) -> None:
+    print(f"{label:18} {import_s:7.1f}s {r['seconds'] / 60:7.1f}min {r['peak_gb']:7.2f}GB   "
+          f"~{REFERENCE_SECONDS / 60:.0f} min, ~{REFERENCE_PEAK_GB:.0f} GB       "
+          f"{REFERENCE_SECONDS / r['seconds']:5.1f}x  {REFERENCE_PEAK_GB / r['peak_gb']:5.1f}x less")
+    print(f"{'':18} checkpoint {ckpt_bytes / 2**20:.0f} MiB; CPU time {r['cpu_seconds'] / 60:.1f} min "
+          f"(= {r['cpu_seconds'] / 60 / threads:.1f} min of wall time on {threads} free cores); "
+          f"stages: {json.dumps(r['metadata'])}", flush=True)
 
 
 if __name__ == "__main__":
