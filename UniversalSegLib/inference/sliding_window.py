@@ -152,7 +152,10 @@ def class_probabilities(model: UniversalModel, volume: np.ndarray, classes: Sequ
     class list. Classes come in order, chunk by chunk; each yielded array is the caller's.
     """
     plan = WindowPlan.make(volume.shape, patch, overlap)
-    padded = torch.nn.functional.pad(torch.from_numpy(volume), [p for pair in reversed(plan.pad) for p in pair])
+    padding = [p for pair in reversed(plan.pad) for p in pair]
+    padded = torch.from_numpy(volume)  # shares the caller's array: no copy unless padding is needed
+    if any(padding):
+        padded = torch.nn.functional.pad(padded, padding)
     voxels = int(np.prod(plan.padded_shape))
     on_gpu = device.type == "cuda"
     chunk = max(1, min(len(classes), class_chunk))
@@ -192,5 +195,5 @@ def class_probabilities(model: UniversalModel, volume: np.ndarray, classes: Sequ
                 progress(done / steps, "sliding window")
         acc = acc[(slice(None), *plan.unpad)]
         for row, position in enumerate(positions):
-            yield position, torch.sigmoid(acc[row].float() / weight).cpu().numpy()
+            yield position, acc[row].float().div_(weight).sigmoid_().cpu().numpy()  # one float32 volume
         del acc
