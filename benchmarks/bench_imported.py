@@ -79,7 +79,7 @@ def child(model: str, image: str, threads: int, fast: bool) -> None:
     # VmHWM: this process's own peak (ru_maxrss may carry the parent's size over fork + exec).
     peak_kib = next((int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                      if line.startswith("VmHWM:")), usage.ru_maxrss)
-    meta = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.metadata.items()
+    meta = {k: round(v, 1) if k.endswith("_s") else v for k, v in result.metadata.items()
             if k.endswith("_s") or k in ("model_grid_size", "overlap", "mixed_precision")}
     print(json.dumps({"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
                       "peak_gb": peak_kib / 2**20, "metadata": meta}))
