@@ -131,6 +131,22 @@ class _Clock:
         return self.fraction(step) >= 1.0
 
 
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, freezer, clip: tuple | None, step: int, clock: _Clock,
+          reporter: Reporter, label: str) -> int:
+    """One optimiser step (optionally clipping (params, max_norm)), frozen parts restored, progress reported."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(*clip)
+    opt.step()
+    freezer.restore()
+    step += 1
+    value = loss.detach().item()
+    reporter.step(step, value)
+    reporter.update(clock.fraction(step), f"{label}: step {step}, loss {value:.3f}")
+    return step
+
+
 def train_heads(model: UniversalModel, pool: FeaturePool, rows: Sequence[int], channels: Sequence[int],
                 first_new: int, plan: TrainPlan, steps: int, reporter: Reporter, device: torch.device,
                 budget_s: float | None = None, label: str = "warm-up") -> int:
@@ -147,14 +163,7 @@ def train_heads(model: UniversalModel, pool: FeaturePool, rows: Sequence[int], c
             batch = [pool[int(i)] for i in rng.choice(len(pool), min(plan.batch_size, len(pool)), replace=False)]
             targets, annotated = _pool_targets(batch, channels, device)
             loss = loss_fn(_pool_logits(model, batch, rows_t, device), targets, annotated).total
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            freezer.restore()
-            step += 1
-            value = loss.detach().item()
-            reporter.step(step, value)
-            reporter.update(clock.fraction(step), f"{label}: step {step}, loss {value:.3f}")
+            step = _step(opt, loss, freezer, None, step, clock, reporter, label)
     return step
 
 
@@ -237,15 +246,7 @@ def train_main(model: UniversalModel, sampler: PatchSampler, plan: TrainPlan, n_
             logits, targets = _sampled_logits(model, batch.image.to(device), idx.to(device), targets.to(device),
                                               plan.loss_voxels, generator)
             loss = loss_fn(logits, targets, annotated.to(device)).total
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, plan.grad_clip)
-            opt.step()
-            freezer.restore()
-            step += 1
-            value = loss.detach().item()
-            reporter.step(step, value)
-            reporter.update(clock.fraction(step), f"{label}: step {step}, loss {value:.3f}")
+            step = _step(opt, loss, freezer, (params, plan.grad_clip), step, clock, reporter, label)
     model.eval()
     return step
 
