@@ -50,7 +50,7 @@ class NewClass:
     prompt: str = ""
     group: str = "other"
     parents: list[str] = field(default_factory=list)
-    color: tuple[int, int, int] = (230, 160, 40)
+    color: tuple[int, int, int] = NEW_CLASS_COLORS[0]
     synonyms: list[str] = field(default_factory=list)
 
     @classmethod

@@ -133,7 +133,7 @@ class AddClassesWizard:
         c = self.registryClasses.get(key)
         if c:
             self.addClassRow(NewClass(c["key"], c["name"], c.get("prompt", ""), c.get("group", "other"),
-                                      list(c.get("parents", []))[:1], tuple(c.get("color", (230, 160, 40)))))
+                                      list(c.get("parents", []))[:1], tuple(c.get("color", distinct_color(0)))))
 
     def addClassRow(self, new: NewClass) -> None:
         row = self.classTable.rowCount
