@@ -10,8 +10,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO / "UniversalSegLib" / "resources" / "sample"
-# The real volumes of ../shared/data when present (developer machines, CI); the bundled sample always.
-SHARED_DATA = Path(os.environ.get("UNIVERSALSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+# The real volumes of ../shared/data, copied into Testing/data/shared (9 MB, with its licence) so that a
+# fresh clone tests on them wherever it lies; UNIVERSALSEG_SHARED_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("UNIVERSALSEG_SHARED_DATA", REPO / "Testing" / "data" / "shared"))
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 

@@ -30,7 +30,7 @@ from UniversalSegLib.model.swin_merging import ReferencePatchMerging
 from UniversalSegLib.registry import default_registry
 from UniversalSegLib.store import load_model, sha256_file
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"  # copies of ../shared/reference's key manifests
 # Small inputs each backbone accepts (Swin: multiples of 32 and more than one voxel at 1/32 resolution).
 SMALL_INPUT = {"unet": (16, 16, 16), "swinunetr": (32, 32, 64)}
 
