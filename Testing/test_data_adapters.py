@@ -393,10 +393,13 @@ def test_config_errors(tmp_path):
         load_dataset_specs([{"name": "x", **base}, {"name": "x", **base}], tmp_path)
 
 
-def test_demo_spec_files_and_classes():
-    shared("ct-abdomen", "ct.nii.gz")
+def test_demo_spec_files_and_classes(tmp_path):
+    # The recipe points at ../shared/data; read it against the data the tests use (the repo's copy by default).
+    data = shared("ct-abdomen", "ct.nii.gz").parents[1]
+    text = (REPO / "training" / "datasets_shared_demo.yaml").read_text().replace("../../shared/data", str(data))
+    (tmp_path / "datasets_shared_demo.yaml").write_text(text)
     registry = default_registry()
-    specs = load_dataset_file(REPO / "training" / "datasets_shared_demo.yaml")
+    specs = load_dataset_file(tmp_path / "datasets_shared_demo.yaml")
     assert [s.name for s in specs] == ["abdomen-organs", "abdomen-gi-vessels-bones", "angiogram", "chest-pa"]
     for spec in specs:
         for case in spec.cases:
