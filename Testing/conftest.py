@@ -35,3 +35,12 @@ def shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data {path} not available")
     return path
+
+
+def demo_spec(tmp_path: Path) -> Path:
+    """training/datasets_shared_demo.yaml (written for ../shared/data) pointed at the data the tests use."""
+    data = shared("ct-abdomen", "ct.nii.gz").parents[1]
+    text = (REPO / "training" / "datasets_shared_demo.yaml").read_text().replace("../../shared/data", str(data))
+    path = tmp_path / "datasets_shared_demo.yaml"
+    path.write_text(text)
+    return path

@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import shared
+from conftest import demo_spec, shared
 
 from UniversalSegLib.data import (
     LabelMapSource,
@@ -394,12 +394,8 @@ def test_config_errors(tmp_path):
 
 
 def test_demo_spec_files_and_classes(tmp_path):
-    # The recipe points at ../shared/data; read it against the data the tests use (the repo's copy by default).
-    data = shared("ct-abdomen", "ct.nii.gz").parents[1]
-    text = (REPO / "training" / "datasets_shared_demo.yaml").read_text().replace("../../shared/data", str(data))
-    (tmp_path / "datasets_shared_demo.yaml").write_text(text)
     registry = default_registry()
-    specs = load_dataset_file(tmp_path / "datasets_shared_demo.yaml")
+    specs = load_dataset_file(demo_spec(tmp_path))
     assert [s.name for s in specs] == ["abdomen-organs", "abdomen-gi-vessels-bones", "angiogram", "chest-pa"]
     for spec in specs:
         for case in spec.cases:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared
+from conftest import demo_spec
 from test_data_adapters import BOXES, box, label_map, phantom_ct, write
 
 import UniversalSegLib.data.cache as cache_mod
@@ -241,8 +241,7 @@ def test_transforms_move_image_and_label_together_without_flips():
 # --- the real scans -------------------------------------------------------------------------------------
 
 def test_demo_spec_patches_from_real_scans(tmp_path):
-    shared("ct-abdomen", "ct.nii.gz")
-    specs = load_dataset_file(REPO / "training" / "datasets_shared_demo.yaml")
+    specs = load_dataset_file(demo_spec(tmp_path))
     keys = list(dict.fromkeys(k for s in specs for k in s.classes))
     pre = Preprocessing(spacing=[3.0] * 3, patch_size=[32, 32, 32])
     ds = build_training_dataset(specs, keys, pre, tmp_path / "cache", samples_per_epoch=12, seed=0, transforms=False)
