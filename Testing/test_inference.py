@@ -23,7 +23,7 @@ from UniversalSegLib.inference import postprocess, sliding_window
 from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.inference.predict import needed_classes, predict
 from UniversalSegLib.inference.preprocess import preprocess
-from UniversalSegLib.inference.restore import to_input_grid
+from UniversalSegLib.inference.restore import SlabRestorer, to_input_grid
 from UniversalSegLib.model.heads import HEAD_PARAMS
 from UniversalSegLib.registry import ClassInfo, default_registry
 from UniversalSegLib.store import LoadedModel, Manifest, Preprocessing, create_model, load_model, save_model
@@ -164,6 +164,37 @@ def test_restoring_a_box_equals_resampling_everything():
     assert dice(restored.mask.array(), truth) > 0.9
 
 
+@pytest.mark.parametrize("oblique", [False, True])
+def test_restoring_slab_by_slab_equals_restoring_the_whole(oblique):
+    """`SlabRestorer` fed x-slabs of uneven heights gives `to_input_grid`'s result on the whole volume:
+    same mask (seams between slabs interpolate exactly), the largest component, and the same confidence
+    and probabilities up to their uint8 storage. The oblique input exercises the plane-wise seam test."""
+    image = sitk.ReadImage(str(SAMPLE))
+    if oblique:  # tilt the input's axes by 20 degrees about its z axis
+        c, s_ = np.cos(np.radians(20)), np.sin(np.radians(20))
+        image.SetDirection((c, -s_, 0.0, s_, c, 0.0, 0.0, 0.0, 1.0))
+    labels = sitk.Resample(sitk.ReadImage(str(SAMPLE_LABELS)), image, sitk.Transform(), sitk.sitkNearestNeighbor) \
+        if oblique else sitk.ReadImage(str(SAMPLE_LABELS))
+    labels.CopyInformation(image)
+    prepared = preprocess(image, Preprocessing(spacing=[1.7, 2.3, 4.1]))
+    liver = sitk.Cast(sitk.DICOMOrient(labels == LIVER, "RAS")[prepared.body_box], sitk.sitkFloat32)
+    on_grid = sitk.Resample(sitk.SmoothingRecursiveGaussian(liver, 3.0),
+                            prepared.grid.sub_image(prepared.volume, (0, 0, 0)), sitk.Transform(), sitk.sitkLinear, 0.0)
+    probability = sitk.GetArrayFromImage(on_grid).transpose(2, 1, 0)
+    probability[:4] = 0.9  # a second, smaller component at the first rows: largest-component must drop it
+    whole = to_input_grid(probability, prepared.grid, image, 0.5, keep_probability=True, largest_only=True)
+    restorer = SlabRestorer(prepared.grid, image, 0.5, keep_probability=True, largest_only=True, keep_values=True)
+    cuts = [0, 7, 8, 30, 61, probability.shape[0]]  # a one-row slab too
+    for a, b in zip(cuts, cuts[1:]):
+        restorer.add(a, probability[a:b], last=b == probability.shape[0])
+    slabs = restorer.finish()
+    assert whole.mask.count > 10000
+    assert np.array_equal(slabs.mask.array(), whole.mask.array())
+    assert slabs.mean_confidence == pytest.approx(whole.mean_confidence, abs=1e-4)
+    assert np.abs(slabs.probability.astype(int) - whole.probability.astype(int)).max() <= 1
+    assert len(slabs.values) == slabs.mask.count
+
+
 # --- stitching and memory ----------------------------------------------------------------------------------
 
 
@@ -178,8 +209,9 @@ def test_windows_cover_the_volume_and_end_flush():
                    for a, b in zip(starts, starts[1:]))
 
 
-def test_stitcher_keeps_float16_class_chunks_on_the_model_grid(monkeypatch):
-    """The only class-sized buffers are float16, model-grid sized and at most `class_chunk` classes deep."""
+def test_stitcher_holds_one_patch_of_rows_per_class_chunk(monkeypatch):
+    """The only class-sized buffers are float16 rings of one patch of x-rows (not the model grid), at
+    most `class_chunk` classes deep; each class's rows leave in order, exactly once, as slabs."""
     allocations = []
     real_zeros = torch.zeros
 
@@ -190,16 +222,19 @@ def test_stitcher_keeps_float16_class_chunks_on_the_model_grid(monkeypatch):
 
     monkeypatch.setattr(sliding_window.torch, "zeros", recording_zeros)
     thresholds = [0.1 + 0.08 * i for i in range(10)]
-    volume = np.random.default_rng(0).random((40, 30, 50), dtype=np.float32)
-    outputs = list(sliding_window.class_probabilities(ThresholdModel(thresholds), volume, list(range(10)), [32] * 3,
-                                                      0.5, torch.device("cpu"), class_chunk=4))
+    volume = np.random.default_rng(0).random((90, 30, 50), dtype=np.float32)
+    slabs = list(sliding_window.probability_slabs(ThresholdModel(thresholds), volume, list(range(10)), [32] * 3,
+                                                  0.5, torch.device("cpu"), class_chunk=4))
     monkeypatch.undo()
     stitch = [(s, d) for s, d in allocations if len(s) == 4]
     assert [s[0] for s, _ in stitch] == [4, 4, 2]
-    assert all(d == torch.float16 and s[1:] == (40, 32, 50) for s, d in stitch)  # y padded up to one patch
-    assert [p for p, _ in outputs] == list(range(10))
-    for position, probability in outputs:  # fp16 stitching keeps the pointwise model's values
-        expected = 1 / (1 + np.exp(-20 * (volume - thresholds[position])))
+    assert all(d == torch.float16 and s[1:] == (32, 32, 50) for s, d in stitch)  # y padded up to one patch
+    for position in range(10):
+        mine = [s for s in slabs if s.position == position]
+        assert [s.last for s in mine] == [False] * (len(mine) - 1) + [True] and len(mine) > 2
+        assert [s.start for s in mine] == list(np.cumsum([0] + [s.values.shape[0] for s in mine[:-1]]))
+        probability = np.concatenate([s.values for s in mine])
+        expected = 1 / (1 + np.exp(-20 * (volume - thresholds[position])))  # a pointwise model survives blending
         assert probability.shape == volume.shape and np.abs(probability - expected).max() < 5e-3
 
 

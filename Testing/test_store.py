@@ -95,3 +95,24 @@ def test_cli_clear_error_on_corruption(saved_model, tmp_path):
     result = run_cli("info", str(path), env_models=tmp_path)
     assert result.returncode == 2
     assert "checksum mismatch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_read_tensors_equals_safetensors_and_refuses_truncation(tmp_path):
+    """Our plain-read loader returns what safetensors' own loader returns, for every dtype we store,
+    and a file cut short is an error, not silently short weights."""
+    from safetensors.torch import load_file, save_file
+
+    from UniversalSegLib.store.modelfile import read_tensors
+
+    tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2).bfloat16(),
+               "i64": torch.arange(6).reshape(2, 3), "u8": torch.tensor([1, 2, 255], dtype=torch.uint8),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "flag": torch.tensor([True, False])}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path), metadata={"note": "x"})
+    ours, theirs = read_tensors(path), load_file(str(path))
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError):
+        read_tensors(path)

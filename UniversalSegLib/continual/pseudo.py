@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from UniversalSegLib.continual.control import ExtensionCancelled
-from UniversalSegLib.inference.sliding_window import class_probabilities
+from UniversalSegLib.inference.sliding_window import probability_slabs
 from UniversalSegLib.model import UniversalModel
 
 
@@ -37,9 +37,10 @@ def predict_probabilities(model: UniversalModel, image: np.ndarray, classes: Seq
             raise ExtensionCancelled()
 
     try:
-        for position, prob in class_probabilities(model, volume, classes, list(patch_size), overlap,
-                                                  torch.device(device), progress=poll):
-            out[position] = np.rint(np.clip(prob, 0, 1) * 255)
+        for slab in probability_slabs(model, volume, classes, list(patch_size), overlap, torch.device(device),
+                                      progress=poll):
+            rows = slice(slab.start, slab.start + len(slab.values))
+            out[slab.position, rows] = np.rint(np.clip(slab.values, 0, 1) * 255)
     finally:
         model.train(was_training)
     return out

@@ -1,8 +1,9 @@
 """`predict`: from a CT (file, DICOM folder or SimpleITK image) to per-class masks on its exact grid.
 
 image -> check -> preprocess (RAS, spacing, HU window, body crop) -> sliding window (backbone
-once per window, heads of the needed classes only) -> per class: model grid -> input grid ->
-threshold -> post-processing rules -> `SegmentationResult`. Nothing is written to disk.
+once per window, heads of the needed classes only; finished x-slabs of the model grid leave as the
+windows go on) -> per class, slab by slab: model grid -> input grid -> threshold -> post-processing
+rules -> `SegmentationResult`. Nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.inference.postprocess import apply_rules, mean_within
 from UniversalSegLib.inference.preprocess import preprocess
-from UniversalSegLib.inference.restore import to_input_grid
+from UniversalSegLib.inference.restore import SlabRestorer
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
-from UniversalSegLib.inference.sliding_window import class_probabilities, cpu_has_native_bf16
+from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16, probability_slabs
 from UniversalSegLib.registry import ClassInfo
+from UniversalSegLib.runtime import return_large_blocks
 from UniversalSegLib.store import DEFAULT_MODEL, LoadedModel, Manifest, load_model
 
 ProgressFn = Callable[[float, str], None]
@@ -61,10 +63,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def _load(model: str | os.PathLike | LoadedModel | None, device: torch.device) -> LoadedModel:
-    if isinstance(model, LoadedModel):
+    if isinstance(model, LoadedModel):  # the caller's: used as it is (they may train or save it later)
         model.model.to(device).eval()
         return model
-    return load_model(model or DEFAULT_MODEL, device=device)
+    loaded = load_model(model or DEFAULT_MODEL, device=device)
+    if hasattr(loaded.model.lpg, "fold_text"):  # ours alone: fold the constant text terms (less memory)
+        loaded.model.lpg.fold_text(loaded.model.class_embeddings)
+    return loaded
 
 
 def _read(image: str | os.PathLike | sitk.Image, allow_non_ct: bool) -> sitk.Image:
@@ -125,6 +130,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
         see `sliding_window`); True is faster for many classes on CPU, at some memory.
     postprocess: apply the registry's rules (largest component, left/right split, within parents).
     """
+    return_large_blocks()  # large freed blocks go back to the OS: -120 MB of heap fragmentation at the peak
     report = _Progress(progress)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -153,24 +159,28 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     probabilities: dict[str, np.ndarray | None] = {}
     values: dict[str, np.ndarray] = {}  # voxel probabilities of classes whose later rules change the mask
     windows = report.span(_PREP, _WINDOWS)
+    restorers: dict[int, SlabRestorer] = {}
     with torch.inference_mode():
-        for position, probability in class_probabilities(
-                net, prepared.volume, [index[c.key] for c in computed], pre.patch_size, overlap, dev,
-                sw_batch_size=batch, class_chunk=class_chunk, amp=amp, cache_features=cache_features,
-                progress=windows):
-            info = computed[position]
-            # A single organ's rule needs nothing else: apply it now, while its probabilities are at hand.
-            largest = postprocess and (info.postprocess == "largest_component" or (
-                info.postprocess == "split_pair" and info.pair not in computed_keys))
-            later = postprocess and info.postprocess in ("split_pair", "within_parents") and not largest
-            restored = to_input_grid(probability, prepared.grid, reference, pre.threshold, keep_probabilities,
-                                     largest_only=largest, keep_values=later)
-            del probability
-            masks[info.key], confidence[info.key] = restored.mask, restored.mean_confidence
-            probabilities[info.key] = restored.probability
-            if later:
-                values[info.key] = restored.values
-            report(report.last, f"resampled {info.key}")
+        for slab in probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
+                                      overlap, dev, sw_batch_size=batch, class_chunk=class_chunk, amp=amp,
+                                      cache_features=cache_features, progress=windows):
+            info = computed[slab.position]
+            if slab.position not in restorers:
+                # A single organ's rule needs nothing else: apply it as soon as the class is complete.
+                largest = postprocess and (info.postprocess == "largest_component" or (
+                    info.postprocess == "split_pair" and info.pair not in computed_keys))
+                later = postprocess and info.postprocess in ("split_pair", "within_parents") and not largest
+                restorers[slab.position] = SlabRestorer(prepared.grid, reference, pre.threshold, keep_probabilities,
+                                                        largest_only=largest, keep_values=later)
+            restorers[slab.position].add(slab.start, slab.values, slab.last)
+            if slab.last:
+                restored = restorers.pop(slab.position).finish()
+                masks[info.key], confidence[info.key] = restored.mask, restored.mean_confidence
+                probabilities[info.key] = restored.probability
+                if restored.values is not None:
+                    values[info.key] = restored.values
+                report(report.last, f"resampled {info.key}")
+            del slab  # its rows are on the input grid now; not alive while the next windows run
     timings["inference_s"] = time.perf_counter() - t
 
     report(_WINDOWS, "post-processing")

@@ -91,3 +91,123 @@ def to_input_grid(probability: np.ndarray, grid: ModelGrid, reference: sitk.Imag
         full[z, y, x] = np.rint(values * 255.0).astype(np.uint8)
     kept = np.rint(inside_values * 255.0).astype(np.uint8) if keep_values else None
     return Restored(mask, mean, full, kept)
+
+
+def _model_x_of_input(grid: ModelGrid, reference: sitk.Image) -> np.ndarray:
+    """Coefficients (a, b, c, d): model-grid x index of input voxel (x, y, z) is a*x + b*y + c*z + d."""
+    return (np.linalg.inv(grid.index_to_lps) @ np.linalg.inv(_lps_to_index(reference)))[0]
+
+
+class SlabRestorer:
+    """`to_input_grid` for a probability arriving as consecutive x-slabs of the model grid.
+
+    Each slab is resampled on its own (with the previous slab's last row, so interpolation across
+    the seam is exact): an input voxel belongs to the slab whose rows hold both of its x-neighbours,
+    i.e. whose model-x lies in [first row, last row). Only above-threshold voxels (and their
+    probabilities as uint16, when a rule or the caller needs them) are kept per slab; `finish`
+    assembles them.
+    """
+
+    def __init__(self, grid: ModelGrid, reference: sitk.Image, threshold: float, keep_probability: bool = False,
+                 largest_only: bool = False, keep_values: bool = False):
+        self.grid, self.reference, self.threshold = grid, reference, threshold
+        self.keep_probability, self.largest_only, self.keep_values = keep_probability, largest_only, keep_values
+        self.shape_zyx = tuple(reversed(reference.GetSize()))
+        self._x_coeffs = _model_x_of_input(grid, reference)
+        self._previous: np.ndarray | None = None  # last row of the previous slab
+        self._pieces: list[tuple] = []  # (start zyx, packed inside, uint16 values or None, box shape)
+        self._sum, self._count = 0.0, 0
+
+    @property
+    def _need_values(self) -> bool:
+        return self.keep_probability or self.largest_only or self.keep_values
+
+    def add(self, start: int, slab: np.ndarray, last: bool) -> None:
+        """Take model-grid rows start..start+len(slab) (x, y, z float32); `last`: the volume's final rows."""
+        rows = slab if self._previous is None else np.concatenate([self._previous[None], slab])
+        first = start - (len(rows) - len(slab))
+        lower = -np.inf if self._previous is None else float(first)
+        upper = np.inf if last else float(start + len(slab) - 1)
+        self._previous = None if last else slab[-1].copy()
+        floor = PROBABILITY_FLOOR if self.keep_probability else self.threshold
+        box = bounding_box(rows > floor)
+        if box is None:
+            return
+        lo = np.maximum(0, np.array(box[0]) - MARGIN)
+        hi = np.minimum(rows.shape, np.array(box[1]) + MARGIN)
+        offset = np.array([first, 0, 0])
+        target = input_box(self.grid, lo + offset, hi + offset, self.reference)
+        if target is None:
+            return
+        t_lo, t_hi = target
+        source = self.grid.sub_image(rows[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], tuple(int(v) for v in lo + offset))
+        origin = self.reference.TransformIndexToPhysicalPoint([int(v) for v in t_lo])
+        values = sitk.GetArrayFromImage(sitk.Resample(
+            source, [int(v) for v in t_hi - t_lo], sitk.Transform(), sitk.sitkLinear, origin,
+            self.reference.GetSpacing(), self.reference.GetDirection(), 0.0, sitk.sitkFloat32))  # (z, y, x)
+        self._keep_own_rows(values, t_lo, lower, upper)
+        self._store(values, tuple(int(v) for v in reversed(t_lo)))
+
+    def _keep_own_rows(self, values: np.ndarray, t_lo: np.ndarray, lower: float, upper: float) -> None:
+        """Zero the voxels (z, y, x box at input index t_lo) whose model-x lies outside [lower, upper)."""
+        a = self._x_coeffs
+        axes = [np.arange(t_lo[i], t_lo[i] + values.shape[2 - i], dtype=np.float64) for i in range(3)]  # x, y, z
+        if np.count_nonzero(np.abs(a[:3]) > 1e-12) == 1:  # input axes parallel to the model's: one 1D test
+            i = int(np.flatnonzero(np.abs(a[:3]) > 1e-12)[0])
+            model_x = a[i] * axes[i] + a[3]
+            outside = (model_x < lower) | (model_x >= upper)
+            index = [slice(None)] * 3
+            index[2 - i] = outside
+            values[tuple(index)] = 0.0
+            return
+        plane = a[0] * axes[0][None, :] + a[1] * axes[1][:, None] + a[3]  # (y, x)
+        for k, z in enumerate(axes[2]):  # oblique: plane by plane, no full-box coordinate array
+            model_x = plane + a[2] * z
+            values[k][(model_x < lower) | (model_x >= upper)] = 0.0
+
+    def _store(self, values: np.ndarray, start_zyx: tuple[int, int, int]) -> None:
+        inside = values > self.threshold
+        kept = (values > PROBABILITY_FLOOR) if self.keep_probability else inside
+        box = bounding_box(kept)
+        if box is None:
+            return
+        crop = tuple(slice(a, b) for a, b in zip(*box))
+        inside, values = inside[crop], values[crop]
+        if not self._need_values:
+            self._sum += float(values[inside].sum(dtype=np.float64))
+            self._count += int(np.count_nonzero(inside))
+        quantised = np.rint(np.clip(values, 0.0, 1.0) * 65535.0).astype(np.uint16) if self._need_values else None
+        start = np.array(start_zyx) + np.array(box[0])
+        self._pieces.append((start, np.packbits(inside, axis=None), quantised, inside.shape))
+
+    def finish(self) -> Restored:
+        """The class on the input grid (as `to_input_grid` returns it)."""
+        if not self._pieces:
+            return Restored(BoxMask.empty(self.shape_zyx),
+                            0.0, np.zeros(self.shape_zyx, np.uint8) if self.keep_probability else None,
+                            np.zeros(0, np.uint8) if self.keep_values else None)
+        lo = np.min([p[0] for p in self._pieces], axis=0)
+        hi = np.max([p[0] + np.array(p[3]) for p in self._pieces], axis=0)
+        inside = np.zeros(tuple(hi - lo), bool)
+        quantised = np.zeros(tuple(hi - lo), np.uint16) if self._need_values else None
+        for start, bits, q, shape in self._pieces:  # disjoint voxels; boxes may overlap (zeros elsewhere)
+            region = tuple(slice(s, s + n) for s, n in zip(start - lo, shape))
+            inside[region] |= np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+            if quantised is not None:
+                np.maximum(quantised[region], q, out=quantised[region])
+        self._pieces = []
+        if self.largest_only and inside.any():
+            inside = cc3d.largest_k(inside, k=1, connectivity=26) > 0
+        if quantised is not None:
+            picked = quantised[inside]
+            mean = float(picked.mean(dtype=np.float64)) / 65535.0 if picked.size else 0.0
+            quantised = np.rint(quantised / 257.0).astype(np.uint8)  # 65535 = 255 * 257
+        else:
+            mean = self._sum / self._count if self._count else 0.0
+        mask = BoxMask(self.shape_zyx, tuple(int(v) for v in lo), inside)
+        full = None
+        if self.keep_probability:
+            full = np.zeros(self.shape_zyx, np.uint8)
+            full[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] = quantised
+        kept = quantised[inside] if self.keep_values else None
+        return Restored(mask, mean, full, kept)

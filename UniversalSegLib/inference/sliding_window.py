@@ -1,19 +1,22 @@
 """Sliding-window inference with compact stitching, one class chunk at a time.
 
 Windows of the model's patch size overlap by `overlap` and are blended with a Gaussian
-importance map (MONAI's `compute_importance_map`, as MONAI's inferer does). The backbone runs
+importance map (the product of MONAI's 1D `compute_importance_map` per axis; unlike MONAI's inferer
+no floor is put under the windows' corners). The backbone runs
 once per window (batched, autocast on CUDA); only the requested classes' heads run.
 
-Memory: the blended logits of at most `class_chunk` classes are accumulated at the model grid in
-float16 (one float32 weight map is shared by all classes), and classes are handed out one at a
-time as float32 probabilities on the model grid, so the caller can resample each to the input
-grid and drop it before the next. With more classes than one chunk, the windows' backbone
-features (8 channels, float16) are cached between chunks when that adds at most a quarter to the
-accumulator's memory (on CUDA: whenever the GPU has room), else the backbone is re-run per chunk:
+Memory: windows run x-row by x-row, and the blended logits of at most `class_chunk` classes are
+accumulated in float16 on a ring of one patch of x-rows (not the whole model grid). Once no later
+window reaches a row its values are final: they leave as float32 probability slabs, one class at a
+time, so the caller can bring them to the input grid while the windows go on. Each window adds its
+logits times its share of the Gaussian blend (importance over summed importance; separable into
+three 1D factors, so no per-voxel weight buffer exists). With more classes than one chunk, the
+windows' backbone features (8 channels, float16) are cached between chunks when that adds at most
+half the band's memory (on CUDA: whenever the GPU has room), else the backbone is re-run per chunk:
 on CPU memory stays flat in the number of classes, at the price of time (`cache_features=True`
 trades it back). Voxel features are rounded to float16 in every case, so results do not depend on
 the chunking. On CPU the heads run a few x-planes of a window at a time, weighted and added straight
-into the accumulator: cache-friendly, and no (classes x patch) float32 buffer is ever allocated.
+into the band: cache-friendly, and no (classes x patch) float32 buffer is ever allocated.
 """
 
 from __future__ import annotations
@@ -98,9 +101,9 @@ def _free_gpu_bytes(device: torch.device) -> int:
     return int(free * GPU_MEMORY_SHARE)
 
 
-def _add_window_cpu(acc: torch.Tensor, window: tuple[slice, slice, slice], feature: torch.Tensor,
-                    params: torch.Tensor, importance: torch.Tensor) -> None:
-    """Heads of one window, weighted and added into `acc` slab by slab (CPU).
+def _add_window_cpu(band: _Band, window: tuple[slice, slice, slice], feature: torch.Tensor,
+                    params: torch.Tensor, share: torch.Tensor) -> None:
+    """Heads of one window, weighted and added into the band slab by slab (CPU).
 
     The heads run on a few x-planes at a time: their activations stay in cache (2-4x faster than
     whole-window calls, same numbers) and no whole-window (classes x patch) float32 buffer exists.
@@ -108,12 +111,10 @@ def _add_window_cpu(acc: torch.Tensor, window: tuple[slice, slice, slice], featu
     feature = feature.float()
     planes = feature.shape[2] * feature.shape[3]
     rows = max(1, CPU_HEAD_TILE * torch.get_num_threads() // planes)
-    wx, wy, wz = window
     for x in range(0, feature.shape[1], rows):
         part = feature[:, x:x + rows]
         logits = apply_dynamic_heads(part.reshape(1, part.shape[0], -1), params, CPU_HEAD_CLASS_CHUNK)
-        logits = logits.reshape(-1, *part.shape[1:]).mul_(importance[x:x + rows])
-        acc[:, wx.start + x:wx.start + x + part.shape[1], wy, wz] += logits
+        band.add(logits.reshape(-1, *part.shape[1:]).mul_(share[x:x + rows]), window, x)
 
 
 class _Features:
@@ -136,64 +137,157 @@ class _Features:
             x = torch.stack([self.volume[self.plan.window(s)] for s in group]).unsqueeze(1)
             with _autocast(self.device, self.amp):
                 image_feature, voxel_feature = self.model.features(x.to(self.device, non_blocking=True))
+            del x
             item = (group, image_feature.float(), voxel_feature.half())
+            del image_feature, voxel_feature
             if self.keep:
                 self._cache.append(item)
             yield item
+            del item  # (the caller has dropped its references too) nothing of this window outlives it
 
 
-def class_probabilities(model: UniversalModel, volume: np.ndarray, classes: Sequence[int], patch: Sequence[int],
-                        overlap: float, device: torch.device, sw_batch_size: int = 1, class_chunk: int = 32,
-                        amp: bool = True, cache_features: bool | None = None,
-                        progress: ProgressFn | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (position in `classes`, float32 sigmoid probability (x, y, z) on the model grid) per class.
+@dataclass
+class ProbabilitySlab:
+    """Final sigmoid probabilities of one class on consecutive x-rows of the (unpadded) model grid."""
+
+    position: int  # index into the `classes` asked for
+    start: int  # first x-row
+    values: np.ndarray  # float32 (rows, y, z), the caller's
+    last: bool  # the class's final slab: rows start..x-size
+
+
+def blending_factors(plan: WindowPlan, gaussians: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per axis, each x (y, z) position's summed 1D Gaussian over the windows' starts on that axis.
+
+    The importance map is the outer product of three 1D Gaussians and the windows form a grid, so
+    the summed importance at a voxel is the product of these three factors: the blending weights
+    never need a per-voxel buffer.
+    """
+    factors = []
+    for axis, g in enumerate(gaussians):
+        total = torch.zeros(plan.padded_shape[axis], dtype=torch.float32, device=g.device)
+        for start in sorted({s[axis] for s in plan.starts}):
+            total[start:start + plan.patch[axis]] += g
+        factors.append(total)
+    return factors
+
+
+def window_weights(gaussians: Sequence[torch.Tensor], factors: Sequence[torch.Tensor],
+                   start: Sequence[int]) -> torch.Tensor:
+    """The window's share of each voxel's blend (P, P, P): its importance over the summed importance.
+
+    Shares of all windows covering a voxel add up to 1, so the accumulated values are already the
+    blended logits (no division afterwards, and no tiny float16 products at the windows' corners).
+    """
+    x, y, z = (g / f[s:s + len(g)] for g, f, s in zip(gaussians, factors, start))
+    return x[:, None, None] * y[None, :, None] * z[None, None, :]
+
+
+def _ring(start: int, length: int, size: int) -> list[tuple[int, slice]]:
+    """(offset into the run, ring slice) pieces of rows start..start+length in a ring of `size` rows."""
+    pieces, done = [], 0
+    while done < length:
+        row = (start + done) % size
+        n = min(length - done, size - row)
+        pieces.append((done, slice(row, row + n)))
+        done += n
+    return pieces
+
+
+class _Band:
+    """Blended logits of a class chunk on the x-rows that windows can still reach: a ring of one patch
+    of rows (float16). Rows below the next window's start are final and leave as probabilities."""
+
+    def __init__(self, n: int, plan: WindowPlan, device: torch.device):
+        self.plan, self.rows = plan, min(plan.patch[0], plan.padded_shape[0])
+        self.acc = torch.zeros((n, self.rows, *plan.padded_shape[1:]), dtype=torch.float16, device=device)
+        self.base = 0  # first row not yet handed out
+
+    def add(self, logits: torch.Tensor, window: tuple[slice, slice, slice], x: int = 0) -> None:
+        """Add weighted logits (n, rows, *patch-yz) whose first row is `x` rows into `window`."""
+        for offset, ring in _ring(window[0].start + x, logits.shape[1], self.rows):
+            self.acc[:, ring, window[1], window[2]] += logits[:, offset:offset + ring.stop - ring.start]
+
+    def release(self, stop: int, positions: Sequence[int], last: bool) -> Iterator[ProbabilitySlab]:
+        """Hand out rows base..stop (padded coordinates) as probabilities and clear their ring rows."""
+        lo, hi = max(self.base, self.plan.unpad[0].start), min(stop, self.plan.unpad[0].stop)
+        if hi > lo:
+            for row, position in enumerate(positions):
+                parts = [self.acc[row, ring] for _, ring in _ring(lo, hi - lo, self.rows)]
+                block = torch.cat(parts) if len(parts) > 1 else parts[0]
+                values = block[(slice(None), *self.plan.unpad[1:])].float().sigmoid_()
+                yield ProbabilitySlab(position, lo - self.plan.unpad[0].start, values.cpu().numpy(), last)
+        for _, ring in _ring(self.base, stop - self.base, self.rows):
+            self.acc[:, ring] = 0
+        self.base = stop
+
+
+def probability_slabs(model: UniversalModel, volume: np.ndarray, classes: Sequence[int], patch: Sequence[int],
+                      overlap: float, device: torch.device, sw_batch_size: int = 1, class_chunk: int = 32,
+                      amp: bool = True, cache_features: bool | None = None,
+                      progress: ProgressFn | None = None) -> Iterator[ProbabilitySlab]:
+    """Yield each class's sigmoid probability on the model grid as x-slabs, in row order per class.
 
     `volume` is the preprocessed (x, y, z) model input; `classes` are indices into the model's
-    class list. Classes come in order, chunk by chunk; each yielded array is the caller's.
+    class list. Windows run x-row by x-row; once no later window reaches a row, its values are final
+    and leave (one class at a time) while the rest of the volume is still being computed, so only
+    one patch of rows is ever held per class. Within a class chunk the slabs of all its classes
+    alternate; a class's slab with `last` set ends it.
     """
     plan = WindowPlan.make(volume.shape, patch, overlap)
     padding = [p for pair in reversed(plan.pad) for p in pair]
     padded = torch.from_numpy(volume)  # shares the caller's array: no copy unless padding is needed
     if any(padding):
         padded = torch.nn.functional.pad(padded, padding)
-    voxels = int(np.prod(plan.padded_shape))
+    band_voxels = min(plan.patch[0], plan.padded_shape[0]) * plan.padded_shape[1] * plan.padded_shape[2]
     on_gpu = device.type == "cuda"
     chunk = max(1, min(len(classes), class_chunk))
-    if on_gpu:  # the accumulator lives on the GPU: as many classes per chunk as fit
-        chunk = max(chunk, min(len(classes), (_free_gpu_bytes(device) // 2 - 4 * voxels) // (2 * voxels)))
+    if on_gpu:  # the band lives on the GPU: as many classes per chunk as fit
+        chunk = max(chunk, min(len(classes), _free_gpu_bytes(device) // 2 // (2 * band_voxels)))
     chunks = [list(range(s, min(s + chunk, len(classes)))) for s in range(0, len(classes), chunk)]
     cache_bytes = len(plan.starts) * FEATURE_CHANNELS * int(np.prod(plan.patch)) * 2
-    if cache_features is None:  # on CPU only while it adds at most a quarter to the accumulator's memory
+    if cache_features is None:  # on CPU only while it adds at most a quarter to the band's memory
         cache_features = len(chunks) > 1 and (cache_bytes <= (_free_gpu_bytes(device) // 2 if on_gpu
-                                                              else chunk * voxels // 2))
+                                                              else chunk * band_voxels // 2))
     acc_device = device if on_gpu else torch.device("cpu")
     features = _Features(model, padded, plan, sw_batch_size, device, amp, keep=cache_features)
-    importance = compute_importance_map(tuple(plan.patch), mode="gaussian", sigma_scale=0.125, device=acc_device)
-    weight = torch.zeros(plan.padded_shape, dtype=torch.float32, device=acc_device)
-    for s in plan.starts:
-        weight[plan.window(s)] += importance
-    weight = weight[plan.unpad]
+    gaussians = [compute_importance_map((p,), mode="gaussian", sigma_scale=0.125, device=acc_device)
+                 for p in plan.patch]
+    factors = blending_factors(plan, gaussians)
     steps, done = len(chunks) * len(plan.starts), 0
     class_index = torch.as_tensor(list(classes), dtype=torch.long, device=device)
     for positions in chunks:
-        acc = torch.zeros((len(positions), *plan.padded_shape), dtype=torch.float16, device=acc_device)
+        band = _Band(len(positions), plan, acc_device)
         idx = class_index[positions]
         for group, image_feature, voxel_feature in features.batches():
             params = model.head_parameters(image_feature, idx)  # float32: tiny, and precision matters
+            logits = None
             if on_gpu:
                 with _autocast(device, amp):
                     logits = apply_dynamic_heads(voxel_feature if amp else voxel_feature.float(), params,
                                                  model.head_class_chunk)
-                logits = logits.float().mul_(importance)
-                for b, s in enumerate(group):
-                    acc[(slice(None), *plan.window(s))] += logits[b]
-            else:
-                for b, s in enumerate(group):
-                    _add_window_cpu(acc, plan.window(s), voxel_feature[b], params[b:b + 1], importance)
+            for b, s in enumerate(group):
+                if s[0] > band.base:  # no later window reaches the rows below this one
+                    yield from band.release(s[0], positions, last=False)
+                share = window_weights(gaussians, factors, s)
+                if logits is not None:
+                    band.add(logits[b].float().mul_(share), plan.window(s))
+                else:
+                    _add_window_cpu(band, plan.window(s), voxel_feature[b], params[b:b + 1], share)
             done += len(group)
+            del image_feature, voxel_feature, params, logits, share  # not alive during the next backbone pass
             if progress:
                 progress(done / steps, "sliding window")
-        acc = acc[(slice(None), *plan.unpad)]
-        for row, position in enumerate(positions):
-            yield position, acc[row].float().div_(weight).sigmoid_().cpu().numpy()  # one float32 volume
-        del acc
+        yield from band.release(plan.padded_shape[0], positions, last=True)
+        del band
+
+
+def class_probabilities(model: UniversalModel, volume: np.ndarray, classes: Sequence[int], patch: Sequence[int],
+                        overlap: float, device: torch.device, **kwargs) -> Iterator[tuple[int, np.ndarray]]:
+    """(position in `classes`, float32 probability (x, y, z) on the model grid) per class, assembled from
+    `probability_slabs` (holds a whole class chunk at once: for tests and small volumes)."""
+    pending: dict[int, list[np.ndarray]] = {}
+    for slab in probability_slabs(model, volume, classes, patch, overlap, device, **kwargs):
+        pending.setdefault(slab.position, []).append(slab.values)
+        if slab.last:
+            yield slab.position, np.concatenate(pending.pop(slab.position))

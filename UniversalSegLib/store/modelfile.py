@@ -150,26 +150,64 @@ def _verify_weights(directory: Path, manifest: Manifest) -> Path:
     return weights
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_tensors(path: Path) -> dict:
+    """Every tensor of a safetensors file, read into memory of its own, one tensor at a time.
+
+    `safetensors.torch.load_file` maps the file, and every page a model touches stays resident for
+    as long as any of its tensors lives: converting or folding weights would then hold them twice.
+    Plain reads into fresh tensors keep loading at one copy. (The format is a little-endian u64
+    header length, a JSON header of dtype/shape/byte offsets, then the raw bytes; the caller has
+    verified the file's SHA-256, and every size is checked here again.)
+    """
+    import torch
+
+    tensors = {}
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, stop = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]]))
+            if tensor.numel() * tensor.element_size() != stop - start:
+                raise ValueError(f"tensor {name}: {stop - start} bytes for shape {info['shape']}")
+            f.seek(8 + size + start)
+            if stop > start and f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != stop - start:
+                raise ValueError(f"tensor {name}: file ends early")
+            tensors[name] = tensor
+    return tensors
+
+
 def load_model(name_or_path: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Find, verify (SHA-256) and load a model; raises ModelFileError on any corruption."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    import torch
 
     directory = find_model(name_or_path)
     manifest = read_manifest(directory)
     weights = _verify_weights(directory, manifest)
     try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
+        tensors = read_tensors(weights)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise ModelFileError(f"{weights}: unreadable weights ({e})") from None
-    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    for key, value in tensors.items():  # one tensor at a time: half-precision files never exist twice
+        if value.is_floating_point():
+            tensors[key] = value.float()
     if "class_embeddings" not in tensors or tensors["class_embeddings"].shape[0] != len(manifest.classes):
         raise ModelFileError(f"{weights}: class embeddings do not match the manifest's {len(manifest.classes)} classes")
-    model = build_model(manifest, tensors["class_embeddings"])
+    # Built on the meta device and handed the loaded tensors themselves: no randomly initialised copy
+    # of the weights ever exists (a 256-class model is ~0.5 GB, so this is a third of loading's peak).
+    with torch.device("meta"):
+        model = build_model(manifest, tensors["class_embeddings"].to("meta"))
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
         raise ModelFileError(f"{weights}: weights do not fit the manifest's architecture: {str(e)[:300]}") from None
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ModelFileError(f"{weights}: weights do not cover every tensor of the manifest's architecture")
     return LoadedModel(model.to(device).eval(), manifest, directory)
 
 

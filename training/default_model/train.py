@@ -24,7 +24,9 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 
+from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16
 from UniversalSegLib.registry import default_registry
+from UniversalSegLib.runtime import retain_freed_memory
 from UniversalSegLib.store import Manifest, Preprocessing, build_model, save_model
 from UniversalSegLib.train.losses import PartialLabelLoss
 
@@ -55,8 +57,8 @@ class Bundle:
             if dropped:  # leave-out experiments: neither the labels nor the structure-map ids are used
                 from UniversalSegLib.data.synth import structure_id
 
-                keep = [j for j, k in enumerate(src["classes"]) if k not in dropped]
-                labels, src = labels[keep], {**src, "classes": [src["classes"][j] for j in keep]}
+                kept = [j for j, k in enumerate(src["classes"]) if k not in dropped]
+                labels, src = labels[kept], {**src, "classes": [src["classes"][j] for j in kept]}
                 for key in dropped:
                     sid = structure_id(key)
                     if sid is not None:
@@ -169,6 +171,15 @@ def make_manifest(recipe: dict, bundle: Bundle, steps: int) -> Manifest:
                     "created": time.strftime("%Y-%m-%d")})
 
 
+def training_settings(recipe: dict, device: torch.device) -> dict:
+    """The recipe's `train` section, with its `cpu` overrides applied when training on the CPU."""
+    cfg = {k: v for k, v in recipe["train"].items() if k != "cpu"}
+    cfg.setdefault("patch", recipe["preprocessing"]["patch_size"][0])
+    if device.type == "cpu":
+        cfg.update(recipe["train"].get("cpu", {}))
+    return cfg
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=None)
@@ -183,11 +194,16 @@ def main() -> None:
                     help="leave-out experiments: do not supervise these classes of this source")
     ap.add_argument("--holdout-top", type=float, default=0.0,
                     help="hold out this fraction of slices at the top of every scan (evaluate.py --holdout-top)")
+    ap.add_argument("--patch", type=int, default=None, help="training patch edge (default: the recipe's)")
+    ap.add_argument("--batch-size", type=int, default=None)
     args = ap.parse_args()
     recipe = yaml.safe_load((HERE / "recipe.yaml").read_text())
-    cfg = recipe["train"]
-    steps = args.steps or cfg["steps"]
     device = torch.device(args.device)
+    if device.type == "cpu":
+        retain_freed_memory()  # ~2x faster steps on CPU (no page-fault churn)
+    cfg = training_settings(recipe, device)
+    cfg.update({k: v for k, v in {"patch": args.patch, "batch_size": args.batch_size}.items() if v})
+    steps = args.steps or cfg["steps"]
     torch.manual_seed(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     drop = {d.split(":")[0]: d.split(":")[1].split(",") for d in args.drop}
@@ -221,13 +237,15 @@ def main() -> None:
         model.load_state_dict(load_model(run / "last").model.state_dict())
         state = load_optimizer(run / "optimizer.safetensors", optimizer, device)
         start = state["step"]
-        total["steps"] = state["total_steps"]
+        total["steps"] = args.steps or state["total_steps"]  # --steps on resume re-plans the cosine's end
         scheduler.last_epoch = state["scheduler_last_epoch"] - 1
         scheduler.step()
         gen.manual_seed(cfg["seed"] + start)
         print(f"resumed at step {start}")
     log = open(run / "log.csv", "a")
-    t0, amp = time.time(), device.type == "cuda"
+    # bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX: ~3x faster than float32)
+    t0, amp = time.time(), device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    print(f"{device}: patch {cfg['patch']}^3, batch {cfg['batch_size']}, {steps} steps, bf16 {amp}", flush=True)
     k = len(bundle.class_keys)
     step = start
     while step < total["steps"]:
@@ -235,15 +253,17 @@ def main() -> None:
         samples = []
         for _ in range(cfg["batch_size"]):
             source = bundle.sources[torch.randint(len(bundle.sources), (1,), generator=gen).item()]
-            samples.append(sample_patch(bundle, source, recipe["preprocessing"]["patch_size"][0],
+            samples.append(sample_patch(bundle, source, cfg["patch"],
                                         cfg["foreground_ratio"], gen, k, spatial_augment=pipeline is None))
         batch = {key: torch.stack([smp[key] for smp in samples]) for key in samples[0]}
         if pipeline is not None:
             with torch.no_grad():
                 batch = pipeline(batch)
-        image, target, annotated = batch["image"], batch["label"], batch["annotated"]
+        # only the heads of classes some patch annotates: the others would get zero loss anyway
+        classes = batch["annotated"].any(0).nonzero()[:, 0]
+        image, target, annotated = batch["image"], batch["label"][:, classes], batch["annotated"][:, classes]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(image)
+            logits = model(image, classes)
         loss = loss_fn(logits.float(), target, annotated).total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
