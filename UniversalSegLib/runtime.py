@@ -39,7 +39,7 @@ def _mallopt():
     return mallopt
 
 
-def return_large_blocks(threshold: int = 256 * 1024) -> bool:
+def return_large_blocks(threshold: int = 32 * 2**20) -> bool:
     """Serve allocations above `threshold` bytes with their own mapping, returned to the OS on free.
 
     Returns True when glibc accepted it. Affects the whole process from now on (in Slicer too: a
@@ -62,3 +62,4 @@ def retain_freed_memory() -> bool:
     ok &= mallopt(_M_TRIM_THRESHOLD, 2**30)  # only give back more than 1 GiB of free top
     ok &= mallopt(_M_TOP_PAD, 64 * 2**20)  # grow the heap in 64 MB steps
     return bool(ok)
+

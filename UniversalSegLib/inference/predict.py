@@ -130,7 +130,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
         see `sliding_window`); True is faster for many classes on CPU, at some memory.
     postprocess: apply the registry's rules (largest component, left/right split, within parents).
     """
-    return_large_blocks()  # large freed blocks go back to the OS: -120 MB of heap fragmentation at the peak
+    return_large_blocks()  # fixed 32 MB mmap threshold; lower ones save memory but cost time (runtime.py)
     report = _Progress(progress)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

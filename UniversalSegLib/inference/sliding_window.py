@@ -108,11 +108,10 @@ def _add_window_cpu(band: _Band, window: tuple[slice, slice, slice], feature: to
     The heads run on a few x-planes at a time: their activations stay in cache (2-4x faster than
     whole-window calls, same numbers) and no whole-window (classes x patch) float32 buffer exists.
     """
-    feature = feature.float()
     planes = feature.shape[2] * feature.shape[3]
     rows = max(1, CPU_HEAD_TILE * torch.get_num_threads() // planes)
     for x in range(0, feature.shape[1], rows):
-        part = feature[:, x:x + rows]
+        part = feature[:, x:x + rows].float()  # per plane: no whole-window float32 copy
         logits = apply_dynamic_heads(part.reshape(1, part.shape[0], -1), params, CPU_HEAD_CLASS_CHUNK)
         band.add(logits.reshape(-1, *part.shape[1:]).mul_(share[x:x + rows]), window, x)
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from UniversalSegLib.errors import UniversalSegError
+from UniversalSegLib.runtime import retain_freed_memory
 from UniversalSegLib.store import save_model, user_model_dir
 from UniversalSegLib.train.config import RunConfig
 from UniversalSegLib.train.distributed import (
@@ -110,6 +111,8 @@ def run_training(config: RunConfig, resume: bool = False) -> Path:
     """Train per `config` (continuing its last checkpoint if `resume`); returns the final model folder."""
     info = dist_info_from_env()
     device = resolve_device(config.train.device, info)
+    if device.type == "cpu":
+        retain_freed_memory()  # no page-fault churn between steps: ~2x faster CPU steps (see runtime.py)
     init_distributed(info, device)
     try:
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
