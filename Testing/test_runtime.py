@@ -36,4 +36,4 @@ def _kept_mb(setting: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_inference_setting_returns_freed_blocks_and_training_setting_keeps_them():
     assert _kept_mb("return_large_blocks(256 * 1024)") < 20  # 200 MB of 20 MB blocks freed: given back
-    assert _kept_mb("retain_freed_memory()") > 150  # kept for the next step's reuse
+    assert _kept_mb("retain_freed_memory()") > 100  # kept for reuse (glibc default keeps ~80 MB here)
