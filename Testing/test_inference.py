@@ -381,6 +381,29 @@ def test_chunked_stitching_equals_one_pass(tiny_model):
         assert np.array_equal(one[key].probability, chunked[key].probability), key
 
 
+def test_channels_last_backbone_for_own_models_only(tiny_model):
+    # A model `predict` loads itself runs channels-last on CPU (faster oneDNN convolutions); a model
+    # the caller passes keeps its contiguous weights. Both must give the same masks up to
+    # float rounding at the threshold.
+    image = sitk.ReadImage(str(SAMPLE))[:, :, 40:100]
+    caller = load_model(tiny_model)
+    theirs = predict(image, model=caller, device="cpu", keep_probabilities=True)
+    ours = predict(image, model=tiny_model, device="cpu", keep_probabilities=True)
+    assert all(p.is_contiguous() for p in caller.model.parameters())
+    from UniversalSegLib.inference.predict import _load
+
+    own = [p for p in _load(tiny_model, torch.device("cpu")).model.parameters() if p.dim() == 5]
+    assert own and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in own)
+    compared = 0
+    for key in theirs.keys:
+        a, b = theirs[key], ours[key]
+        assert np.abs(a.probability.astype(int) - b.probability.astype(int)).max() <= 1, key
+        if a.mask.sum() > 500:
+            assert dice(a.mask, b.mask) > 0.99, key
+            compared += 1
+    assert compared
+
+
 def test_needed_classes_adds_parents_and_pairs_and_rejects_unknown(tiny_model):
     manifest = load_model(tiny_model).manifest
     wanted, computed = needed_classes(manifest, ["liver_tumor"])

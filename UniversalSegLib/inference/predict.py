@@ -69,6 +69,11 @@ def _load(model: str | os.PathLike | LoadedModel | None, device: torch.device) -
     loaded = load_model(model or DEFAULT_MODEL, device=device)
     if hasattr(loaded.model.lpg, "fold_text"):  # ours alone: fold the constant text terms (less memory)
         loaded.model.lpg.fold_text(loaded.model.class_embeddings)
+    if device.type == "cpu":
+        # oneDNN convolves channels-last 3D tensors without reordering them to its blocked layout: the
+        # backbone runs ~1.3x faster (docs/performance.md). Only for models loaded here: a caller's
+        # model keeps its contiguous weights (safetensors saves only contiguous tensors).
+        loaded.model.to(memory_format=torch.channels_last_3d)
     return loaded
 
 
