@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cc3d
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -190,9 +191,37 @@ def test_restoring_slab_by_slab_equals_restoring_the_whole(oblique):
     slabs = restorer.finish()
     assert whole.mask.count > 10000
     assert np.array_equal(slabs.mask.array(), whole.mask.array())
-    assert slabs.mean_confidence == pytest.approx(whole.mean_confidence, abs=1e-4)
+    assert slabs.mean_confidence == pytest.approx(whole.mean_confidence, rel=1e-9)
     assert np.abs(slabs.probability.astype(int) - whole.probability.astype(int)).max() <= 1
     assert len(slabs.values) == slabs.mask.count
+    # independently: resample everything, keep the largest component, average over it
+    full = sitk.GetArrayFromImage(sitk.Resample(prepared.grid.sub_image(probability, (0, 0, 0)), image,
+                                                sitk.Transform(), sitk.sitkLinear, 0.0))
+    largest = cc3d.largest_k(full > 0.5, k=1, connectivity=26) > 0
+    if not oblique:  # (tilted, the added rows touch the liver)
+        assert cc3d.connected_components(full > 0.5, connectivity=26).max() > 1  # the rule had something to drop
+    assert np.array_equal(slabs.mask.array(), largest)
+    assert slabs.mean_confidence == pytest.approx(full[largest].mean(dtype=np.float64), rel=1e-6)
+
+
+def test_slab_restorer_keeps_no_per_voxel_values_unless_asked():
+    """For the largest-component rule alone a class holds only packed bits per slab (plus a few numbers per
+    connected component), not a probability per voxel: 32 classes at once on a fine grid stay small."""
+    image = sitk.ReadImage(str(SAMPLE))
+    prepared = preprocess(image, Preprocessing(spacing=[1.7, 2.3, 4.1]))
+    probability = np.full(prepared.volume.shape, 0.8, np.float32)  # everything: the worst case
+    restorer = SlabRestorer(prepared.grid, image, 0.5, largest_only=True)
+    for a in range(0, probability.shape[0], 20):
+        restorer.add(a, probability[a:a + 20], last=a + 20 >= probability.shape[0])
+    held = sum(p.bits.nbytes + sum(c.nbytes for c in p.components) for p in restorer._pieces)
+    assert all(p.probability is None and p.values is None for p in restorer._pieces)
+    voxels = int(np.prod(image.GetSize()))
+    assert held < voxels / 7  # 1 bit per voxel (and a little per component)
+    restored = restorer.finish()
+    covered = sitk.GetArrayFromImage(sitk.Resample(prepared.grid.sub_image(probability, (0, 0, 0)), image,
+                                                   sitk.Transform(), sitk.sitkLinear, 0.0)) > 0.5  # the body box
+    assert np.array_equal(restored.mask.array(), covered) and covered.sum() > 0.9 * voxels
+    assert restored.mean_confidence == pytest.approx(0.8, rel=1e-6)
 
 
 # --- stitching and memory ----------------------------------------------------------------------------------

@@ -55,42 +55,14 @@ def input_box(grid: ModelGrid, start: np.ndarray, stop: np.ndarray,
 
 def to_input_grid(probability: np.ndarray, grid: ModelGrid, reference: sitk.Image, threshold: float,
                   keep_probability: bool = False, largest_only: bool = False, keep_values: bool = False) -> Restored:
-    """Resample an (x, y, z) model-grid probability onto `reference`'s grid and threshold it.
+    """Resample a whole (x, y, z) model-grid probability onto `reference`'s grid and threshold it.
 
     `largest_only` keeps the largest connected component (the mean confidence is then over it);
     `keep_values` also returns the mask voxels' probabilities, for confidences after later rules.
     """
-    shape_zyx = tuple(reversed(reference.GetSize()))
-    floor = PROBABILITY_FLOOR if keep_probability else threshold
-    box = bounding_box(probability > floor)
-    empty = Restored(BoxMask.empty(shape_zyx), 0.0, np.zeros(shape_zyx, np.uint8) if keep_probability else None,
-                     np.zeros(0, np.uint8) if keep_values else None)
-    if box is None:
-        return empty
-    lo = np.maximum(0, np.array(box[0]) - MARGIN)
-    hi = np.minimum(probability.shape, np.array(box[1]) + MARGIN)
-    target = input_box(grid, lo, hi, reference)
-    if target is None:
-        return empty
-    t_lo, t_hi = target
-    source = grid.sub_image(probability[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], tuple(int(v) for v in lo))
-    origin = reference.TransformIndexToPhysicalPoint([int(v) for v in t_lo])
-    values = sitk.GetArrayFromImage(sitk.Resample(
-        source, [int(v) for v in t_hi - t_lo], sitk.Transform(), sitk.sitkLinear, origin, reference.GetSpacing(),
-        reference.GetDirection(), 0.0, sitk.sitkFloat32))  # (z, y, x)
-    inside = values > threshold
-    if largest_only and inside.any():
-        inside = cc3d.largest_k(inside, k=1, connectivity=26) > 0
-    inside_values = values[inside]
-    mean = float(inside_values.mean(dtype=np.float64)) if inside_values.size else 0.0
-    mask = BoxMask(shape_zyx, tuple(int(v) for v in reversed(t_lo)), inside)
-    full = None
-    if keep_probability:
-        full = np.zeros(shape_zyx, np.uint8)
-        z, y, x = (slice(int(a), int(b)) for a, b in zip(reversed(t_lo), reversed(t_hi)))
-        full[z, y, x] = np.rint(values * 255.0).astype(np.uint8)
-    kept = np.rint(inside_values * 255.0).astype(np.uint8) if keep_values else None
-    return Restored(mask, mean, full, kept)
+    restorer = SlabRestorer(grid, reference, threshold, keep_probability, largest_only, keep_values)
+    restorer.add(0, probability, last=True)
+    return restorer.finish()
 
 
 def _model_x_of_input(grid: ModelGrid, reference: sitk.Image) -> np.ndarray:
@@ -98,14 +70,45 @@ def _model_x_of_input(grid: ModelGrid, reference: sitk.Image) -> np.ndarray:
     return (np.linalg.inv(grid.index_to_lps) @ np.linalg.inv(_lps_to_index(reference)))[0]
 
 
+@dataclass
+class _Piece:
+    """One slab's above-threshold voxels on the input grid (a box at `start`, (z, y, x))."""
+
+    start: np.ndarray
+    shape: tuple[int, int, int]
+    bits: np.ndarray  # packed mask of the box
+    probability: np.ndarray | None  # uint8 box, only when the caller keeps probabilities
+    values: np.ndarray | None  # uint8 of the mask's voxels (C order), only when a later rule needs them
+    components: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # (a voxel of each, sum, count), largest_only
+
+    def region(self, origin: np.ndarray) -> tuple[slice, ...]:
+        return tuple(slice(int(a), int(a + n)) for a, n in zip(self.start - origin, self.shape))
+
+    def mask(self) -> np.ndarray:
+        return np.unpackbits(self.bits, count=int(np.prod(self.shape))).reshape(self.shape).astype(bool)
+
+
+def _component_sums(inside: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per connected component of `inside`: the flat index of one of its voxels, its values' sum, its size."""
+    labels, n = cc3d.connected_components(inside, connectivity=26, return_N=True)
+    where = np.flatnonzero(labels)
+    label = labels.ravel()[where]
+    voxel = np.zeros(n + 1, np.int64)
+    voxel[label] = where  # any voxel of a component identifies it
+    sums = np.bincount(label, weights=values.ravel()[where], minlength=n + 1)
+    return voxel[1:], sums[1:], np.bincount(label, minlength=n + 1)[1:]
+
+
 class SlabRestorer:
     """`to_input_grid` for a probability arriving as consecutive x-slabs of the model grid.
 
     Each slab is resampled on its own (with the previous slab's last row, so interpolation across
     the seam is exact): an input voxel belongs to the slab whose rows hold both of its x-neighbours,
-    i.e. whose model-x lies in [first row, last row). Only above-threshold voxels (and their
-    probabilities as uint16, when a rule or the caller needs them) are kept per slab; `finish`
-    assembles them.
+    i.e. whose model-x lies in [first row, last row). Per slab only the packed mask is kept, plus
+    uint8 probabilities where the caller or a later rule needs them. The mean confidence is summed
+    exactly as the slabs pass; for the largest-component rule it is summed per connected component
+    of each slab (each lies inside one component of the whole mask), so no per-voxel values are
+    held for it.
     """
 
     def __init__(self, grid: ModelGrid, reference: sitk.Image, threshold: float, keep_probability: bool = False,
@@ -115,12 +118,8 @@ class SlabRestorer:
         self.shape_zyx = tuple(reversed(reference.GetSize()))
         self._x_coeffs = _model_x_of_input(grid, reference)
         self._previous: np.ndarray | None = None  # last row of the previous slab
-        self._pieces: list[tuple] = []  # (start zyx, packed inside, uint16 values or None, box shape)
+        self._pieces: list[_Piece] = []
         self._sum, self._count = 0.0, 0
-
-    @property
-    def _need_values(self) -> bool:
-        return self.keep_probability or self.largest_only or self.keep_values
 
     def add(self, start: int, slab: np.ndarray, last: bool) -> None:
         """Take model-grid rows start..start+len(slab) (x, y, z float32); `last`: the volume's final rows."""
@@ -173,12 +172,17 @@ class SlabRestorer:
             return
         crop = tuple(slice(a, b) for a, b in zip(*box))
         inside, values = inside[crop], values[crop]
-        if not self._need_values:
-            self._sum += float(values[inside].sum(dtype=np.float64))
-            self._count += int(np.count_nonzero(inside))
-        quantised = np.rint(np.clip(values, 0.0, 1.0) * 65535.0).astype(np.uint16) if self._need_values else None
-        start = np.array(start_zyx) + np.array(box[0])
-        self._pieces.append((start, np.packbits(inside, axis=None), quantised, inside.shape))
+        picked = values[inside]
+        components = None
+        if self.largest_only:
+            components = _component_sums(inside, values)
+        else:
+            self._sum += float(picked.sum(dtype=np.float64))
+            self._count += int(picked.size)
+        self._pieces.append(_Piece(
+            start=np.array(start_zyx) + np.array(box[0]), shape=inside.shape, bits=np.packbits(inside, axis=None),
+            probability=_to_uint8(values) if self.keep_probability else None,
+            values=_to_uint8(picked) if self.keep_values else None, components=components))
 
     def finish(self) -> Restored:
         """The class on the input grid (as `to_input_grid` returns it)."""
@@ -186,28 +190,39 @@ class SlabRestorer:
             return Restored(BoxMask.empty(self.shape_zyx),
                             0.0, np.zeros(self.shape_zyx, np.uint8) if self.keep_probability else None,
                             np.zeros(0, np.uint8) if self.keep_values else None)
-        lo = np.min([p[0] for p in self._pieces], axis=0)
-        hi = np.max([p[0] + np.array(p[3]) for p in self._pieces], axis=0)
+        lo = np.min([p.start for p in self._pieces], axis=0)
+        hi = np.max([p.start + np.array(p.shape) for p in self._pieces], axis=0)
         inside = np.zeros(tuple(hi - lo), bool)
-        quantised = np.zeros(tuple(hi - lo), np.uint16) if self._need_values else None
-        for start, bits, q, shape in self._pieces:  # disjoint voxels; boxes may overlap (zeros elsewhere)
-            region = tuple(slice(s, s + n) for s, n in zip(start - lo, shape))
-            inside[region] |= np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
-            if quantised is not None:
-                np.maximum(quantised[region], q, out=quantised[region])
-        self._pieces = []
+        probability = np.zeros(tuple(hi - lo), np.uint8) if self.keep_probability else None
+        values = np.zeros(tuple(hi - lo), np.uint8) if self.keep_values else None
+        for piece in self._pieces:  # disjoint voxels; boxes may overlap (zeros elsewhere)
+            region, mask = piece.region(lo), piece.mask()
+            inside[region] |= mask
+            if probability is not None:
+                np.maximum(probability[region], piece.probability, out=probability[region])
+            if values is not None:
+                values[region][mask] = piece.values
         if self.largest_only and inside.any():
             inside = cc3d.largest_k(inside, k=1, connectivity=26) > 0
-        if quantised is not None:
-            picked = quantised[inside]
-            mean = float(picked.mean(dtype=np.float64)) / 65535.0 if picked.size else 0.0
-            quantised = np.rint(quantised / 257.0).astype(np.uint8)  # 65535 = 255 * 257
-        else:
-            mean = self._sum / self._count if self._count else 0.0
+            total, count = 0.0, 0
+            for piece in self._pieces:  # a slab's component is in the largest iff one of its voxels is
+                voxel, sums, sizes = piece.components
+                index = np.unravel_index(voxel, piece.shape)
+                chosen = inside[tuple(i + int(o) for i, o in zip(index, piece.start - lo))]
+                total += float(sums[chosen].sum())
+                count += int(sizes[chosen].sum())
+            self._sum, self._count = total, count
+        self._pieces = []
+        mean = self._sum / self._count if self._count else 0.0
         mask = BoxMask(self.shape_zyx, tuple(int(v) for v in lo), inside)
         full = None
-        if self.keep_probability:
+        if probability is not None:
             full = np.zeros(self.shape_zyx, np.uint8)
-            full[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] = quantised
-        kept = quantised[inside] if self.keep_values else None
+            full[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] = probability
+        kept = values[inside] if values is not None else None
         return Restored(mask, mean, full, kept)
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] as uint8 (the storage of every probability UniversalSeg hands out)."""
+    return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)

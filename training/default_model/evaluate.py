@@ -2,6 +2,8 @@
 
 Used for the leave-one-scan-out checks (train with --drop, evaluate the dropped labels here):
     python training/default_model/evaluate.py MODEL_DIR [--json out.json]
+With --holdout-top F (a model trained with the same flag) it scores the held-out top fraction of
+every scan and, for comparison, the trained slices below it.
 The production path (`universalseg predict` on the input grid) is checked in Testing/.
 """
 
@@ -28,10 +30,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--holdout-top", type=float, default=0.0, help="score only the held-out top slices")
+    ap.add_argument("--holdout-top", type=float, default=0.0,
+                    help="score the held-out top fraction (and the trained rest) separately")
+    ap.add_argument("--window", type=int, default=None,
+                    help="sliding-window edge in voxels (default: the model's patch size)")
     args = ap.parse_args()
     loaded = load_model(args.model)
     keys = loaded.manifest.class_keys
+    window = (args.window,) * 3 if args.window else tuple(loaded.manifest.preprocessing.patch_size)
     data = np.load(HERE / "build" / "bundle.npz")
     meta = json.loads(str(data["meta"]))
     results, probs = {}, {}
@@ -40,14 +46,23 @@ def main() -> None:
         if scan not in probs:
             image = torch.from_numpy(data[f"image_{scan}"].astype(np.float32))[None, None]
             with torch.no_grad():
-                logits = sliding_window_inference(image, (96, 96, 96), 4, loaded.model, overlap=0.5, mode="gaussian")
+                logits = sliding_window_inference(image, window, 4, loaded.model, overlap=0.5, mode="gaussian")
             probs[scan] = torch.sigmoid(logits)[0].numpy()
         labels = data[f"labels_{i}"]
-        first = int(round(labels.shape[3] * (1 - args.holdout_top))) if args.holdout_top else 0
-        pred = probs[scan][..., first:] > 0.5
-        results[src["name"]] = {k: round(dice(pred[keys.index(k)], labels[j][..., first:] > 0), 3)
-                                for j, k in enumerate(src["classes"]) if labels[j][..., first:].any()}
-        print(src["name"], results[src["name"]])
+        if args.holdout_top:  # the held-out top slices, and for comparison the trained slices below them
+            first = int(round(labels.shape[3] * (1 - args.holdout_top)))
+            parts = {"held_out": slice(first, None), "trained": slice(0, first)}
+        else:
+            parts = {"all": slice(None)}
+        pred = probs[scan] > 0.5
+        for part, z in parts.items():
+            scores = {k: round(dice(pred[keys.index(k)][..., z], labels[j][..., z] > 0), 3)
+                      for j, k in enumerate(src["classes"]) if labels[j][..., z].any()}
+            if args.holdout_top:
+                results.setdefault(part, {})[src["name"]] = scores
+            else:
+                results[src["name"]] = scores
+            print(src["name"], part, scores)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
