@@ -62,4 +62,3 @@ def retain_freed_memory() -> bool:
     ok &= mallopt(_M_TRIM_THRESHOLD, 2**30)  # only give back more than 1 GiB of free top
     ok &= mallopt(_M_TOP_PAD, 64 * 2**20)  # grow the heap in 64 MB steps
     return bool(ok)
-

@@ -202,6 +202,7 @@ class SlabRestorer:
                 np.maximum(probability[region], piece.probability, out=probability[region])
             if values is not None:
                 values[region][mask] = piece.values
+        total, count = self._sum, self._count
         if self.largest_only and inside.any():
             inside = cc3d.largest_k(inside, k=1, connectivity=26) > 0
             total, count = 0.0, 0
@@ -211,9 +212,8 @@ class SlabRestorer:
                 chosen = inside[tuple(i + int(o) for i, o in zip(index, piece.start - lo))]
                 total += float(sums[chosen].sum())
                 count += int(sizes[chosen].sum())
-            self._sum, self._count = total, count
         self._pieces = []
-        mean = self._sum / self._count if self._count else 0.0
+        mean = total / count if count else 0.0
         mask = BoxMask(self.shape_zyx, tuple(int(v) for v in lo), inside)
         full = None
         if probability is not None:
