@@ -69,6 +69,29 @@ def test_lpg_classes_are_independent():
     assert changed.tolist() == [False, False, True, False]
 
 
+@pytest.mark.parametrize("stored_half", [True, False])
+def test_folded_lpg_gives_the_same_head_parameters_in_less_memory(stored_half):
+    # Inference folds the text terms and keeps the weights in float16: exact for float16-stored
+    # weights (the bundled model), rounding-level otherwise.
+    torch.manual_seed(0)
+    lpg = PerClassLPG(6, 512, hidden=64)
+    if stored_half:
+        with torch.no_grad():
+            for p in lpg.parameters():
+                p.copy_(p.half().float())
+    image, text, idx = torch.randn(3, 256), torch.randn(6, 512), torch.tensor([4, 0, 2])
+    with torch.no_grad():
+        before = lpg(image, text[idx], idx)
+        size = sum(p.numel() * p.element_size() for p in lpg.parameters())
+        lpg.fold_text(text)
+        after = lpg(image, text[idx], idx)
+    folded = sum(p.numel() * p.element_size() for p in lpg.parameters()) + lpg.text_part.numel() * 4
+    assert folded < 0.3 * size
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if stored_half else {"rtol": 1e-2, "atol": 2e-3}
+    torch.testing.assert_close(after, before, **tolerance)
+    assert not torch.equal(after, before) or stored_half  # the float32 case really was rounded
+
+
 def test_shared_controller_param_count():
     model = small_model(lpg="shared", embed_dim=512)
     assert sum(p.numel() for p in model.lpg.controller.parameters()) == 78_489  # method.md
@@ -120,7 +143,25 @@ def test_import_keeps_monai_lean():
     import sys
 
     code = ("import sys, UniversalSegLib, monai.networks.nets; "
-            "print(sorted(m for m in ('transformers', 'sklearn', 'matplotlib') if m in sys.modules)); "
-            "import transformers, matplotlib; print('importable')")
+            "print(sorted(m for m in ('transformers', 'sklearn', 'matplotlib', 'scipy.signal', 'scipy.stats') "
+            "if m in sys.modules)); "
+            "import transformers, matplotlib, scipy.signal; print('importable')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:2] == ["[]", "importable"]
+
+
+def test_lean_monai_keeps_the_metrics_we_use():
+    # scipy.ndimage and scipy.spatial (Dice, Hausdorff, surface Dice) must still work in a lean process
+    import subprocess
+    import sys
+
+    code = ("import UniversalSegLib, torch; "
+            "from monai.metrics import SurfaceDiceMetric, HausdorffDistanceMetric, DiceMetric; "
+            "a = torch.zeros(1, 1, 12, 12, 12); a[..., 3:8, 3:8, 3:8] = 1; b = torch.roll(a, 1, 2); "
+            "print(float(SurfaceDiceMetric([0.5], include_background=True)(b, a)), "
+            "float(HausdorffDistanceMetric(include_background=True)(b, a)), "
+            "float(DiceMetric(include_background=True)(b, a)))")
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    nsd, hausdorff, dice = (float(v) for v in run.stdout.split())
+    assert 0.0 < nsd < 1.0 and hausdorff == 1.0 and dice == pytest.approx(0.8)

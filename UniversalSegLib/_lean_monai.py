@@ -8,6 +8,11 @@ Every CLI call and every Slicer run is a fresh process, so this is paid on each.
 While MONAI initialises, this finder refuses those packages; MONAI records them as unavailable
 for its own optional features (Transchex, plotting, CSV datasets), none of which we use. Once MONAI
 is imported, the packages import normally (our CLIP text encoder and training plots still work).
+
+The same holds for SciPy's signal, stats, optimize and interpolate subpackages (33 MB of the
+inference pipeline's peak, measured with `import UniversalSegLib.inference.predict`): in MONAI they
+serve only DiNTS, panoptic quality, FID, 1D signal filters and ultrasound confidence maps.
+`scipy.ndimage` and `scipy.spatial`, which MONAI's Dice/surface-distance metrics use, load as usual.
 Set UNIVERSALSEG_FULL_MONAI=1 to turn this off.
 """
 
@@ -17,7 +22,13 @@ import importlib.abc
 import os
 import sys
 
-SKIPPED_WHILE_MONAI_INITIALISES = frozenset({"transformers", "sklearn", "matplotlib", "pandas", "skimage"})
+SKIPPED_WHILE_MONAI_INITIALISES = frozenset({"transformers", "sklearn", "matplotlib", "pandas", "skimage",
+                                             "scipy.signal", "scipy.stats", "scipy.optimize", "scipy.interpolate"})
+
+
+def _skipped(fullname: str) -> bool:
+    """Whether `fullname` is one of the skipped packages or inside one."""
+    return any(fullname == name or fullname.startswith(name + ".") for name in SKIPPED_WHILE_MONAI_INITIALISES)
 
 
 def _monai_initialising() -> bool:
@@ -29,7 +40,7 @@ class SkipMonaiExtras(importlib.abc.MetaPathFinder):
     """Refuses the extras above, only while `monai` itself is being imported."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname.partition(".")[0] in SKIPPED_WHILE_MONAI_INITIALISES and _monai_initialising():
+        if _skipped(fullname) and _monai_initialising():
             raise ModuleNotFoundError(f"{fullname} is not loaded while MONAI initialises (see {__name__})",
                                       name=fullname)
         return None

@@ -58,26 +58,30 @@ class PerClassLPG(nn.Module):
 
     def forward(self, image_feature: torch.Tensor, text: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """image_feature (B, 256), text (n, E), idx (n,) -> head parameters (B, n, 153)."""
-        w1 = self.w1[idx]
+        w1 = self.w1[idx].float()  # a folded LPG keeps its weights in float16: computed in float32
         img_part = torch.einsum("nhc,bc->bnh", w1[:, :, : self.image_dim], image_feature)
         if self.text_part is not None:  # folded for inference
             txt_part = self.text_part[idx]
         else:
             txt_part = torch.einsum("nhc,nc->nh", w1[:, :, self.image_dim:], text) + self.b1[idx]
         hidden = F.relu(img_part + txt_part.unsqueeze(0))
-        return torch.einsum("nph,bnh->bnp", self.w2[idx], hidden) + self.b2[idx]
+        return torch.einsum("nph,bnh->bnp", self.w2[idx].float(), hidden) + self.b2[idx]
 
     @torch.no_grad()
-    def fold_text(self, text: torch.Tensor) -> None:
+    def fold_text(self, text: torch.Tensor, weight_dtype: torch.dtype = torch.float16) -> None:
         """Inference only: precompute every class's text term and drop the text columns of `w1`.
 
         The text half of the first layer is a constant per class; folding it leaves 2/3 of `w1`
         out of memory (0.8 instead of 1.9 MB per class at hidden 512 with CLIP's 512-d text).
+        The remaining weight matrices are then kept in `weight_dtype` (float16: half again; exact
+        for models stored in float16, like the bundled one, else rounded as the voxel features
+        are) and computed in float32; the text terms and biases stay float32.
         The module can no longer be trained, grown or saved afterwards.
         """
         if self.text_part is None:
             self.text_part = torch.einsum("nhc,nc->nh", self.w1[:, :, self.image_dim:], text) + self.b1
-            self.w1 = nn.Parameter(self.w1[:, :, : self.image_dim].clone(), requires_grad=False)
+            self.w1 = nn.Parameter(self.w1[:, :, : self.image_dim].to(weight_dtype), requires_grad=False)
+            self.w2 = nn.Parameter(self.w2.detach().to(weight_dtype), requires_grad=False)
 
     @torch.no_grad()
     def grow(self, count: int, init_from: list[int | None] | None = None) -> None:
