@@ -40,21 +40,21 @@ def main() -> None:
     window = (args.window,) * 3 if args.window else tuple(loaded.manifest.preprocessing.patch_size)
     data = np.load(HERE / "build" / "bundle.npz")
     meta = json.loads(str(data["meta"]))
-    results, probs = {}, {}
+    results, masks = {}, {}
     for i, src in enumerate(meta["sources"]):
         scan = src["scan"]
-        if scan not in probs:
+        if scan not in masks:
             image = torch.from_numpy(data[f"image_{scan}"].astype(np.float32))[None, None]
             with torch.no_grad():
                 logits = sliding_window_inference(image, window, 4, loaded.model, overlap=0.5, mode="gaussian")
-            probs[scan] = torch.sigmoid(logits)[0].numpy() > 0.5  # thresholded once per scan (A has 2 sources)
+            masks[scan] = torch.sigmoid(logits)[0].numpy() > 0.5  # once per scan (A has 2 sources)
         labels = data[f"labels_{i}"]
         if args.holdout_top:  # the held-out top slices, and for comparison the trained slices below them
             first = int(round(labels.shape[3] * (1 - args.holdout_top)))
             parts = {"held_out": slice(first, None), "trained": slice(0, first)}
         else:
             parts = {"all": slice(None)}
-        pred = probs[scan]
+        pred = masks[scan]
         for part, z in parts.items():
             scores = {k: round(dice(pred[keys.index(k)][..., z], labels[j][..., z] > 0), 3)
                       for j, k in enumerate(src["classes"]) if labels[j][..., z].any()}
