@@ -38,6 +38,7 @@ from UniversalSegLib.io.geometry import full_mask, ijk_to_lps, mask_parts
 from UniversalSegLib.io.image import NonCTWarning
 from UniversalSegLib.io.preview import _lps_view
 from UniversalSegLib.io.segnrrd import pack_layers
+from UniversalSegLib.io.stats import LOW_CONFIDENCE
 from UniversalSegLib.registry import default_registry
 
 REG = default_registry()
@@ -288,6 +289,10 @@ def test_statistics_volumes_hu_and_border(abdomen, tmp_path):
     assert rows["spleen"]["mean_hu"] == pytest.approx(32, abs=3)
     assert rows["liver"]["std_hu"] == pytest.approx(hu[liver].std(), rel=1e-6)
     assert rows["kidney_left"]["mean_confidence"] == pytest.approx(0.88)
+    assert rows["kidney_left"]["low_confidence"] == (0.88 < LOW_CONFIDENCE)
+    assert all(r["low_confidence"] == (not r["empty"] and r["mean_confidence"] < LOW_CONFIDENCE)
+               for r in rows.values())
+    assert not rows["pancreas_tumor"]["low_confidence"]  # nothing found is not "found with low confidence"
     # The liver reaches the edge of this crop; the kidney does not until we give it a voxel on the last slice.
     assert liver[:, :, -1].any() or liver[:, :, 0].any() or liver[0].any() or liver[-1].any()
     assert rows["liver"]["touches_border"] and not rows["kidney_left"]["touches_border"]

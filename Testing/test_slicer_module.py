@@ -315,6 +315,19 @@ def test_statistics_warnings(tmp_path):
         [], ["low confidence (0.60)", "touches the scan border (may be cut off)"], ["not found in this scan"]]
 
 
+def test_statistics_warnings_follow_the_backends_flag(tmp_path):
+    from UniversalSegLib.io.stats import LOW_CONFIDENCE
+
+    assert backend.LOW_CONFIDENCE == LOW_CONFIDENCE  # same rule for files written without the flag
+    path = tmp_path / "statistics.json"
+    path.write_text(json.dumps({"classes": [
+        {"key": "liver", "name": "Liver", "voxel_count": 10, "mean_confidence": 0.97, "low_confidence": True},
+        {"key": "spleen", "name": "Spleen", "voxel_count": 10, "mean_confidence": 0.5, "low_confidence": False},
+        {"key": "heart", "name": "Heart", "voxel_count": 10, "mean_confidence": LOW_CONFIDENCE - 0.01}]}))
+    assert [r.warnings() for r in backend.load_statistics(path)] == [
+        ["low confidence (0.97)"], [], [f"low confidence ({LOW_CONFIDENCE - 0.01:.2f})"]]
+
+
 def _spawning_script(marker: Path) -> str:
     """A parent that starts a child, prints both pids, writes a file and sleeps (a stand-in backend)."""
     return textwrap.dedent(f"""

@@ -49,7 +49,7 @@ def worker(options: set[str], steps: int, warmup: int) -> dict:
     cfg = recipe_train.training_settings(recipe, torch.device("cpu"))
     bundle = recipe_train.Bundle(RECIPE_DIR / "build" / "bundle.npz", torch.device("cpu"))
     pipeline = build_generalisation_pipeline(spacing_mm=recipe["preprocessing"]["spacing"],
-                                             class_keys=bundle.class_keys, seed=0)
+                                             class_keys=bundle.class_keys, seed=0, **recipe.get("generalise", {}))
     model = build_model(recipe_train.make_manifest(recipe, bundle, steps), bundle.embeddings)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn, gen = PartialLabelLoss(), torch.Generator().manual_seed(0)

@@ -23,8 +23,10 @@ from UniversalSegModuleLib.process import STDERR, ProcessRunner, RunningProcess
 BACKEND_MODULE = "UniversalSegLib"
 DEVICES = ("auto", "cuda", "cpu")
 DEFAULT_FORMATS = ("seg.nrrd", "stats")
-# Mean probability inside a mask is at least the 0.5 threshold by construction, so "low" starts higher.
-LOW_CONFIDENCE = 0.7
+# For statistics files without the backend's `low_confidence` flag: the backend's threshold
+# (UniversalSegLib/io/stats.py, which this process cannot import). Mean probability inside a mask
+# is at least the 0.5 threshold by construction, so "low" starts high.
+LOW_CONFIDENCE = 0.9
 
 
 class BackendError(RuntimeError):
@@ -267,6 +269,7 @@ class SegmentStatistics:
     mean_hu: float | None = None
     std_hu: float | None = None
     mean_confidence: float | None = None
+    low_confidence: bool | None = None  # the backend's flag (io/stats.py); older files lack it
     touches_border: bool = False
     empty: bool = False
 
@@ -279,7 +282,9 @@ class SegmentStatistics:
         if self.empty or self.voxel_count == 0:
             return ["not found in this scan"]
         found = []
-        if self.mean_confidence is not None and self.mean_confidence < low_confidence:
+        flagged = self.low_confidence if self.low_confidence is not None else (
+            self.mean_confidence is not None and self.mean_confidence < low_confidence)
+        if flagged and self.mean_confidence is not None:
             found.append(f"low confidence ({self.mean_confidence:.2f})")
         if self.touches_border:
             found.append("touches the scan border (may be cut off)")

@@ -65,3 +65,54 @@ class PartialLabelLoss(nn.Module):
         dice = dice * supervised  # exactly 0 (and no gradient) for classes nobody annotates
         total = (self.bce_weight * bce + self.dice_weight * dice).sum()
         return LossTerms(total=total, bce=bce.detach(), dice=dice.detach(), supervised=supervised)
+
+
+def exclusion_loss(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
+                   may_overlap: torch.Tensor) -> torch.Tensor:
+    """BCE towards 0 for UNannotated classes, only on voxels an annotated, unrelated class claims.
+
+    A source that labels the heart says nothing about the spleen in general, but it does say that
+    its heart voxels are not spleen: distinct structures of one label map never share voxels
+    (the exclusion idea of Shi et al. 2021, marginal and exclusion losses). `may_overlap` (K, K)
+    bool marks the pairs that can share voxels (a class with itself, a tumour with its organ);
+    every other pair excludes. Per (sample, class) the BCE is averaged over all voxels, like
+    `PartialLabelLoss`, then summed over classes and averaged over samples. Annotated pairs add
+    nothing here (the partial-label loss covers them); neither do voxels no annotated class claims.
+
+    logits, target: (B, K, *spatial); annotated: (B, K) bool. Returns a scalar.
+    """
+    if logits.shape != target.shape or annotated.shape != logits.shape[:2] or may_overlap.shape != (
+            logits.shape[1], logits.shape[1]):
+        raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
+                         f"annotated {tuple(annotated.shape)}, may_overlap {tuple(may_overlap.shape)}")
+    logits = logits.float()
+    mask = annotated.to(device=logits.device, dtype=torch.bool)
+    claimed = target.to(logits.dtype) * mask.to(logits.dtype).reshape(*mask.shape, *([1] * (logits.dim() - 2)))
+    excludes = (~may_overlap.to(logits.device)).to(logits.dtype)
+    # region[b, c] = voxels some annotated class k, exclusive with c, marks as its own
+    region = torch.einsum("ck,bk...->bc...", excludes, claimed) > 0
+    region &= ~mask.reshape(*mask.shape, *([1] * (logits.dim() - 2)))
+    bce = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    return (bce * region).flatten(2).mean(2).sum(1).mean(0)
+
+
+def overlap_matrix(classes) -> torch.Tensor:
+    """(K, K) bool: pairs of classes (registry `ClassInfo`s, model order) that may share voxels.
+
+    A class overlaps itself and its ancestors and descendants through `parents` (tumour and organ,
+    lumen and aorta); all other pairs are distinct structures.
+    """
+    keys = [c.key for c in classes]
+    parents = {c.key: set(c.parents) for c in classes}
+
+    def ancestors(key: str) -> set[str]:
+        seen, todo = set(), list(parents.get(key, ()))
+        while todo:
+            k = todo.pop()
+            if k not in seen:
+                seen.add(k)
+                todo.extend(parents.get(k, ()))
+        return seen
+
+    up = {k: ancestors(k) for k in keys}
+    return torch.tensor([[a == b or b in up[a] or a in up[b] for b in keys] for a in keys])

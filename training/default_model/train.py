@@ -28,7 +28,7 @@ from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16
 from UniversalSegLib.registry import default_registry
 from UniversalSegLib.runtime import retain_freed_memory
 from UniversalSegLib.store import Manifest, Preprocessing, build_model, save_model
-from UniversalSegLib.train.losses import PartialLabelLoss
+from UniversalSegLib.train.losses import PartialLabelLoss, exclusion_loss, overlap_matrix
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,6 +63,8 @@ class Bundle:
                     sid = structure_id(key)
                     if sid is not None:
                         self.structures[src["scan"]][self.structures[src["scan"]] == sid] = 0
+            if not src["classes"]:  # every label of this source left out: its scan serves no loss
+                continue
             idx = torch.tensor([self.class_keys.index(k) for k in src["classes"]], device=device)
             # foreground voxels per class, for class-balanced crop centres
             fg = [torch.nonzero(labels[c]) for c in range(labels.shape[0])]
@@ -105,12 +107,9 @@ def sample_patch(bundle: Bundle, source: dict, patch: int, fg_ratio: float, gen:
     offsets = torch.arange(patch, dtype=torch.float32) - (patch - 1) / 2
     grid = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1)  # (P,P,P,3) voxel units
     coords = grid.to(device) @ matrix.T.to(device) + centre.to(device)
-    norm = (2 * coords / (size.to(device) - 1) - 1).flip(-1)[None]  # grid_sample wants (z, y, x) of (X, Y, Z)
-    img = F.grid_sample(image[None], norm, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-    lab = F.grid_sample(source["labels"][None].float(), norm, mode="bilinear", padding_mode="zeros",
-                        align_corners=True)[0] > 0.5
-    structures = F.grid_sample(bundle.structures[source["scan"]][None], norm, mode="nearest", padding_mode="zeros",
-                               align_corners=True)[0, 0]
+    img = resample_at(image, coords, "bilinear")
+    lab = resample_at(source["labels"], coords, "bilinear") > 0.5
+    structures = resample_at(bundle.structures[source["scan"]], coords, "nearest")[0]
     target = torch.zeros((num_classes, patch, patch, patch), device=device)
     target[source["idx"]] = lab.float()
     annotated = torch.zeros(num_classes, dtype=torch.bool, device=device)
@@ -118,6 +117,25 @@ def sample_patch(bundle: Bundle, source: dict, patch: int, fg_ratio: float, gen:
     if spatial_augment:
         img = intensity_augment(img, gen)
     return {"image": img, "label": target, "annotated": annotated, "structure_map": structures.to(torch.int16)}
+
+
+def resample_at(volume: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
+    """`volume` (C, X, Y, Z) sampled at voxel coordinates `coords` (..., 3), zeros outside; float (C, ...).
+
+    Only the box the coordinates touch is converted and resampled: converting a whole multi-class
+    label volume to float for every patch cost more than the patch itself.
+    """
+    size = volume.shape[1:]
+    flat = coords.reshape(-1, 3)
+    lo = flat.amin(0).floor().clamp(min=0).long().tolist()
+    hi = [min(int(h) + 2, n) for h, n in zip(flat.amax(0).ceil().tolist(), size)]
+    lo = [min(a, max(0, n - 2)) for a, n in zip(lo, size)]  # at least two voxels a side: exact normalisation
+    box = tuple(slice(a, max(a + 2, b)) for a, b in zip(lo, hi))
+    box_size = torch.tensor([s.stop - s.start for s in box], dtype=torch.float32, device=coords.device)
+    local = coords - torch.tensor(lo, dtype=torch.float32, device=coords.device)
+    norm = (2 * local / (box_size - 1) - 1).flip(-1)[None]  # grid_sample wants (z, y, x) of (X, Y, Z)
+    return F.grid_sample(volume[(slice(None), *box)][None].float(), norm, mode=mode, padding_mode="zeros",
+                         align_corners=True)[0]
 
 
 def intensity_augment(img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -171,6 +189,16 @@ def make_manifest(recipe: dict, bundle: Bundle, steps: int) -> Manifest:
                     "created": time.strftime("%Y-%m-%d")})
 
 
+def initial_weights(model_dir: Path, class_keys: list[str]) -> dict[str, torch.Tensor]:
+    """The weights of an existing model with the same classes in the same order (the refine stage)."""
+    from UniversalSegLib.store import load_model
+
+    loaded = load_model(model_dir)
+    if loaded.manifest.class_keys != class_keys:
+        raise SystemExit(f"--init: {model_dir} has other classes than the recipe")
+    return {k: v.float() for k, v in loaded.model.state_dict().items()}
+
+
 def training_settings(recipe: dict, device: torch.device) -> dict:
     """The recipe's `train` section, with its `cpu` overrides applied when training on the CPU."""
     cfg = {k: v for k, v in recipe["train"].items() if k != "cpu"}
@@ -196,13 +224,16 @@ def main() -> None:
                     help="hold out this fraction of slices at the top of every scan (evaluate.py --holdout-top)")
     ap.add_argument("--patch", type=int, default=None, help="training patch edge (default: the recipe's)")
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    ap.add_argument("--init", default=None, metavar="MODEL_DIR",
+                    help="refine: start from this model's weights (same classes), not from scratch")
     args = ap.parse_args()
     recipe = yaml.safe_load((HERE / "recipe.yaml").read_text())
     device = torch.device(args.device)
     if device.type == "cpu":
         retain_freed_memory()  # ~2x faster steps on CPU (no page-fault churn)
     cfg = training_settings(recipe, device)
-    cfg.update({k: v for k, v in {"patch": args.patch, "batch_size": args.batch_size}.items() if v})
+    cfg.update({k: v for k, v in {"patch": args.patch, "batch_size": args.batch_size, "lr": args.lr}.items() if v})
     steps = args.steps or cfg["steps"]
     torch.manual_seed(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
@@ -213,10 +244,14 @@ def main() -> None:
         from UniversalSegLib.data.synth import build_generalisation_pipeline
 
         pipeline = build_generalisation_pipeline(spacing_mm=recipe["preprocessing"]["spacing"],
-                                                 class_keys=bundle.class_keys, seed=cfg["seed"])
+                                                 class_keys=bundle.class_keys, seed=cfg["seed"],
+                                                 **recipe.get("generalise", {}))
     manifest = make_manifest(recipe, bundle, steps)
     manifest.provenance.update({"augment": args.augment, "dropped_labels": drop, "holdout_top": args.holdout_top})
     model = build_model(manifest, bundle.embeddings).to(device)
+    if args.init and not args.resume:
+        model.load_state_dict(initial_weights(Path(args.init), bundle.class_keys))
+        manifest.provenance["refined_from"] = str(args.init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     warm = cfg["warmup_steps"]
     total = {"steps": steps}  # mutable: --time-budget may shorten the run
@@ -247,6 +282,8 @@ def main() -> None:
     t0, amp = time.time(), device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
     print(f"{device}: patch {cfg['patch']}^3, batch {cfg['batch_size']}, {steps} steps, bf16 {amp}", flush=True)
     k = len(bundle.class_keys)
+    exclusion = float(cfg.get("exclusion_weight", 0.0))
+    may_overlap = overlap_matrix(manifest.classes).to(device)
     step = start
     while step < total["steps"]:
         model.train()
@@ -259,12 +296,16 @@ def main() -> None:
         if pipeline is not None:
             with torch.no_grad():
                 batch = pipeline(batch)
-        # only the heads of classes some patch annotates: the others would get zero loss anyway
-        classes = batch["annotated"].any(0).nonzero()[:, 0]
+        if exclusion:  # every head: unannotated classes learn where they are NOT (exclusion loss)
+            classes = torch.arange(k, device=device)
+        else:  # only the heads of classes some patch annotates: the others would get zero loss anyway
+            classes = batch["annotated"].any(0).nonzero()[:, 0]
         image, target, annotated = batch["image"], batch["label"][:, classes], batch["annotated"][:, classes]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(image, classes)
         loss = loss_fn(logits.float(), target, annotated).total
+        if exclusion:
+            loss = loss + exclusion * exclusion_loss(logits, target, annotated, may_overlap)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])

@@ -1,0 +1,104 @@
+"""The default model's recipe scripts (training/default_model): patch sampling, refinement start, and
+the variants issue 8's cross-scan checks run on (slab, padded field of view, resampled copy)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "training" / "default_model"
+sys.path.insert(0, str(RECIPE_DIR))
+import check_generalisation as checks  # noqa: E402
+import train as recipe_train  # noqa: E402
+
+
+def _whole_volume(volume: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reference: resample the whole volume (what sample_patch did before cropping to the patch's box)."""
+    size = torch.tensor(volume.shape[1:], dtype=torch.float32)
+    norm = (2 * coords / (size - 1) - 1).flip(-1)[None]
+    return F.grid_sample(volume[None].float(), norm, mode=mode, padding_mode="zeros", align_corners=True)[0]
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("seed", range(6))
+def test_resampling_the_patch_box_equals_resampling_the_whole_volume(seed, mode):
+    """Rotated, scaled patches inside, across and wholly outside the volume's border."""
+    g = torch.Generator().manual_seed(seed)
+    volume = torch.randint(0, 9, (3, 30, 26, 22), generator=g).to(torch.uint8)
+    offsets = torch.arange(12, dtype=torch.float32) - 5.5
+    grid = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1)
+    matrix = recipe_train.random_rotation(g, 40.0, 20.0) * (0.7 + 0.6 * torch.rand(3, generator=g))
+    centre = torch.tensor([-12.0, 0.0, 0.0]) + torch.rand(3, generator=g) * torch.tensor([60.0, 30.0, 25.0])
+    coords = grid @ matrix.T + centre
+    got = recipe_train.resample_at(volume, coords, mode)
+    expected = _whole_volume(volume, coords, mode)
+    if mode == "bilinear":
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    else:  # nearest: a coordinate exactly between two voxels may round either way
+        assert (got != expected).float().mean() < 1e-3
+    assert got.shape == (3, 12, 12, 12)
+
+
+def test_patch_carries_its_source_labels_in_model_class_order():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.zeros((2, 30, 30, 30), dtype=torch.uint8)
+    labels[0, 10:20, 10:20, 10:20] = 1
+    image = torch.rand((1, 30, 30, 30), generator=g)
+    fg = [torch.nonzero(labels[0]), torch.zeros((0, 3))]
+    source = {"scan": 0, "labels": labels, "idx": torch.tensor([3, 1]), "fg": fg}
+    bundle = SimpleNamespace(images=[image], structures=[torch.zeros((1, 30, 30, 30))], sources=[source])
+    patch = recipe_train.sample_patch(bundle, source, 16, 1.0, g, 5, spatial_augment=False)
+    assert patch["annotated"].nonzero()[:, 0].tolist() == [1, 3]
+    assert patch["label"][3].sum() > 0 and patch["label"][[0, 1, 2, 4]].sum() == 0
+    assert patch["image"].shape == (1, 16, 16, 16)
+
+
+def test_refinement_refuses_a_model_with_other_classes():
+    from UniversalSegLib.store import load_model
+
+    keys = load_model().manifest.class_keys
+    weights = recipe_train.initial_weights(load_model().path, list(keys))
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    with pytest.raises(SystemExit, match="other classes"):
+        recipe_train.initial_weights(load_model().path, list(reversed(keys)))
+
+
+def _image(shape=(20, 16, 12), spacing=(2.0, 1.5, 3.0), origin=(-10.0, 5.0, 30.0)):
+    array = np.arange(np.prod(shape), dtype=np.int16).reshape(shape[::-1]) % 300
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    return image
+
+
+def test_slab_keeps_geometry_of_the_chosen_slices():
+    image = _image()
+    part = checks.slab(image, 4, 5)
+    assert part.GetSize() == (20, 16, 5)
+    assert part.GetOrigin() == pytest.approx(image.TransformIndexToPhysicalPoint((0, 0, 4)))
+    assert np.array_equal(sitk.GetArrayFromImage(part), sitk.GetArrayFromImage(image)[4:9])
+
+
+def test_padding_reaches_the_field_of_view_and_keeps_the_anatomy_in_place():
+    image = _image()
+    padded = checks.pad_plane(image, 100.0, -1024.0)
+    size, spacing = padded.GetSize(), padded.GetSpacing()
+    assert abs(size[0] * spacing[0] - 100.0) <= 2 * spacing[0] and abs(size[1] * spacing[1] - 100.0) <= 2 * spacing[1]
+    assert size[2] == image.GetSize()[2]
+    index = padded.TransformPhysicalPointToIndex(image.TransformIndexToPhysicalPoint((3, 7, 2)))
+    assert padded[index] == image[3, 7, 2] and padded[0, 0, 0] == -1024
+
+
+def test_resampled_copy_covers_the_same_extent():
+    image = _image()
+    fine = checks.resample(image, (1.0, 1.0, 6.0), sitk.sitkNearestNeighbor, 0)
+    assert fine.GetSize() == (40, 24, 6)
+    assert fine.GetOrigin() == image.GetOrigin()
+    assert fine[4, 6, 1] == image[2, 4, 2]

@@ -1,0 +1,136 @@
+"""Issue 8's cross-scan checks of a model, through the production path (`predict` on the input grid).
+
+    python training/default_model/check_generalisation.py [--model DIR] [--data DIR] [--out DIR] [--json F]
+
+- robustness on scan A: the full scan, a 13-slice and a 30-slice slab, the plane padded with air to
+  a 500 mm field of view, and a copy resampled to 0.8 x 0.8 x 5 mm. Dice of liver, spleen and
+  kidneys against the labels on each variant's grid; the target is within 0.1 of the full scan.
+- confidence (the statistics' `mean_confidence`) on CT A against the MR volume (modality check off),
+  and for structures absent from the field of view (a pelvic slab of A, the chest scan C).
+- what the model predicts for liver, spleen, kidneys and aorta on scans B and C (which have no such
+  labels): a PNG preview and the statistics table each, under --out.
+
+Slabs are centred on the kidneys' mid level, where all four organs are in view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from UniversalSegLib.continual.evaluate import dice
+from UniversalSegLib.inference.predict import predict
+from UniversalSegLib.io.geometry import full_mask, mask_parts
+from UniversalSegLib.io.preview import write_preview
+from UniversalSegLib.io.stats import compute_statistics, write_statistics
+from UniversalSegLib.store import load_model
+
+REPO = Path(__file__).resolve().parents[2]
+ORGANS = {"liver": 5, "spleen": 1, "kidney_left": 3, "kidney_right": 2}  # TotalSegmentator v2 ids in A's map
+SHOWN = [*ORGANS, "aorta"]
+
+
+def slab(image: sitk.Image, first: int, count: int) -> sitk.Image:
+    """Slices first..first+count-1 along the image's third index axis (its own geometry kept)."""
+    size = list(image.GetSize())
+    return sitk.RegionOfInterest(image, [size[0], size[1], count], [0, 0, first])
+
+
+def pad_plane(image: sitk.Image, fov_mm: float, value: float) -> sitk.Image:
+    """Pad both in-plane axes symmetrically to `fov_mm` (a large field of view, air around the body)."""
+    pad = [max(0, int(round((fov_mm / s - n) / 2))) for n, s in zip(image.GetSize()[:2], image.GetSpacing()[:2])]
+    return sitk.ConstantPad(image, [*pad, 0], [*pad, 0], value)
+
+
+def resample(image: sitk.Image, spacing: tuple[float, float, float], interpolator: int, value: float) -> sitk.Image:
+    size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing,
+                         image.GetDirection(), value, image.GetPixelID())
+
+
+def organ_scores(result, labels: sitk.Image) -> dict[str, float | None]:
+    truth = sitk.GetArrayViewFromImage(labels)
+    masks = {c.info.key: full_mask(*mask_parts(c), truth.shape) for c in result.classes}
+    return {k: dice(masks[k], truth == v) for k, v in ORGANS.items() if k in masks}
+
+
+def confidences(result) -> dict[str, dict]:
+    return {row["key"]: {"volume_ml": round(row["volume_ml"], 1), "confidence": round(row["mean_confidence"], 3)}
+            for row in compute_statistics(result)}
+
+
+def kidney_mid_slice(labels: sitk.Image) -> int:
+    z = np.nonzero(np.isin(sitk.GetArrayViewFromImage(labels), [ORGANS["kidney_left"], ORGANS["kidney_right"]]))[0]
+    return int(round((z.min() + z.max()) / 2))
+
+
+def robustness(model, ct: sitk.Image, labels: sitk.Image) -> dict:
+    mid, depth = kidney_mid_slice(labels), ct.GetSize()[2]
+    variants = {"full": (ct, labels)}
+    for count in (13, 30):
+        first = int(np.clip(mid - count // 2, 0, depth - count))
+        variants[f"slab_{count}"] = (slab(ct, first, count), slab(labels, first, count))
+    variants["fov_500mm"] = (pad_plane(ct, 500.0, -1024.0), pad_plane(labels, 500.0, 0))
+    fine = (0.8, 0.8, 5.0)
+    variants["resampled_0.8x0.8x5mm"] = (resample(ct, fine, sitk.sitkLinear, -1024.0),
+                                        resample(labels, fine, sitk.sitkNearestNeighbor, 0))
+    out = {}
+    for name, (image, truth) in variants.items():
+        t = time.perf_counter()
+        result = predict(image, model, classes=list(ORGANS), device="cpu")
+        out[name] = {"dice": {k: round(v, 3) for k, v in organ_scores(result, truth).items()},
+                     "confidence": {k: v["confidence"] for k, v in confidences(result).items()},
+                     "size": list(image.GetSize()), "seconds": round(time.perf_counter() - t, 1)}
+        print(name, out[name], flush=True)
+    full = out["full"]["dice"]
+    out["worst_drop"] = {k: round(max(full[k] - out[v]["dice"][k] for v in out if v != "full"), 3) for k in full}
+    return out
+
+
+def absent_and_mr(model, data: Path, ct: sitk.Image, labels: sitk.Image, outdir: Path) -> dict:
+    """Confidence on CT A, on the MR (modality check off), on a pelvic slab of A and on the chest scan C."""
+    out = {"ct_A": confidences(predict(ct, model, classes=SHOWN, device="cpu"))}
+    mr = sitk.ReadImage(str(data / "mr-abdomen" / "mr_small.nii.gz"), sitk.sitkFloat32)
+    out["mr"] = confidences(predict(mr, model, classes=SHOWN, device="cpu", allow_non_ct=True))
+    organ_z = np.nonzero(np.isin(sitk.GetArrayViewFromImage(labels), list(ORGANS.values())))[0]
+    pelvis = slab(ct, 0, max(10, int(organ_z.min()) - 2))  # below every organ: none of them is in view
+    out["pelvis_slab_A"] = confidences(predict(pelvis, model, classes=SHOWN, device="cpu"))
+    for name, folder in (("B", "ct-thorax-aorta"), ("C", "ct-chest-pa")):
+        result = predict(str(data / folder / "ct.nii.gz"), model, classes=SHOWN, device="cpu")
+        out[f"scan_{name}"] = confidences(result)
+        write_preview(result, outdir / f"scan_{name}_preview.png")
+        write_statistics(result, outdir / f"scan_{name}_statistics.csv", outdir / f"scan_{name}_statistics.json")
+    for key in ("mr", "pelvis_slab_A", "scan_B", "scan_C"):
+        print(key, out[key], flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model folder or name (default: the bundled model)")
+    ap.add_argument("--data", default=str(REPO / "Testing" / "data" / "shared"), help="the shared scans")
+    ap.add_argument("--out", default="out/generalisation", help="previews and statistics of scans B and C")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--only", choices=["robustness", "confidence"], default=None)
+    args = ap.parse_args()
+    data, outdir = Path(args.data), Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model)
+    ct = sitk.ReadImage(str(data / "ct-abdomen" / "ct.nii.gz"))
+    labels = sitk.ReadImage(str(data / "ct-abdomen" / "labels_totalsegmentator_v2.nii.gz"))
+    report = {"model": str(model.path)}
+    if args.only in (None, "robustness"):
+        report["robustness_A"] = robustness(model, ct, labels)
+    if args.only in (None, "confidence"):
+        report["confidence"] = absent_and_mr(model, data, ct, labels, outdir)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
