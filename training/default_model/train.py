@@ -249,9 +249,10 @@ def main() -> None:
     manifest = make_manifest(recipe, bundle, steps)
     manifest.provenance.update({"augment": args.augment, "dropped_labels": drop, "holdout_top": args.holdout_top})
     model = build_model(manifest, bundle.embeddings).to(device)
-    if args.init and not args.resume:
-        model.load_state_dict(initial_weights(Path(args.init), bundle.class_keys))
+    if args.init:
         manifest.provenance["refined_from"] = str(args.init)
+        if not args.resume:  # a resumed run has these weights' descendants in its checkpoint
+            model.load_state_dict(initial_weights(Path(args.init), bundle.class_keys))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     warm = cfg["warmup_steps"]
     total = {"steps": steps}  # mutable: --time-budget may shorten the run
@@ -280,7 +281,8 @@ def main() -> None:
     log = open(run / "log.csv", "a")
     # bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX: ~3x faster than float32)
     t0, amp = time.time(), device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-    print(f"{device}: patch {cfg['patch']}^3, batch {cfg['batch_size']}, {steps} steps, bf16 {amp}", flush=True)
+    print(f"{device}: patch {cfg['patch']}^3, batch {cfg['batch_size']}, {total['steps']} steps, bf16 {amp}",
+          flush=True)
     k = len(bundle.class_keys)
     exclusion = float(cfg.get("exclusion_weight", 0.0))
     may_overlap = overlap_matrix(manifest.classes).to(device)
