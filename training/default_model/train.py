@@ -122,8 +122,8 @@ def sample_patch(bundle: Bundle, source: dict, patch: int, fg_ratio: float, gen:
 def resample_at(volume: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
     """`volume` (C, X, Y, Z) sampled at voxel coordinates `coords` (..., 3), zeros outside; float (C, ...).
 
-    Only the box the coordinates touch is converted and resampled: converting a whole multi-class
-    label volume to float for every patch cost more than the patch itself.
+    Only the box the coordinates touch is converted and resampled (measured on 2 idle cores: the
+    same 0.11 s per 64^3 patch as resampling whole volumes; it bounds the float copy's memory).
     """
     size = volume.shape[1:]
     flat = coords.reshape(-1, 3)
