@@ -63,11 +63,12 @@ def test_patch_carries_its_source_labels_in_model_class_order():
 def test_refinement_refuses_a_model_with_other_classes():
     from UniversalSegLib.store import load_model
 
-    keys = load_model().manifest.class_keys
-    weights = recipe_train.initial_weights(load_model().path, list(keys))
+    bundled = load_model()
+    keys = bundled.manifest.class_keys
+    weights = recipe_train.initial_weights(bundled.path, list(keys))
     assert all(v.dtype == torch.float32 for v in weights.values())
     with pytest.raises(SystemExit, match="other classes"):
-        recipe_train.initial_weights(load_model().path, list(reversed(keys)))
+        recipe_train.initial_weights(bundled.path, list(reversed(keys)))
 
 
 def _image(shape=(20, 16, 12), spacing=(2.0, 1.5, 3.0), origin=(-10.0, 5.0, 30.0)):

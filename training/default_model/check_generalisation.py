@@ -59,9 +59,10 @@ def organ_scores(result, labels: sitk.Image) -> dict[str, float | None]:
     return {k: dice(masks[k], truth == v) for k, v in ORGANS.items() if k in masks}
 
 
-def confidences(result) -> dict[str, dict]:
+def confidences(result, rows: list[dict] | None = None) -> dict[str, dict]:
+    """Volume and mean confidence per class, from the statistics rows (computed when not given)."""
     return {row["key"]: {"volume_ml": round(row["volume_ml"], 1), "confidence": round(row["mean_confidence"], 3)}
-            for row in compute_statistics(result)}
+            for row in rows or compute_statistics(result)}
 
 
 def kidney_mid_slice(labels: sitk.Image) -> int:
@@ -102,9 +103,9 @@ def absent_and_mr(model, data: Path, ct: sitk.Image, labels: sitk.Image, outdir:
     out["pelvis_slab_A"] = confidences(predict(pelvis, model, classes=SHOWN, device="cpu"))
     for name, folder in (("B", "ct-thorax-aorta"), ("C", "ct-chest-pa")):
         result = predict(str(data / folder / "ct.nii.gz"), model, classes=SHOWN, device="cpu")
-        out[f"scan_{name}"] = confidences(result)
+        rows = write_statistics(result, outdir / f"scan_{name}_statistics.csv", outdir / f"scan_{name}_statistics.json")
+        out[f"scan_{name}"] = confidences(result, rows)
         write_preview(result, outdir / f"scan_{name}_preview.png")
-        write_statistics(result, outdir / f"scan_{name}_statistics.csv", outdir / f"scan_{name}_statistics.json")
     for key in ("mr", "pelvis_slab_A", "scan_B", "scan_C"):
         print(key, out[key], flush=True)
     return out

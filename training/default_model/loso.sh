@@ -6,6 +6,7 @@
 # `generalise` started from stage 1 (domain randomisation, exclusion loss), then evaluate.py.
 #
 #   bash training/default_model/loso.sh [RUN_DIR]          # env: DEVICE, STAGE1_STEPS, STAGE2_STEPS
+# (with the project's .venv active: it calls `python`)
 #
 # On one GPU both directions share it (small batches leave it mostly idle). On a 2-core CPU each
 # direction gets one core; expect ~8 s/step, so keep the step counts small there.

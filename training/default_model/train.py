@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16
 from UniversalSegLib.registry import default_registry
 from UniversalSegLib.runtime import retain_freed_memory
-from UniversalSegLib.store import Manifest, Preprocessing, build_model, save_model
+from UniversalSegLib.store import Manifest, Preprocessing, build_model, load_model, save_model
 from UniversalSegLib.train.losses import PartialLabelLoss, exclusion_loss, overlap_matrix
 
 HERE = Path(__file__).resolve().parent
@@ -191,8 +191,6 @@ def make_manifest(recipe: dict, bundle: Bundle, steps: int) -> Manifest:
 
 def initial_weights(model_dir: Path, class_keys: list[str]) -> dict[str, torch.Tensor]:
     """The weights of an existing model with the same classes in the same order (the refine stage)."""
-    from UniversalSegLib.store import load_model
-
     loaded = load_model(model_dir)
     if loaded.manifest.class_keys != class_keys:
         raise SystemExit(f"--init: {model_dir} has other classes than the recipe")
@@ -268,8 +266,6 @@ def main() -> None:
     run.mkdir(parents=True, exist_ok=True)
     start = 0
     if args.resume and (run / "last" / "manifest.json").exists():
-        from UniversalSegLib.store import load_model
-
         model.load_state_dict(load_model(run / "last").model.state_dict())
         state = load_optimizer(run / "optimizer.safetensors", optimizer, device)
         start = state["step"]
