@@ -19,6 +19,7 @@ import cc3d
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
+from UniversalSegLib.components import connected_components
 from UniversalSegLib.registry import Registry
 
 SIDES = ("left", "right")
@@ -59,7 +60,7 @@ def split_left_right(mask: np.ndarray, midline: float | None = None) -> tuple[np
     on one side stays whole and a bridged pair is cut at the body midline.
     """
     mask = np.asarray(mask, dtype=bool)
-    labels, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+    labels, n = connected_components(mask, connectivity=26, return_N=True)
     if n == 0:
         return np.zeros_like(mask), np.zeros_like(mask)
     if n == 1:

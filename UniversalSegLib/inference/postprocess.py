@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import cc3d
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from UniversalSegLib.components import largest_k
 from UniversalSegLib.inference.masks import BoxMask, union_box
 from UniversalSegLib.registry import ClassInfo
 
@@ -33,7 +33,7 @@ def largest_component(mask: BoxMask) -> BoxMask:
     """The largest 26-connected component of `mask`."""
     if not mask:
         return mask
-    return BoxMask(mask.shape, mask.start, cc3d.largest_k(mask.crop(), k=1, connectivity=26) > 0)
+    return BoxMask(mask.shape, mask.start, largest_k(mask.crop(), k=1, connectivity=26) > 0)
 
 
 def _lps_x(reference: sitk.Image, centroid_zyx: Sequence[float], offset_zyx: Sequence[int]) -> float:
@@ -52,7 +52,7 @@ def split_pair(left: BoxMask, right: BoxMask, reference: sitk.Image) -> tuple[Bo
         return left, right
     start, stop = box
     own_left, own_right = left.region(start, stop), right.region(start, stop)
-    labels = cc3d.largest_k(own_left | own_right, k=2, connectivity=26)
+    labels = largest_k(own_left | own_right, k=2, connectivity=26)
     components = [labels == n for n in (1, 2) if (labels == n).any()]
     if len(components) == 1:
         only = components[0]

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import product
 
-import cc3d
 import numpy as np
 import SimpleITK as sitk
 
+from UniversalSegLib.components import connected_components, largest_k
 from UniversalSegLib.inference.masks import BoxMask, bounding_box
 from UniversalSegLib.inference.preprocess import ModelGrid
 
@@ -90,7 +90,7 @@ class _Piece:
 
 def _component_sums(inside: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per connected component of `inside`: the flat index of one of its voxels, its values' sum, its size."""
-    labels, n = cc3d.connected_components(inside, connectivity=26, return_N=True)
+    labels, n = connected_components(inside, connectivity=26, return_N=True)
     where = np.flatnonzero(labels)
     label = labels.ravel()[where]
     voxel = np.zeros(n + 1, np.int64)
@@ -204,7 +204,7 @@ class SlabRestorer:
                 values[region][mask] = piece.values
         total, count = self._sum, self._count
         if self.largest_only and inside.any():
-            inside = cc3d.largest_k(inside, k=1, connectivity=26) > 0
+            inside = largest_k(inside, k=1, connectivity=26) > 0
             total, count = 0.0, 0
             for piece in self._pieces:  # a slab's component is in the largest iff one of its voxels is
                 voxel, sums, sizes = piece.components
