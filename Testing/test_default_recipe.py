@@ -103,3 +103,26 @@ def test_resampled_copy_covers_the_same_extent():
     assert fine.GetSize() == (40, 24, 6)
     assert fine.GetOrigin() == image.GetOrigin()
     assert fine[4, 6, 1] == image[2, 4, 2]
+
+
+def test_heads_to_run_without_exclusion_are_the_annotated_ones():
+    annotated = torch.zeros(2, 10, dtype=torch.bool)
+    annotated[0, [1, 4]] = annotated[1, 7] = True
+    classes, scale = recipe_train.heads_to_run(annotated, 0.0, 3, torch.Generator().manual_seed(0))
+    assert classes.tolist() == [1, 4, 7] and scale == 0.0
+
+
+def test_heads_to_run_sample_unannotated_classes_and_scale_the_exclusion_loss():
+    annotated = torch.zeros(2, 10, dtype=torch.bool)
+    annotated[0, [1, 4]] = annotated[1, 7] = True
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        classes, scale = recipe_train.heads_to_run(annotated, 5.0, 3, gen)
+        assert {1, 4, 7} <= set(classes.tolist()) and len(classes) == 6
+        assert classes.tolist() == sorted(classes.tolist())
+        assert scale == pytest.approx(7 / 3)  # 7 unannotated classes, 3 sampled per step
+        seen |= set(classes.tolist()) - {1, 4, 7}
+    assert seen == {0, 2, 3, 5, 6, 8, 9}  # every unannotated class gets its turn
+    every, scale = recipe_train.heads_to_run(annotated, 5.0, 0, gen)  # 0: all heads, unscaled
+    assert every.tolist() == list(range(10)) and scale == 1.0

@@ -197,6 +197,26 @@ def initial_weights(model_dir: Path, class_keys: list[str]) -> dict[str, torch.T
     return {k: v.float() for k, v in loaded.model.state_dict().items()}
 
 
+def heads_to_run(annotated: torch.Tensor, exclusion: float, exclusion_classes: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """The class heads one step runs, and the factor that keeps the exclusion loss's scale.
+
+    Without the exclusion loss only the classes some patch annotates (the others get no loss).
+    With it, the unannotated heads learn where they are NOT: all of them, or a random
+    `exclusion_classes` of them, weighted up by (unannotated / sampled) so the expected loss is
+    the same. Heads cost ~30 ms each per step on 2 CPU cores at batch 2 x 64^3.
+    """
+    device = annotated.device
+    some = annotated.any(0)
+    if not exclusion:
+        return some.nonzero()[:, 0], 0.0
+    others = (~some).nonzero()[:, 0]
+    if not exclusion_classes or exclusion_classes >= len(others):
+        return torch.arange(len(some), device=device), 1.0
+    pick = others[torch.randperm(len(others), generator=gen)[:exclusion_classes].to(device)]
+    return torch.cat([some.nonzero()[:, 0], pick]).sort().values, len(others) / exclusion_classes
+
+
 def training_settings(recipe: dict, device: torch.device) -> dict:
     """The recipe's `train` section, with its `cpu` overrides applied when training on the CPU."""
     cfg = {k: v for k, v in recipe["train"].items() if k != "cpu"}
@@ -247,6 +267,8 @@ def main() -> None:
     manifest = make_manifest(recipe, bundle, steps)
     manifest.provenance.update({"augment": args.augment, "dropped_labels": drop, "holdout_top": args.holdout_top})
     model = build_model(manifest, bundle.embeddings).to(device)
+    if device.type == "cpu":  # oneDNN's 3D convolutions run ~15% faster on channels-last tensors
+        model = model.to(memory_format=torch.channels_last_3d)
     if args.init:
         manifest.provenance["refined_from"] = str(args.init)
         if not args.resume:  # a resumed run has these weights' descendants in its checkpoint
@@ -281,6 +303,7 @@ def main() -> None:
           flush=True)
     k = len(bundle.class_keys)
     exclusion = float(cfg.get("exclusion_weight", 0.0))
+    exclusion_classes = int(cfg.get("exclusion_classes", 0))
     may_overlap = overlap_matrix(manifest.classes).to(device)
     step = start
     while step < total["steps"]:
@@ -294,16 +317,16 @@ def main() -> None:
         if pipeline is not None:
             with torch.no_grad():
                 batch = pipeline(batch)
-        if exclusion:  # every head: unannotated classes learn where they are NOT (exclusion loss)
-            classes = torch.arange(k, device=device)
-        else:  # only the heads of classes some patch annotates: the others would get zero loss anyway
-            classes = batch["annotated"].any(0).nonzero()[:, 0]
+        classes, exclusion_scale = heads_to_run(batch["annotated"], exclusion, exclusion_classes, gen)
         image, target, annotated = batch["image"], batch["label"][:, classes], batch["annotated"][:, classes]
+        if device.type == "cpu":
+            image = image.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(image, classes)
         loss = loss_fn(logits.float(), target, annotated).total
         if exclusion:
-            loss = loss + exclusion * exclusion_loss(logits, target, annotated, may_overlap)
+            loss = loss + exclusion * exclusion_scale * exclusion_loss(
+                logits, target, annotated, may_overlap[classes][:, classes])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
