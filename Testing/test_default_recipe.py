@@ -87,6 +87,20 @@ def test_slab_keeps_geometry_of_the_chosen_slices():
     assert np.array_equal(sitk.GetArrayFromImage(part), sitk.GetArrayFromImage(image)[4:9])
 
 
+def test_slabs_centre_on_an_organ_and_stay_inside_the_scan():
+    labels = sitk.GetImageFromArray(np.zeros((12, 16, 20), np.int16))  # 20 x 16 x 12 voxels
+    array = sitk.GetArrayFromImage(labels)
+    array[2:5, 3:6, 4:8] = checks.ORGANS["liver"]
+    array[8:12, 3:6, 4:8] = checks.ORGANS["kidney_left"]
+    labels = sitk.GetImageFromArray(array)
+    assert checks.mid_slice(labels, ["liver"]) == 3
+    assert checks.kidney_mid_slice(labels) == 10
+    image, truth = checks.centred_slab(labels, labels, 3, 5)  # slices 1..5
+    assert image.GetSize()[2] == 5 and sitk.GetArrayFromImage(truth)[1:4].max() == checks.ORGANS["liver"]
+    _, edge = checks.centred_slab(labels, labels, 10, 5)  # would reach slice 12: shifted back to 7..11
+    assert edge.GetOrigin()[2] == pytest.approx(7.0)
+
+
 def test_padding_reaches_the_field_of_view_and_keeps_the_anatomy_in_place():
     image = _image()
     padded = checks.pad_plane(image, 100.0, -1024.0)
