@@ -8,7 +8,8 @@
 - confidence (the statistics' `mean_confidence`) on CT A against the MR volume (modality check off),
   and for structures absent from the field of view (a pelvic slab of A, the chest scan C).
 - what the model predicts for liver, spleen, kidneys and aorta on scans B and C (which have no such
-  labels): a PNG preview and the statistics table each, under --out.
+  labels): a PNG preview and the statistics table each, under --out; and on B's lowest 90 mm alone
+  (B's index z runs from inferior to superior), to see whether the thorax in view hides the liver.
 
 Slabs are centred on the kidneys' mid level, where all four organs are in view.
 """
@@ -145,7 +146,11 @@ def absent_and_mr(model, data: Path, ct: sitk.Image, labels: sitk.Image, outdir:
         rows = write_statistics(result, outdir / f"scan_{name}_statistics.csv", outdir / f"scan_{name}_statistics.json")
         out[f"scan_{name}"] = confidences(result, rows)
         write_preview(result, outdir / f"scan_{name}_preview.png")
-    for key in ("mr", "pelvis_slab_A", "scan_B", "scan_C"):
+    # B's abdominal part alone (its lowest 90 mm): is the liver found once the thorax is out of view?
+    scan_b = sitk.ReadImage(str(data / "ct-thorax-aorta" / "ct.nii.gz"))
+    lowest = int(round(90.0 / scan_b.GetSpacing()[2]))
+    out["scan_B_lowest_90mm"] = confidences(predict(slab(scan_b, 0, lowest), model, classes=SHOWN, device="cpu"))
+    for key in ("mr", "pelvis_slab_A", "scan_B", "scan_B_lowest_90mm", "scan_C"):
         print(key, out[key], flush=True)
     return out
 
