@@ -140,3 +140,11 @@ def test_heads_to_run_sample_unannotated_classes_and_scale_the_exclusion_loss():
     assert seen == {0, 2, 3, 5, 6, 8, 9}  # every unannotated class gets its turn
     every, scale = recipe_train.heads_to_run(annotated, 5.0, 0, gen)  # 0: all heads, unscaled
     assert every.tolist() == list(range(10)) and scale == 1.0
+
+
+def test_generalise_overrides_replace_known_probabilities_only():
+    recipe = {"generalise": {"p_slab": 0.35, "p_synth": 0.3}}
+    assert recipe_train.generalise_settings(recipe, ["p_slab=0.5"]) == {"p_slab": 0.5, "p_synth": 0.3}
+    assert recipe["generalise"]["p_slab"] == 0.35  # the recipe itself is left alone
+    with pytest.raises(SystemExit, match="no 'p_slap'"):
+        recipe_train.generalise_settings(recipe, ["p_slap=0.5"])

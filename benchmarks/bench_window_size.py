@@ -33,7 +33,7 @@ model = load_model(None)
 model.manifest.preprocessing = dataclasses.replace(model.manifest.preprocessing, patch_size=[size] * 3)
 result = predict(image, model, device="cpu")
 seconds = time.perf_counter() - t
-truth = sitk.GetArrayViewFromImage(sitk.ReadImage(labels))
+truth = sitk.GetArrayFromImage(sitk.ReadImage(labels))  # a copy: a view of a temporary image dangles
 ids = {"liver": 5, "spleen": 1, "kidney_left": 3, "kidney_right": 2}
 masks = {c.info.key: full_mask(*mask_parts(c), truth.shape) for c in result.classes}
 peak_kb = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])

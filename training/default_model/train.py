@@ -217,6 +217,17 @@ def heads_to_run(annotated: torch.Tensor, exclusion: float, exclusion_classes: i
     return torch.cat([some.nonzero()[:, 0], pick]).sort().values, len(others) / exclusion_classes
 
 
+def generalise_settings(recipe: dict, overrides: list[str]) -> dict:
+    """The recipe's `generalise` probabilities with KEY=VALUE overrides (a refinement stage's own)."""
+    settings = dict(recipe.get("generalise", {}))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in settings:
+            raise SystemExit(f"error: --generalise-set {item!r}: the recipe's generalise section has no {key!r}")
+        settings[key] = float(value)
+    return settings
+
+
 def training_settings(recipe: dict, device: torch.device) -> dict:
     """The recipe's `train` section, with its `cpu` overrides applied when training on the CPU."""
     cfg = {k: v for k, v in recipe["train"].items() if k != "cpu"}
@@ -243,6 +254,8 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=None, help="training patch edge (default: the recipe's)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    ap.add_argument("--generalise-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override the recipe's generalise probabilities, e.g. p_slab=0.5")
     ap.add_argument("--init", default=None, metavar="MODEL_DIR",
                     help="refine: start from this model's weights (same classes), not from scratch")
     args = ap.parse_args()
@@ -263,9 +276,11 @@ def main() -> None:
 
         pipeline = build_generalisation_pipeline(spacing_mm=recipe["preprocessing"]["spacing"],
                                                  class_keys=bundle.class_keys, seed=cfg["seed"],
-                                                 **recipe.get("generalise", {}))
+                                                 **generalise_settings(recipe, args.generalise_set))
     manifest = make_manifest(recipe, bundle, steps)
     manifest.provenance.update({"augment": args.augment, "dropped_labels": drop, "holdout_top": args.holdout_top})
+    if args.augment == "generalise":
+        manifest.provenance["generalise"] = generalise_settings(recipe, args.generalise_set)
     model = build_model(manifest, bundle.embeddings).to(device)
     if device.type == "cpu":  # oneDNN's 3D convolutions run ~15% faster on channels-last tensors
         model = model.to(memory_format=torch.channels_last_3d)
