@@ -204,7 +204,7 @@ def heads_to_run(annotated: torch.Tensor, exclusion: float, exclusion_classes: i
     Without the exclusion loss only the classes some patch annotates (the others get no loss).
     With it, the unannotated heads learn where they are NOT: all of them, or a random
     `exclusion_classes` of them, weighted up by (unannotated / sampled) so the expected loss is
-    the same. Heads cost ~30 ms each per step on 2 CPU cores at batch 2 x 64^3.
+    the same. Each head costs ~30-40 ms per step on 2 float32 CPU cores at batch 2 x 64^3.
     """
     device = annotated.device
     some = annotated.any(0)
