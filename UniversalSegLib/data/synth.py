@@ -200,8 +200,9 @@ def build_structure_map(hu: np.ndarray | torch.Tensor, labels: np.ndarray | torc
     or body (the rest). Needs unclipped HU: with an image already clipped to the model window pass
     `body_hu=gas_hu=-170`.
     """
-    import cc3d
     from scipy import ndimage
+
+    from UniversalSegLib.components import connected_components
 
     hu = np.asarray(hu.cpu() if isinstance(hu, torch.Tensor) else hu, dtype=np.float32)
     lab = np.zeros(hu.shape, np.int16) if labels is None else np.asarray(
@@ -210,7 +211,7 @@ def build_structure_map(hu: np.ndarray | torch.Tensor, labels: np.ndarray | torc
         raise ValueError(f"labels {lab.shape} and image {hu.shape} differ in shape")
     voxel_ml = float(np.prod(np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,)))) / 1000.0
     dense = (hu > body_hu) | (lab > 0)
-    components = cc3d.connected_components(dense, connectivity=6)
+    components = connected_components(dense, connectivity=6)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     if sizes.max() == 0:
@@ -223,7 +224,7 @@ def build_structure_map(hu: np.ndarray | torch.Tensor, labels: np.ndarray | torc
     out[objects & np.isin(components, keep) & (lab == 0)] = TABLE_ID
     free = body & (lab == 0)
     air = free & (hu < gas_hu)
-    air_parts = cc3d.connected_components(air, connectivity=26)
+    air_parts = connected_components(air, connectivity=26)
     air_sizes = np.bincount(air_parts.ravel()) * voxel_ml
     air_sizes[0] = 0
     lungs = np.isin(air_parts, np.flatnonzero(air_sizes >= lung_min_ml)) & air

@@ -126,10 +126,10 @@ def robustness(model, ct: sitk.Image, labels: sitk.Image, sweep: bool = False) -
         print(name, out[name], flush=True)
     full = out["full"]["dice"]
     # organs present on a variant's grid only (a slab may hold no spleen); false masks are in absent_ml
-    out["worst_drop"] = {k: round(max(full[k] - out[v]["dice"].get(k, full[k]) for v in out if v != "full"), 3)
-                         for k in full}
-    out["worst_variant"] = {k: min((v for v in out if v not in ("full", "worst_drop")),
-                                   key=lambda v: out[v]["dice"].get(k, full[k])) for k in full}
+    others = [v for v in out if v != "full"]
+    worst = {k: min(others, key=lambda v: out[v]["dice"].get(k, full[k])) for k in full}
+    out["worst_drop"] = {k: round(full[k] - out[v]["dice"].get(k, full[k]), 3) for k, v in worst.items()}
+    out["worst_variant"] = worst
     return out
 
 
@@ -141,15 +141,16 @@ def absent_and_mr(model, data: Path, ct: sitk.Image, labels: sitk.Image, outdir:
     organ_z = np.nonzero(np.isin(sitk.GetArrayViewFromImage(labels), list(ORGANS.values())))[0]
     pelvis = slab(ct, 0, max(10, int(organ_z.min()) - 2))  # below every organ: none of them is in view
     out["pelvis_slab_A"] = confidences(predict(pelvis, model, classes=SHOWN, device="cpu"))
-    for name, folder in (("B", "ct-thorax-aorta"), ("C", "ct-chest-pa")):
-        result = predict(str(data / folder / "ct.nii.gz"), model, classes=SHOWN, device="cpu")
+    scans = {name: sitk.ReadImage(str(data / folder / "ct.nii.gz")) for name, folder in (("B", "ct-thorax-aorta"),
+                                                                                      ("C", "ct-chest-pa"))}
+    for name, scan in scans.items():
+        result = predict(scan, model, classes=SHOWN, device="cpu")
         rows = write_statistics(result, outdir / f"scan_{name}_statistics.csv", outdir / f"scan_{name}_statistics.json")
         out[f"scan_{name}"] = confidences(result, rows)
         write_preview(result, outdir / f"scan_{name}_preview.png")
     # B's abdominal part alone (its lowest 90 mm): is the liver found once the thorax is out of view?
-    scan_b = sitk.ReadImage(str(data / "ct-thorax-aorta" / "ct.nii.gz"))
-    lowest = int(round(90.0 / scan_b.GetSpacing()[2]))
-    out["scan_B_lowest_90mm"] = confidences(predict(slab(scan_b, 0, lowest), model, classes=SHOWN, device="cpu"))
+    lowest = int(round(90.0 / scans["B"].GetSpacing()[2]))
+    out["scan_B_lowest_90mm"] = confidences(predict(slab(scans["B"], 0, lowest), model, classes=SHOWN, device="cpu"))
     for key in ("mr", "pelvis_slab_A", "scan_B", "scan_B_lowest_90mm", "scan_C"):
         print(key, out[key], flush=True)
     return out

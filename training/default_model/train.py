@@ -271,16 +271,17 @@ def main() -> None:
     drop = {d.split(":")[0]: d.split(":")[1].split(",") for d in args.drop}
     bundle = Bundle(HERE / "build" / "bundle.npz", device, drop, args.holdout_top)
     pipeline = None
+    generalise = generalise_settings(recipe, args.generalise_set)
     if args.augment == "generalise":
         from UniversalSegLib.data.synth import build_generalisation_pipeline
 
         pipeline = build_generalisation_pipeline(spacing_mm=recipe["preprocessing"]["spacing"],
                                                  class_keys=bundle.class_keys, seed=cfg["seed"],
-                                                 **generalise_settings(recipe, args.generalise_set))
+                                                 **generalise)
     manifest = make_manifest(recipe, bundle, steps)
     manifest.provenance.update({"augment": args.augment, "dropped_labels": drop, "holdout_top": args.holdout_top})
     if args.augment == "generalise":
-        manifest.provenance["generalise"] = generalise_settings(recipe, args.generalise_set)
+        manifest.provenance["generalise"] = generalise
     model = build_model(manifest, bundle.embeddings).to(device)
     if device.type == "cpu":  # oneDNN's 3D convolutions run ~15% faster on channels-last tensors
         model = model.to(memory_format=torch.channels_last_3d)
