@@ -16,6 +16,7 @@ import torch.nn.functional as F
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "training" / "default_model"
 sys.path.insert(0, str(RECIPE_DIR))
 import check_generalisation as checks  # noqa: E402
+import stacking  # noqa: E402
 import train as recipe_train  # noqa: E402
 
 
@@ -148,3 +149,77 @@ def test_generalise_overrides_replace_known_probabilities_only():
     assert recipe["generalise"]["p_slab"] == 0.35  # the recipe itself is left alone
     with pytest.raises(SystemExit, match="no 'p_slap'"):
         recipe_train.generalise_settings(recipe, ["p_slap=0.5"])
+
+
+def test_fit_plane_crops_around_the_centre_and_pads_symmetrically():
+    volume = np.arange(10 * 8 * 3).reshape(10, 8, 3)
+    crop = stacking.fit_plane(volume, (4, 8), (7.0, 4.0), fill=-1)
+    assert np.array_equal(crop, volume[5:9])  # centred on x=7
+    edge = stacking.fit_plane(volume, (4, 8), (9.5, 4.0), fill=-1)
+    assert np.array_equal(edge, volume[6:10])  # held inside the array
+    padded = stacking.fit_plane(volume, (13, 8), (0.0, 0.0), fill=-1)
+    assert padded.shape == (13, 8, 3) and np.array_equal(padded[1:11], volume)
+    assert (padded[0] == -1).all() and (padded[11:] == -1).all()
+
+
+def test_chest_block_starts_above_the_anchor_and_sits_on_top_of_the_abdomen():
+    heart = np.zeros((4, 4, 20), bool)
+    heart[1:3, 1:3, 5:12] = True
+    assert stacking.lowest_slice_above(heart, 6.0, 3.0) == 7
+    with pytest.raises(ValueError, match="empty"):
+        stacking.lowest_slice_above(np.zeros_like(heart), 6.0, 3.0)
+    below = {"image": np.full((8, 6, 5), 0.5, np.float16), "liver": np.ones((8, 6, 5), bool)}
+    above = {"image": np.full((4, 4, 3), 0.9, np.float16), "heart": np.ones((4, 4, 3), bool)}
+    out = stacking.stack_above(below, above, (2.0, 3.0))
+    assert out["image"].shape == (4, 4, 8) and out["image"].dtype == np.float16
+    assert (out["image"][..., :5] == np.float16(0.5)).all() and (out["image"][..., 5:] == np.float16(0.9)).all()
+    # each side's classes are absent from the other block (that is what the composite annotates)
+    assert out["liver"][..., :5].all() and not out["liver"][..., 5:].any()
+    assert out["heart"][..., 5:].all() and not out["heart"][..., :5].any()
+
+
+def test_chest_above_check_keeps_the_labels_on_the_abdomen_and_none_in_the_chest():
+    ct = sitk.GetImageFromArray(np.full((6, 10, 12), 40, np.int16))  # z, y, x: 12 x 10 x 6 voxels, 3 mm
+    labels_array = np.zeros((6, 10, 12), np.uint8)
+    labels_array[:, 4:6, 5:7] = 52  # the aorta the crop centres on
+    labels_array[1:3, 2:4, 2:5] = checks.ORGANS["liver"]
+    chest = sitk.GetImageFromArray(np.full((40, 8, 8), 300, np.int16))  # 1.5 mm grid: 4 x 4 x 20 at 3 mm
+    for image in (ct, chest):
+        image.SetSpacing((3.0, 3.0, 3.0) if image is ct else (1.5, 1.5, 1.5))
+    labels = sitk.GetImageFromArray(labels_array)
+    labels.CopyInformation(ct)
+    variants = checks.chest_above(ct, labels, chest, start_mm=6.0, height_mm=30.0)
+    (ref_image, ref_labels), (image, truth) = variants.values()
+    assert list(variants) == ["plane_of_chest", "chest_above_30mm"]
+    assert ref_image.GetSize() == (4, 4, 6) and image.GetSize() == (4, 4, 16)
+    array, truth_array = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(truth)
+    assert (array[:6] == 40).all() and (array[6:] == 300).all()
+    assert not truth_array[6:].any() and (truth_array[:6] == sitk.GetArrayFromImage(ref_labels)).all()
+    assert (truth_array == 52).any()  # the crop kept A's aorta in its plane
+
+
+def test_prepare_builds_the_chest_over_abdomen_source_the_recipe_names():
+    import prepare
+
+    recipe = prepare.load_recipe()
+    names = [s["name"] for s in recipe["sources"]]
+    spec = next(s["stack"] for s in recipe["sources"] if "stack" in s)
+    assert names.index(spec["below"]) < names.index(spec["above"]) < len(names)  # built from earlier sources
+    aorta = 52  # synth.structure_id("aorta")
+    structure_a = np.zeros((10, 8, 6), np.int16)
+    structure_a[6:8, 3:5] = aorta
+    heart = np.zeros((4, 4, 9), bool)
+    heart[..., 2:] = True
+    arrays = {"image_0": np.full((10, 8, 6), 0.2, np.float16), "structure_0": structure_a,
+              "image_1": np.arange(9, dtype=np.float16)[None, None].repeat(4, 0).repeat(4, 1),
+              "structure_1": np.zeros((4, 4, 9), np.int16)}
+    done = {"abdomen": {"scan": 0, "masks": {"liver": np.ones((10, 8, 6), bool)}},
+            "chest": {"scan": 1, "masks": {"heart": heart}}}
+    source = {"stack": {"below": "abdomen", "above": "chest", "above_from": {"lowest": "heart", "mm": 6.0},
+                        "centre_on": "aorta"}}
+    out = prepare.stacked_source(source, done, arrays, (3.0, 3.0, 3.0))
+    assert out["image"].shape == (4, 4, 6 + 5)  # the chest from slice 2 + 6 mm / 3 mm = 4 on
+    assert np.array_equal(out["image"][0, 0, 6:], np.arange(4, 9, dtype=np.float16))
+    # A's 10 x 8 plane cropped to 4 x 4 around its aorta (x 6-7, y 3-4): all of the aorta is kept
+    assert (out["structure_map"][2:4, 1:3, :6] == aorta).all() and (out["structure_map"] == aorta).sum() == 24
+    assert out["liver"][..., :6].all() and not out["liver"][..., 6:].any() and out["heart"][..., 6:].all()

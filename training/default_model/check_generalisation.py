@@ -7,6 +7,8 @@
   kidneys against the labels on each variant's grid; the target is within 0.1 of the full scan.
 - confidence (the statistics' `mean_confidence`) on CT A against the MR volume (modality check off),
   and for structures absent from the field of view (a pelvic slab of A, the chest scan C).
+- thorax context: A cropped to scan B's plane, alone and with 120 mm of B's chest stacked above it
+  (`chest_above`): do the liver and spleen survive heart and lungs in view, as in chest-abdomen scans?
 - what the model predicts for liver, spleen, kidneys and aorta on scans B and C (which have no such
   labels): a PNG preview and the statistics table each, under --out; and on B's lowest 90 mm alone
   (B's index z runs from inferior to superior), to see whether the thorax in view hides the liver.
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from stacking import stack_above  # this script's directory (sys.path[0], or the tests' path)
 
 from UniversalSegLib.continual.evaluate import dice
 from UniversalSegLib.inference.predict import predict
@@ -104,6 +107,62 @@ def sweep_variants(ct: sitk.Image, labels: sitk.Image) -> dict[str, tuple[sitk.I
     return out
 
 
+def chest_above(ct: sitk.Image, labels: sitk.Image, chest: sitk.Image, start_mm: float = 90.0,
+                height_mm: float = 120.0) -> dict[str, tuple[sitk.Image, sitk.Image]]:
+    """Scan A cropped to the chest scan's plane around A's aorta (`plane_of_chest`, the reference), and
+    the same with `height_mm` of the chest scan, from `start_mm` above its lowest slice (clear of its
+    liver dome), stacked on top (`chest_above_<height>mm`): the liver and spleen under heart and lungs.
+
+    The chest block gets no labels: A's organs are absent there. Training stacks scan C; the check
+    stacks scan B, which training never stacks.
+    """
+    a_img, a_lab = (sitk.DICOMOrient(im, "LPS") for im in (ct, labels))
+    spacing = a_img.GetSpacing()
+    chest = sitk.DICOMOrient(chest, "LPS")
+    size = [int(round(n * s / t)) for n, s, t in zip(chest.GetSize(), chest.GetSpacing(), spacing)]
+    chest = sitk.Resample(chest, size, sitk.Transform(), sitk.sitkLinear, chest.GetOrigin(), spacing,
+                          chest.GetDirection(), -1024.0, sitk.sitkFloat32)
+
+    def xyz(image: sitk.Image) -> np.ndarray:
+        return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+
+    def image_of(array: np.ndarray) -> sitk.Image:
+        out = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+        out.SetSpacing(spacing)
+        out.SetDirection(a_img.GetDirection())
+        out.SetOrigin(a_img.GetOrigin())
+        return out
+
+    below = {"image": xyz(a_img).astype(np.float32), "labels": xyz(a_lab)}
+    centre = np.argwhere(below["labels"] == 52).mean(0)[:2]  # A's aorta (TotalSegmentator id 52)
+    first, count = int(round(start_mm / spacing[2])), int(round(height_mm / spacing[2]))
+    out = {}
+    for name, block in (("plane_of_chest", slice(0, 0)), (f"chest_above_{height_mm:g}mm", slice(first, first + count))):
+        stacked = stack_above(below, {"image": xyz(chest)[..., block]}, centre, fill={"image": -1024.0})
+        out[name] = (image_of(stacked["image"]), image_of(stacked["labels"]))
+    return out
+
+
+def scored(model, name: str, image: sitk.Image, truth: sitk.Image) -> dict:
+    """Dice, false-mask volumes and confidence of the organs on one variant (printed as it goes)."""
+    t = time.perf_counter()
+    result = predict(image, model, classes=list(ORGANS), device="cpu")
+    out = {"dice": {k: round(v, 3) for k, v in organ_scores(result, truth).items() if v is not None},
+           "absent_ml": absent_volumes(result, truth),
+           "confidence": {k: v["confidence"] for k, v in confidences(result).items()},
+           "size": list(image.GetSize()), "seconds": round(time.perf_counter() - t, 1)}
+    print(name, out, flush=True)
+    return out
+
+
+def thorax_context(model, ct: sitk.Image, labels: sitk.Image, chest: sitk.Image) -> dict:
+    """Scan A under scan B's chest against the same crop of A alone; `drop` per organ."""
+    out = {name: scored(model, name, image, truth) for name, (image, truth) in chest_above(ct, labels, chest).items()}
+    reference, stacked = (out[name]["dice"] for name in out)
+    out["drop"] = {k: round(reference[k] - stacked.get(k, 0.0), 3) for k in reference}
+    return out
+
+
 def robustness(model, ct: sitk.Image, labels: sitk.Image, sweep: bool = False) -> dict:
     mid = kidney_mid_slice(labels)
     variants = {"full": (ct, labels)}
@@ -115,15 +174,7 @@ def robustness(model, ct: sitk.Image, labels: sitk.Image, sweep: bool = False) -
                                         resample(labels, fine, sitk.sitkNearestNeighbor, 0))
     if sweep:
         variants.update(sweep_variants(ct, labels))
-    out = {}
-    for name, (image, truth) in variants.items():
-        t = time.perf_counter()
-        result = predict(image, model, classes=list(ORGANS), device="cpu")
-        out[name] = {"dice": {k: round(v, 3) for k, v in organ_scores(result, truth).items() if v is not None},
-                     "absent_ml": absent_volumes(result, truth),
-                     "confidence": {k: v["confidence"] for k, v in confidences(result).items()},
-                     "size": list(image.GetSize()), "seconds": round(time.perf_counter() - t, 1)}
-        print(name, out[name], flush=True)
+    out = {name: scored(model, name, image, truth) for name, (image, truth) in variants.items()}
     full = out["full"]["dice"]
     # organs present on a variant's grid only (a slab may hold no spleen); false masks are in absent_ml
     others = [v for v in out if v != "full"]
@@ -174,6 +225,9 @@ def main() -> None:
     report = {"model": str(model.path)}
     if args.only in (None, "robustness"):
         report["robustness_A"] = robustness(model, ct, labels, args.sweep)
+    if args.only in (None, "robustness"):
+        chest = sitk.ReadImage(str(data / "ct-thorax-aorta" / "ct.nii.gz"))
+        report["thorax_context_A"] = thorax_context(model, ct, labels, chest)
     if args.only in (None, "confidence"):
         report["confidence"] = absent_and_mr(model, data, ct, labels, outdir)
     if args.json:

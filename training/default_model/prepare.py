@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import yaml
+from stacking import lowest_slice_above, stack_above  # this script's directory (sys.path[0], or the tests' path)
 
 from UniversalSegLib.geometry import array_xyz, normalise_hu, resample_to_spacing, to_ras
 from UniversalSegLib.registry import default_registry
@@ -59,6 +60,23 @@ def source_labels(source: dict, root: Path, spacing, shape) -> dict[str, np.ndar
     return masks
 
 
+def stacked_source(source: dict, done: dict[str, dict], arrays: dict, spacing) -> dict[str, np.ndarray]:
+    """A chest-over-abdomen composite (stacking.py): image, structure map and the two sources' masks."""
+    from UniversalSegLib.data.synth import structure_id
+
+    spec = source["stack"]
+    below, above = done[spec["below"]], done[spec["above"]]
+    first = lowest_slice_above(above["masks"][spec["above_from"]["lowest"]], spec["above_from"]["mm"], spacing[2])
+
+    def side(src: dict, z: slice) -> dict[str, np.ndarray]:
+        scan = src["scan"]
+        return {"image": arrays[f"image_{scan}"][..., z], "structure_map": arrays[f"structure_{scan}"][..., z],
+                **{k: m[..., z] for k, m in src["masks"].items()}}
+
+    anchor = np.argwhere(arrays[f"structure_{below['scan']}"] == structure_id(spec["centre_on"]))
+    return stack_above(side(below, slice(None)), side(above, slice(first, None)), anchor.mean(0)[:2])
+
+
 def main() -> None:
     recipe = load_recipe()
     registry = default_registry()
@@ -71,17 +89,26 @@ def main() -> None:
             registry.resolve(key)
             if key not in class_keys:
                 class_keys.append(key)
-    arrays, scans, sources = {}, {}, []
+    arrays, scans, sources, done = {}, {}, [], {}
     for source in recipe["sources"]:
-        scan = source["image"]
-        if scan not in scans:
-            image = array_xyz(model_space(root / scan, spacing, sitk.sitkLinear, default_value=-1024.0))
+        if "stack" in source:
+            composite = stacked_source(source, done, arrays, spacing)
+            scan = f"stack:{source['name']}"
             scans[scan] = len(scans)
-            arrays[f"image_{scans[scan]}"] = normalise_hu(image, pre["hu_window"]).astype(np.float16)
-            same_scan = [s for s in recipe["sources"] if s["image"] == scan]
-            arrays[f"structure_{scans[scan]}"] = structure_map(image, same_scan, root, spacing)
+            arrays[f"image_{scans[scan]}"] = composite.pop("image")
+            arrays[f"structure_{scans[scan]}"] = composite.pop("structure_map")
+            masks = {k: m.astype(bool) for k, m in composite.items()}
+        else:
+            scan = source["image"]
+            if scan not in scans:
+                image = array_xyz(model_space(root / scan, spacing, sitk.sitkLinear, default_value=-1024.0))
+                scans[scan] = len(scans)
+                arrays[f"image_{scans[scan]}"] = normalise_hu(image, pre["hu_window"]).astype(np.float16)
+                same_scan = [s for s in recipe["sources"] if s.get("image") == scan]
+                arrays[f"structure_{scans[scan]}"] = structure_map(image, same_scan, root, spacing)
+            masks = source_labels(source, root, spacing, arrays[f"image_{scans[scan]}"].shape)
+        done[source["name"]] = {"scan": scans[scan], "masks": masks}
         shape = arrays[f"image_{scans[scan]}"].shape
-        masks = source_labels(source, root, spacing, shape)
         keys = [k for k in class_keys if k in masks]
         arrays[f"labels_{len(sources)}"] = np.stack([masks[k] for k in keys]).astype(np.uint8)
         sources.append({"name": source["name"], "scan": scans[scan], "classes": keys})
