@@ -19,7 +19,11 @@ STAGE2_STEPS=${STAGE2_STEPS:-800}
 NAME=universalseg-demo
 B_LABELS=aorta,vertebrae_T12,celiac_trunk,superior_mesenteric_artery,subclavian_artery_left
 B_LABELS=$B_LABELS,common_carotid_artery_left,brachiocephalic_trunk
-declare -A DROP=([noB]="angiogram:$B_LABELS" [noA]="abdomen-gi-vessels-bones:aorta,vertebrae_T12")
+# Scan C (chest-pa) is a sub-crop of scan B's study (same voxels where they overlap), and the
+# chest-over-abdomen composite stacks C's chest: a true leave-B-out drops both as well.
+declare -A DROP=([noB]="angiogram:$B_LABELS chest-pa:pulmonary_artery,heart chest-over-abdomen:pulmonary_artery,heart,spleen,kidney_right,kidney_left,gallbladder,liver,adrenal_gland_right,adrenal_gland_left"
+                 [noA]="abdomen-gi-vessels-bones:aorta,vertebrae_T12 chest-over-abdomen:aorta,vertebrae_T12")
+# (a dropped key also clears its id from that source's scan's structure map: the composite carries A's)
 mkdir -p "$RUN"
 [ -f training/default_model/build/bundle.npz ] || python training/default_model/prepare.py
 [ "$DEVICE" = cpu ] && export OMP_NUM_THREADS=1
@@ -29,10 +33,10 @@ direction() {
   mkdir -p "$out"
   resume=(); [ -f "$out/stage1/last/manifest.json" ] && resume=(--resume)
   python training/default_model/train.py --device "$DEVICE" --augment basic --steps "$STAGE1_STEPS" \
-    --drop "${DROP[$name]}" --run "$out/stage1" "${resume[@]}"
+    --drop ${DROP[$name]} --run "$out/stage1" "${resume[@]}"
   resume=(); [ -f "$out/stage2/last/manifest.json" ] && resume=(--resume)
   python training/default_model/train.py --device "$DEVICE" --augment generalise --steps "$STAGE2_STEPS" \
-    --init "$out/stage1/$NAME" --lr 2e-4 --drop "${DROP[$name]}" --run "$out/stage2" "${resume[@]}"
+    --init "$out/stage1/$NAME" --lr 2e-4 --drop ${DROP[$name]} --run "$out/stage2" "${resume[@]}"
   python training/default_model/evaluate.py "$out/stage2/$NAME" --json "$out/dice.json"
 }
 
