@@ -460,3 +460,20 @@ def test_fast_mode_uses_bfloat16_backbone_only_where_native(tiny_model, monkeypa
         a, b = default[key].mask, fast[key].mask
         if a.sum() > 500:
             assert dice(a, b) > 0.8, key
+
+
+def test_split_pair_keeps_the_side_of_a_kidney_with_a_false_island_far_above(abdomen_labels):
+    """Scan B's case: the left kidney's upper pole at the bottom, and a small false 'left kidney'
+    high up and further left. Their relative x said nothing of sides, yet it made the kidney 'right'."""
+    image, labels = abdomen_labels
+    kidney = labels == KIDNEY_LEFT
+    island = np.zeros_like(kidney)
+    # the island: 3 slices at the top, on the patient's far left (larger LPS x)
+    leftmost = 0 if image.TransformIndexToPhysicalPoint((0, 0, 0))[0] > image.TransformIndexToPhysicalPoint(
+        (labels.shape[2] - 1, 0, 0))[0] else labels.shape[2] - 1
+    xs = slice(0, 4) if leftmost == 0 else slice(labels.shape[2] - 4, labels.shape[2])
+    top = slice(labels.shape[0] - 3, labels.shape[0]) if image.GetDirection()[8] > 0 else slice(0, 3)
+    island[top, 40:44, xs] = True
+    assert not (island & kidney).any()
+    left, right = postprocess.split_pair(BoxMask.from_array(kidney | island), BoxMask.empty(kidney.shape), image)
+    assert np.array_equal(left.array(), kidney) and right.count == 0

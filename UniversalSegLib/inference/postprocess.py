@@ -3,8 +3,10 @@
 Rules (`ClassInfo.postprocess`):
 - "largest_component": keep the largest 26-connected component (cc3d).
 - "split_pair": merge a paired organ with its other side (`ClassInfo.pair`), keep the two largest
-  components of the union and give each to the side it lies on (patient left/right, decided in
-  physical LPS coordinates, so any orientation of the input works).
+  components of the union and, when they lie side by side (their heights overlap), give each to
+  the side it lies on (patient left/right, decided in physical LPS coordinates, so any orientation
+  of the input works). Two components one above the other are not the pair: each keeps the side
+  the model gave it, and a side keeps only its larger one.
 - "within_parents": keep only the part inside the parent organs (`ClassInfo.parents`) after a
   closing and a dilation of their union by a cube of 5 model-grid voxels (+-3 mm at 1.5 mm).
 
@@ -42,10 +44,36 @@ def _lps_x(reference: sitk.Image, centroid_zyx: Sequence[float], offset_zyx: Seq
     return reference.TransformContinuousIndexToPhysicalPoint(index_xyz)[0]
 
 
+def _superior_range(reference: sitk.Image, component: np.ndarray, offset_zyx: Sequence[int]) -> tuple[float, float]:
+    """Lowest and highest physical LPS z (superior) of the corners of `component`'s bounding box."""
+    hit = np.argwhere(component)
+    lo, hi = hit.min(axis=0) + np.asarray(offset_zyx), hit.max(axis=0) + np.asarray(offset_zyx)
+    corners = [[float(c) for c in reversed(corner)] for corner in np.array(np.meshgrid(*zip(lo, hi))).reshape(3, -1).T]
+    zs = [reference.TransformContinuousIndexToPhysicalPoint(corner)[2] for corner in corners]
+    return min(zs), max(zs)
+
+
+def side_by_side(reference: sitk.Image, components: Sequence[np.ndarray], offset_zyx: Sequence[int]) -> bool:
+    """Whether two components' superior-inferior extents overlap (as two kidneys' do)."""
+    (lo_a, hi_a), (lo_b, hi_b) = (_superior_range(reference, c, offset_zyx) for c in components)
+    return lo_a <= hi_b and lo_b <= hi_a
+
+
+def _by_own_side(components: Sequence[np.ndarray], own_left: np.ndarray,
+                 own_right: np.ndarray) -> list[np.ndarray]:
+    """[left, right]: each component on the side whose prediction covers more of it; per side the larger."""
+    sides: list[np.ndarray] = [np.zeros_like(components[0]), np.zeros_like(components[0])]
+    for c in sorted(components, key=np.count_nonzero):  # the larger comes last and wins its side
+        sides[0 if np.count_nonzero(c & own_left) >= np.count_nonzero(c & own_right) else 1] = c
+    return sides
+
+
 def split_pair(left: BoxMask, right: BoxMask, reference: sitk.Image) -> tuple[BoxMask, BoxMask]:
     """Re-assign a paired organ's two largest components by side; returns (left, right).
 
-    With a single component, it goes to the side whose own prediction covers more of it.
+    Side by side, the one more to the patient's left is left (the model may have swapped or doubled
+    the sides). One above the other, or a single component: each goes to the side whose own
+    prediction covers more of it.
     """
     box = union_box([left, right])
     if box is None:
@@ -58,10 +86,12 @@ def split_pair(left: BoxMask, right: BoxMask, reference: sitk.Image) -> tuple[Bo
         only = components[0]
         left_wins = np.count_nonzero(only & own_left) >= np.count_nonzero(only & own_right)
         components = [only, np.zeros_like(only)] if left_wins else [np.zeros_like(only), only]
-    else:
+    elif side_by_side(reference, components, start):
         xs = [_lps_x(reference, np.argwhere(c).mean(axis=0), start) for c in components]
         if xs[0] < xs[1]:  # the first lies more to the patient's right
             components.reverse()
+    else:  # e.g. a kidney and a false island far above it: their relative x says nothing of sides
+        components = _by_own_side(components, own_left, own_right)
     shape = left.shape
     return BoxMask(shape, start, components[0]), BoxMask(shape, start, components[1])
 
