@@ -113,8 +113,8 @@ def chest_above(ct: sitk.Image, labels: sitk.Image, chest: sitk.Image, start_mm:
     the same with `height_mm` of the chest scan, from `start_mm` above its lowest slice (clear of its
     liver dome), stacked on top (`chest_above_<height>mm`): the liver and spleen under heart and lungs.
 
-    The chest block gets no labels: A's organs are absent there. Training stacks scan C; the check
-    stacks scan B, which training never stacks.
+    The chest block gets no labels: A's organs are absent there. Training stacks scan C, which is a
+    crop of B's study: this chest is not new to a model trained with the composite.
     """
     a_img, a_lab = (sitk.DICOMOrient(im, "LPS") for im in (ct, labels))
     spacing = a_img.GetSpacing()
@@ -225,7 +225,6 @@ def main() -> None:
     report = {"model": str(model.path)}
     if args.only in (None, "robustness"):
         report["robustness_A"] = robustness(model, ct, labels, args.sweep)
-    if args.only in (None, "robustness"):
         chest = sitk.ReadImage(str(data / "ct-thorax-aorta" / "ct.nii.gz"))
         report["thorax_context_A"] = thorax_context(model, ct, labels, chest)
     if args.only in (None, "confidence"):
