@@ -254,6 +254,8 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=None, help="training patch edge (default: the recipe's)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    ap.add_argument("--exclusion-classes", type=int, default=None,
+                    help="unannotated heads per step for the exclusion loss (0: all; default: the recipe's)")
     ap.add_argument("--generalise-set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override the recipe's generalise probabilities, e.g. p_slab=0.5")
     ap.add_argument("--init", default=None, metavar="MODEL_DIR",
@@ -265,6 +267,8 @@ def main() -> None:
         retain_freed_memory()  # ~2x faster steps on CPU (no page-fault churn)
     cfg = training_settings(recipe, device)
     cfg.update({k: v for k, v in {"patch": args.patch, "batch_size": args.batch_size, "lr": args.lr}.items() if v})
+    if args.exclusion_classes is not None:
+        cfg["exclusion_classes"] = args.exclusion_classes
     steps = args.steps or cfg["steps"]
     torch.manual_seed(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
@@ -279,7 +283,8 @@ def main() -> None:
                                                  class_keys=bundle.class_keys, seed=cfg["seed"],
                                                  **generalise)
     manifest = make_manifest(recipe, bundle, steps)
-    manifest.provenance.update({"augment": args.augment, "dropped_labels": drop, "holdout_top": args.holdout_top})
+    manifest.provenance.update({"augment": args.augment, "dropped_labels": drop, "holdout_top": args.holdout_top,
+                                "exclusion_classes": int(cfg.get("exclusion_classes", 0))})
     if args.augment == "generalise":
         manifest.provenance["generalise"] = generalise
     model = build_model(manifest, bundle.embeddings).to(device)
