@@ -118,10 +118,7 @@ def chest_above(ct: sitk.Image, labels: sitk.Image, chest: sitk.Image, start_mm:
     """
     a_img, a_lab = (sitk.DICOMOrient(im, "LPS") for im in (ct, labels))
     spacing = a_img.GetSpacing()
-    chest = sitk.DICOMOrient(chest, "LPS")
-    size = [int(round(n * s / t)) for n, s, t in zip(chest.GetSize(), chest.GetSpacing(), spacing)]
-    chest = sitk.Resample(chest, size, sitk.Transform(), sitk.sitkLinear, chest.GetOrigin(), spacing,
-                          chest.GetDirection(), -1024.0, sitk.sitkFloat32)
+    chest = resample(sitk.DICOMOrient(chest, "LPS"), spacing, sitk.sitkLinear, -1024.0)
 
     def xyz(image: sitk.Image) -> np.ndarray:
         return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
@@ -184,7 +181,7 @@ def robustness(model, ct: sitk.Image, labels: sitk.Image, sweep: bool = False) -
     return out
 
 
-def absent_and_mr(model, data: Path, ct: sitk.Image, labels: sitk.Image, outdir: Path) -> dict:
+def absent_and_mr(model, data: Path, ct: sitk.Image, labels: sitk.Image, scan_b: sitk.Image, outdir: Path) -> dict:
     """Confidence on CT A, on the MR (modality check off), on a pelvic slab of A and on the chest scan C."""
     out = {"ct_A": confidences(predict(ct, model, classes=SHOWN, device="cpu"))}
     mr = sitk.ReadImage(str(data / "mr-abdomen" / "mr_small.nii.gz"), sitk.sitkFloat32)
@@ -192,8 +189,7 @@ def absent_and_mr(model, data: Path, ct: sitk.Image, labels: sitk.Image, outdir:
     organ_z = np.nonzero(np.isin(sitk.GetArrayViewFromImage(labels), list(ORGANS.values())))[0]
     pelvis = slab(ct, 0, max(10, int(organ_z.min()) - 2))  # below every organ: none of them is in view
     out["pelvis_slab_A"] = confidences(predict(pelvis, model, classes=SHOWN, device="cpu"))
-    scans = {name: sitk.ReadImage(str(data / folder / "ct.nii.gz")) for name, folder in (("B", "ct-thorax-aorta"),
-                                                                                      ("C", "ct-chest-pa"))}
+    scans = {"B": scan_b, "C": sitk.ReadImage(str(data / "ct-chest-pa" / "ct.nii.gz"))}
     for name, scan in scans.items():
         result = predict(scan, model, classes=SHOWN, device="cpu")
         rows = write_statistics(result, outdir / f"scan_{name}_statistics.csv", outdir / f"scan_{name}_statistics.json")
@@ -222,13 +218,13 @@ def main() -> None:
     model = load_model(args.model)
     ct = sitk.ReadImage(str(data / "ct-abdomen" / "ct.nii.gz"))
     labels = sitk.ReadImage(str(data / "ct-abdomen" / "labels_totalsegmentator_v2.nii.gz"))
+    scan_b = sitk.ReadImage(str(data / "ct-thorax-aorta" / "ct.nii.gz"))  # the thorax check's chest, and scan B
     report = {"model": str(model.path)}
     if args.only in (None, "robustness"):
         report["robustness_A"] = robustness(model, ct, labels, args.sweep)
-        chest = sitk.ReadImage(str(data / "ct-thorax-aorta" / "ct.nii.gz"))
-        report["thorax_context_A"] = thorax_context(model, ct, labels, chest)
+        report["thorax_context_A"] = thorax_context(model, ct, labels, scan_b)
     if args.only in (None, "confidence"):
-        report["confidence"] = absent_and_mr(model, data, ct, labels, outdir)
+        report["confidence"] = absent_and_mr(model, data, ct, labels, scan_b, outdir)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 

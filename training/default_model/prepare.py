@@ -97,7 +97,7 @@ def main() -> None:
             scans[scan] = len(scans)
             arrays[f"image_{scans[scan]}"] = composite.pop("image")
             arrays[f"structure_{scans[scan]}"] = composite.pop("structure_map")
-            masks = {k: m.astype(bool) for k, m in composite.items()}
+            masks = composite  # the class masks left, bool as the sources' own
         else:
             scan = source["image"]
             if scan not in scans:
