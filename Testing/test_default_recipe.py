@@ -223,3 +223,33 @@ def test_prepare_builds_the_chest_over_abdomen_source_the_recipe_names():
     # A's 10 x 8 plane cropped to 4 x 4 around its aorta (x 6-7, y 3-4): all of the aorta is kept
     assert (out["structure_map"][2:4, 1:3, :6] == aorta).all() and (out["structure_map"] == aorta).sum() == 24
     assert out["liver"][..., :6].all() and not out["liver"][..., 6:].any() and out["heart"][..., 6:].all()
+
+
+def _aorta_levels():
+    import importlib.util
+    path = RECIPE_DIR / "experiments" / "loso" / "aorta_levels.py"
+    spec = importlib.util.spec_from_file_location("aorta_levels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("side", ["below", "above"])
+def test_aorta_levels_bound_is_the_dice_of_finding_the_aorta_at_shared_levels_only(side):
+    """Issue 8's LOSO bound: a prediction exactly right at T12's level (and on the other scan's side
+    of it) and empty elsewhere scores the bound, and the shared-level Dice is then 1."""
+    levels = _aorta_levels()
+    aorta = np.zeros((8, 8, 40), bool)
+    aorta[3:5, 3:5, :] = True
+    t12 = np.zeros_like(aorta)
+    t12[1:3, 1:3, 10:20] = True
+    shared = slice(0, 20) if side == "below" else slice(10, None)
+    assert levels.shared_levels(t12, side) == shared
+    pred = {"aorta": np.zeros_like(aorta), "vertebrae_T12": t12.copy()}
+    pred["aorta"][..., shared] = aorta[..., shared]
+    scores = levels.level_scores(pred, {"aorta": aorta, "vertebrae_T12": t12}, side, 1.0)
+    v = 4 * (20 if side == "below" else 30)
+    assert scores["aorta_ml_at_shared_levels"] == v and scores["aorta_ml"] == 160
+    assert scores["dice_bound_shared_levels_only"] == round(2 * v / (v + 160), 3) == scores["aorta"]
+    assert scores["aorta_at_shared_levels"] == 1.0 and scores["aorta_elsewhere"] == 0.0
+    assert scores["vertebrae_T12"] == 1.0
