@@ -26,15 +26,13 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum()))
 
 
-def predict_masks(model_dir: str | Path, image: np.ndarray, window: int | None = None
-                  ) -> tuple[np.ndarray, list[str]]:
-    """Masks (classes, X, Y, Z) of a model-space image by sliding windows, and their class keys."""
-    loaded = load_model(model_dir)
+def predict_masks(loaded, image: np.ndarray, window: int | None = None) -> np.ndarray:
+    """Masks (classes, X, Y, Z) of a model-space image by sliding windows; `loaded`: `load_model`'s."""
     size = (window,) * 3 if window else tuple(loaded.manifest.preprocessing.patch_size)
     x = torch.from_numpy(image.astype(np.float32))[None, None]
     with torch.no_grad():
         logits = sliding_window_inference(x, size, 4, loaded.model, overlap=0.5, mode="gaussian")
-    return torch.sigmoid(logits)[0].numpy() > 0.5, loaded.manifest.class_keys
+    return torch.sigmoid(logits)[0].numpy() > 0.5
 
 
 def main() -> None:
@@ -46,13 +44,15 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=None,
                     help="sliding-window edge in voxels (default: the model's patch size)")
     args = ap.parse_args()
+    loaded = load_model(args.model)
+    keys = loaded.manifest.class_keys
     data = np.load(HERE / "build" / "bundle.npz")
     meta = json.loads(str(data["meta"]))
     results, masks = {}, {}
     for i, src in enumerate(meta["sources"]):
         scan = src["scan"]
         if scan not in masks:  # once per scan (A has 2 sources)
-            masks[scan], keys = predict_masks(args.model, data[f"image_{scan}"], args.window)
+            masks[scan] = predict_masks(loaded, data[f"image_{scan}"], args.window)
         labels = data[f"labels_{i}"]
         if args.holdout_top:  # the held-out top slices, and for comparison the trained slices below them
             first = int(round(labels.shape[3] * (1 - args.holdout_top)))

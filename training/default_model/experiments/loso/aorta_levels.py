@@ -26,6 +26,8 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(DEFAULT_MODEL))
 from evaluate import dice, predict_masks  # noqa: E402
 
+from UniversalSegLib.store import load_model  # noqa: E402
+
 # direction -> (held-out source, where the shared level is: at/below or at/above T12)
 HELD_OUT = {"noB": ("angiogram", "below"), "noA": ("abdomen-gi-vessels-bones", "above")}
 
@@ -76,7 +78,8 @@ def main() -> None:
         model_dir = getattr(args, direction)
         pred = None
         if model_dir:
-            masks, keys = predict_masks(model_dir, data[f"image_{scan}"])
+            loaded = load_model(model_dir)
+            masks, keys = predict_masks(loaded, data[f"image_{scan}"]), loaded.manifest.class_keys
             pred = {k: masks[keys.index(k)] for k in ("aorta", "vertebrae_T12")}
         report[f"{direction}: {name}"] = level_scores(pred, truth, side, voxel_ml)
         print(direction, name, report[f"{direction}: {name}"])
