@@ -225,20 +225,12 @@ def test_prepare_builds_the_chest_over_abdomen_source_the_recipe_names():
     assert out["liver"][..., :6].all() and not out["liver"][..., 6:].any() and out["heart"][..., 6:].all()
 
 
-def _aorta_levels():
-    import importlib.util
-    path = RECIPE_DIR / "experiments" / "loso" / "aorta_levels.py"
-    spec = importlib.util.spec_from_file_location("aorta_levels", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("side", ["below", "above"])
 def test_aorta_levels_bound_is_the_dice_of_finding_the_aorta_at_shared_levels_only(side):
     """Issue 8's LOSO bound: a prediction exactly right at T12's level (and on the other scan's side
     of it) and empty elsewhere scores the bound, and the shared-level Dice is then 1."""
-    levels = _aorta_levels()
+    sys.path.insert(0, str(RECIPE_DIR / "experiments" / "loso"))
+    import aorta_levels as levels
     aorta = np.zeros((8, 8, 40), bool)
     aorta[3:5, 3:5, :] = True
     t12 = np.zeros_like(aorta)

@@ -25,6 +25,7 @@ import numpy as np
 DEFAULT_MODEL = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(DEFAULT_MODEL))
 from evaluate import dice, predict_masks  # noqa: E402
+from prepare import load_recipe  # noqa: E402
 
 from UniversalSegLib.store import load_model  # noqa: E402
 
@@ -71,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     data = np.load(DEFAULT_MODEL / "build" / "bundle.npz")
     meta = json.loads(str(data["meta"]))
-    voxel_ml = 27 / 1000  # model space: 3 mm isotropic
+    voxel_ml = float(np.prod(load_recipe()["preprocessing"]["spacing"])) / 1000  # model space
     report = {}
     for direction, (name, side) in HELD_OUT.items():
         scan, truth = source_labels(data, meta, name)
