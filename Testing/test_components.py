@@ -1,4 +1,5 @@
-"""Connected components on line-shaped arrays (cc3d 4.1's 26-connectivity fails there).
+"""Connected components on line-shaped arrays (cc3d 4.1's 26-connectivity fails there), and
+`largest_k`'s order.
 
 Found through `predict` on a pelvic slab with 64^3 windows: a one-voxel-thin probability piece of
 shape (1, 3, 1) made cc3d raise "maximum length exception" and the whole prediction fail.
@@ -41,3 +42,14 @@ def test_component_sums_of_a_thin_piece():
     assert sorted(voxel.tolist()) == [0, 2]
     assert np.allclose(sorted(sums.tolist()), [0.7, 0.9])
     assert counts.tolist() == [1, 1]
+
+
+def test_largest_k_numbers_the_largest_first():
+    """cc3d numbers components in scan order: a small island before a large block was label 1, and
+    `split_pair` took the island for the pair's main part (the demo's 2 ml left hip bone)."""
+    mask = np.zeros((8, 8, 8), bool)
+    mask[0, 0, 0] = True                # first in scan order, 1 voxel
+    mask[4:8, 4:8, 4:8] = True          # 64 voxels
+    mask[0, 6:8, 6:8] = True            # 4 voxels
+    labels = largest_k(mask, k=2)
+    assert np.count_nonzero(labels == 1) == 64 and np.count_nonzero(labels == 2) == 4 and labels[0, 0, 0] == 0

@@ -36,6 +36,7 @@ LOW, HIGH = -175.0, 250.0
 # Scaled thresholds whose HU value (LOW + t * 425) is never an integer, so integer CTs have no ties.
 THRESHOLDS = {"liver": 0.5, "spleen": 0.9}  # HU 37.5 and 207.5
 KIDNEY_RIGHT, KIDNEY_LEFT, LIVER, SPLEEN = 2, 3, 5, 1
+HIP_LEFT, HIP_RIGHT = 77, 78  # TotalSegmentator v2 ids in the sample label map
 
 
 class ThresholdModel(nn.Module):
@@ -327,6 +328,21 @@ def test_split_pair_puts_real_kidneys_on_their_sides(abdomen_labels, orientation
         left, right = postprocess.split_pair(left_in, right_in, oriented)
         assert np.array_equal(left.array(), labels == KIDNEY_LEFT)
         assert np.array_equal(right.array(), labels == KIDNEY_RIGHT)
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS"])
+def test_split_pair_keeps_touching_hip_bones_on_their_sides(abdomen_labels, orientation):
+    """The real hip bones touch at the symphysis (one component): the split once gave both to the
+    right hip and left a tiny island as the left one (the demo's 2 ml left hip). Each side keeps
+    its own bone, and a swapped prediction is swapped back."""
+    oriented = sitk.DICOMOrient(abdomen_labels[0], orientation)
+    labels = sitk.GetArrayFromImage(oriented)
+    hip_left, hip_right = labels == HIP_LEFT, labels == HIP_RIGHT
+    _, n = ndimage.label(hip_left | hip_right, structure=np.ones((3, 3, 3)))
+    assert n == 1  # the case this test is about
+    for left_in, right_in in [(hip_left, hip_right), (hip_right, hip_left)]:
+        left, right = postprocess.split_pair(BoxMask.from_array(left_in), BoxMask.from_array(right_in), oriented)
+        assert np.array_equal(left.array(), hip_left) and np.array_equal(right.array(), hip_right)
 
 
 def test_split_pair_with_one_kidney_keeps_its_owner(abdomen_labels):

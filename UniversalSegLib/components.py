@@ -24,5 +24,14 @@ def connected_components(mask: np.ndarray, connectivity: int = 26, return_N: boo
 
 
 def largest_k(mask: np.ndarray, k: int, connectivity: int = 26) -> np.ndarray:
-    """`cc3d.largest_k`: the k largest components labelled 1..k (largest first), 0 elsewhere."""
-    return cc3d.largest_k(mask, k=k, connectivity=_safe_connectivity(mask.shape, connectivity))
+    """The k largest components labelled 1..k, largest first, 0 elsewhere.
+
+    `cc3d.largest_k` finds them but numbers them in scan order, so its label 1 can be the smaller.
+    """
+    labels = cc3d.largest_k(mask, k=k, connectivity=_safe_connectivity(mask.shape, connectivity))
+    sizes = np.bincount(labels.ravel())[1:]
+    if len(sizes) < 2:
+        return labels
+    by_size = np.zeros(len(sizes) + 1, labels.dtype)
+    by_size[1 + np.argsort(-sizes, kind="stable")] = np.arange(1, len(sizes) + 1)
+    return by_size[labels]

@@ -6,7 +6,9 @@ Rules (`ClassInfo.postprocess`):
   components of the union and, when they lie side by side (their heights overlap), give each to
   the side it lies on (patient left/right, decided in physical LPS coordinates, so any orientation
   of the input works). Two components one above the other are not the pair: each keeps the side
-  the model gave it, and a side keeps only its larger one.
+  the model gave it, and a side keeps only its larger one. A pair that touches (the hip bones at
+  the symphysis) is one component: each side then keeps its own largest component, swapped only
+  if the model put them on the wrong sides.
 - "within_parents": keep only the part inside the parent organs (`ClassInfo.parents`) after a
   closing and a dilation of their union by a cube of 5 model-grid voxels (+-3 mm at 1.5 mm).
 
@@ -29,6 +31,7 @@ from UniversalSegLib.inference.masks import BoxMask, union_box
 from UniversalSegLib.registry import ClassInfo
 
 PARENT_MARGIN_MODEL_VOXELS = 2  # the 5x5x5 cube's half-width, in model-grid voxels
+TOUCHING_SHARE = 0.75  # of each side's prediction in one component: a touching pair (room for islands)
 
 
 def largest_component(mask: BoxMask) -> BoxMask:
@@ -68,12 +71,23 @@ def _by_own_side(components: Sequence[np.ndarray], own_left: np.ndarray,
     return sides
 
 
+def _touching(component: np.ndarray, own_left: np.ndarray, own_right: np.ndarray) -> bool:
+    """Whether most of BOTH sides' predictions lie in `component`: two structures that touch.
+
+    Doubled sides (both kidneys predicted as both) fail this: each kidney holds about half of each
+    side.
+    """
+    return all(np.count_nonzero(own) and np.count_nonzero(component & own) >= TOUCHING_SHARE * np.count_nonzero(own)
+               for own in (own_left, own_right))
+
+
 def split_pair(left: BoxMask, right: BoxMask, reference: sitk.Image) -> tuple[BoxMask, BoxMask]:
     """Re-assign a paired organ's two largest components by side; returns (left, right).
 
     Side by side, the one more to the patient's left is left (the model may have swapped or doubled
     the sides). One above the other, or a single component: each goes to the side whose own
-    prediction covers more of it.
+    prediction covers more of it. Touching (one component holds most of each side's prediction):
+    each side keeps its own largest component; the two swap if the model swapped them.
     """
     box = union_box([left, right])
     if box is None:
@@ -82,7 +96,12 @@ def split_pair(left: BoxMask, right: BoxMask, reference: sitk.Image) -> tuple[Bo
     own_left, own_right = left.region(start, stop), right.region(start, stop)
     labels = largest_k(own_left | own_right, k=2, connectivity=26)
     components = [labels == n for n in (1, 2) if (labels == n).any()]
-    if len(components) == 1:
+    if _touching(components[0], own_left, own_right):
+        components = [largest_k(own, k=1, connectivity=26) > 0 for own in (own_left, own_right)]
+        if _lps_x(reference, np.argwhere(components[0]).mean(axis=0), start) < _lps_x(
+                reference, np.argwhere(components[1]).mean(axis=0), start):
+            components.reverse()  # "left" lies more to the patient's right: the model swapped them
+    elif len(components) == 1:
         only = components[0]
         left_wins = np.count_nonzero(only & own_left) >= np.count_nonzero(only & own_right)
         components = [only, np.zeros_like(only)] if left_wins else [np.zeros_like(only), only]
