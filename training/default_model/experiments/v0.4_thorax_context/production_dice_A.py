@@ -1,0 +1,55 @@
+"""Dice of the production path on scan A: `predict` on A's own grid, post-processed, for every class
+the two A sources label, beside the model-space Dice of `evaluate.py` when its JSON is given.
+
+    python training/default_model/evaluate.py MODEL --json model_space.json      # optional
+    python training/default_model/experiments/v0.4_thorax_context/production_dice_A.py \
+        [--model MODEL] [--model-space model_space.json] [--json out.json]
+
+A row far below its model-space figure points at inference or post-processing, not at the weights
+(session 10: the left hip bone, 0.000 here against 0.811, lost to the left/right split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import SimpleITK as sitk
+import yaml
+
+from UniversalSegLib.inference.predict import predict
+
+ROOT = Path(__file__).resolve().parents[4]
+RECIPE = ROOT / "training" / "default_model" / "recipe.yaml"
+A_SOURCES = ("abdomen-organs", "abdomen-gi-vessels-bones")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    parser.add_argument("--model-space", type=Path, help="evaluate.py's JSON, for comparison")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    recipe = yaml.safe_load(RECIPE.read_text())
+    sources = [s for s in recipe["sources"] if s["name"] in A_SOURCES]
+    ids = {key: label for s in sources for label, key in s["labels"].items()}
+    data_root = (ROOT / recipe["data_root"]).resolve()
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(data_root / sources[0]["label_map"])))
+    result = predict(str(data_root / sources[0]["image"]), model=args.model, classes=list(ids), device="cpu")
+    model_space = {}
+    if args.model_space:
+        figures = json.loads(args.model_space.read_text())
+        model_space = {k: v for name in A_SOURCES for k, v in figures[name].items()}
+    production = {}
+    for c in result.classes:
+        truth, mask = labels == ids[c.info.key], c.mask.astype(bool)
+        production[c.info.key] = round(float(2 * (truth & mask).sum() / max(1, truth.sum() + mask.sum())), 3)
+        print(f"{c.info.key:30s} production {production[c.info.key]:.3f}"
+              + (f"  model space {model_space[c.info.key]:.3f}" if c.info.key in model_space else ""))
+    if args.json:
+        args.json.write_text(json.dumps({"production": production, "model_space": model_space}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
