@@ -345,6 +345,19 @@ def test_split_pair_keeps_touching_hip_bones_on_their_sides(abdomen_labels, orie
         assert np.array_equal(left.array(), hip_left) and np.array_equal(right.array(), hip_right)
 
 
+def test_split_pair_separates_doubled_kidneys_when_one_is_cut_small(abdomen_labels):
+    """Both sides predicted over both kidneys, the right one cut to its lowest slices (~1000 voxels)
+    so that the left kidney holds over 3/4 of each side: not a touching pair, still split by side."""
+    image, labels = abdomen_labels
+    left_kidney, right_kidney = labels == KIDNEY_LEFT, labels == KIDNEY_RIGHT
+    per_slice = np.cumsum(right_kidney.sum(axis=(1, 2)))
+    right_cut = right_kidney & (per_slice <= 1000)[:, None, None]
+    assert 500 < right_cut.sum() and left_kidney.sum() > 3 * right_cut.sum()
+    both = BoxMask.from_array(left_kidney | right_cut)
+    left, right = postprocess.split_pair(both, both, image)
+    assert np.array_equal(left.array(), left_kidney) and np.array_equal(right.array(), right_cut)
+
+
 def test_split_pair_with_one_kidney_keeps_its_owner(abdomen_labels):
     _, labels = abdomen_labels
     right_only = BoxMask.from_array(labels == KIDNEY_RIGHT)

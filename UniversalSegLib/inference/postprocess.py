@@ -72,13 +72,15 @@ def _by_own_side(components: Sequence[np.ndarray], own_left: np.ndarray,
 
 
 def _touching(component: np.ndarray, own_left: np.ndarray, own_right: np.ndarray) -> bool:
-    """Whether most of BOTH sides' predictions lie in `component`: two structures that touch.
-
-    Doubled sides (both kidneys predicted as both) fail this: each kidney holds about half of each
-    side.
+    """Whether two structures touch: `component` holds most of each side's prediction, and the two
+    sides cover different parts of it. Doubled sides (both kidneys predicted as both, one kidney
+    perhaps cut small by the field of view) cover the same voxels, and are split by position.
     """
-    return all(np.count_nonzero(own) and np.count_nonzero(component & own) >= TOUCHING_SHARE * np.count_nonzero(own)
-               for own in (own_left, own_right))
+    sizes = [np.count_nonzero(own) for own in (own_left, own_right)]
+    if min(sizes) == 0:
+        return False
+    held = all(np.count_nonzero(component & own) >= TOUCHING_SHARE * n for own, n in zip((own_left, own_right), sizes))
+    return held and np.count_nonzero(own_left & own_right) <= (1 - TOUCHING_SHARE) * min(sizes)
 
 
 def split_pair(left: BoxMask, right: BoxMask, reference: sitk.Image) -> tuple[BoxMask, BoxMask]:
