@@ -22,6 +22,7 @@ from UniversalSegLib.data.fov import (
     window_to_hu,
 )
 from UniversalSegLib.data.synth import (
+    ARTERY_NATIVE_HU,
     BODY_ID,
     FAT_ID,
     GAS_ID,
@@ -123,6 +124,24 @@ def test_arterial_phase_brightens_aorta_and_renal_cortex_native_does_not():
     assert 15 < aorta_hu < 75
 
 
+def test_split_lumen_lowers_part_of_the_aorta_only_and_never_below_unenhanced_blood():
+    """Scan B's dissected aorta: a bright true lumen beside a false lumen of ~230 HU. With
+    p_split_lumen the arterial aorta keeps its draw on one side of a random surface and loses 30-90 %
+    of its enhancement on the other; every other structure is painted exactly as without it."""
+    sample = phantom()
+    sm = sample["structure_map"]
+    aorta, floor = sm == AORTA, float(hu_to_window(torch.tensor(ARTERY_NATIVE_HU)))
+    split_seen = 0
+    for seed in range(5):
+        plain, split = (SynthesizeFromLabels(p=1.0, spacing_mm=3.0, phase_probs={"arterial": 1.0}, seed=seed,
+                                             p_split_lumen=p_split, **QUIET)(sample)["image"][0] for p_split in (0, 1))
+        assert torch.equal(plain[~aorta], split[~aorta])
+        assert (split[aorta] <= plain[aorta]).all() and (split[aorta] >= floor - 1e-4).all()
+        lowered = split[aorta] < plain[aorta] - 0.05
+        split_seen += bool(lowered.any() and (~lowered).any())
+    assert split_seen >= 3  # the surface usually crosses the aorta
+
+
 def test_full_randomisation_and_image_wide_steps_change_the_image():
     sample = phantom()
     quiet = SynthesizeFromLabels(p=1.0, spacing_mm=3.0, seed=3, **QUIET)(sample)["image"]
@@ -208,6 +227,10 @@ def test_contrast_phase_on_real_image_enhances_and_de_enhances_labelled_vessels(
     label = torch.stack([(sm == structure_id(k)).float() for k in keys])
     from_labels = ContrastPhaseAugment(phase_probs={"arterial": 1.0}, class_keys=keys, seed=0, **only_phase)
     assert from_labels({"image": image, "label": label})["image"][0][aorta].mean() > 0.9
+    # a split lumen: part of the aorta loses some of its new enhancement, none goes below native blood
+    split = ContrastPhaseAugment(phase_probs={"arterial": 1.0}, seed=0, p_split_lumen=1.0, **only_phase)
+    parts = split({"image": image, "structure_map": sm})["image"][0][aorta & ~rim_mask(sm.long()[None], 1)[0]]
+    assert (parts < 0.9).any() and (parts > 0.99).any() and float(window_to_hu(parts.min())) > 0
     # and back: a bright aorta becomes native
     native = ContrastPhaseAugment(phase_probs={"native": 1.0}, seed=0, **only_phase)
     back = native({"image": out, "structure_map": sm})["image"]

@@ -124,6 +124,7 @@ TISSUES: dict[str, TissueHU] = {
     "table": TissueHU(*_same(-250, 300), std=(5, 30), texture=(0, 30), rim=_same(150, 700)),
 }
 TISSUE_NAMES = tuple(TISSUES)
+ARTERY_NATIVE_HU = 40.0  # unenhanced blood: `split_lumens` never lowers a lumen below it
 
 # first match wins: (pattern on the structure name, tissue)
 _TISSUE_RULES: tuple[tuple[str, str], ...] = (
@@ -430,6 +431,27 @@ class _IntensityBase(RandomTransform):
         g = self.log_uniform(*gamma, x.shape[0]).to(x).view(-1, 1, 1, 1, 1)
         return x.clamp(0, 1) ** g
 
+    def split_lumens(self, ids: torch.Tensor, means: torch.Tensor, p: float,
+                     drop: tuple[float, float]) -> torch.Tensor | None:
+        """(B, 1, D, H, W) HU offset that takes a fraction (`drop`) of the enhancement out of one side
+        of a smooth random surface through every artery, in the samples drawn with probability `p`;
+        None when none is. An aortic dissection's false lumen (scan B: median 230 HU beside a true
+        lumen of 471), mixing of contrast and thrombus all show a vessel enhanced in part only.
+        `means`: (B, NUM_IDS) each structure's mean HU after its phase was drawn.
+        """
+        if p <= 0:  # no draws at all: other transforms' random streams stay as they were
+            return None
+        picked = self.chance(p, ids.shape[0])
+        if not picked.any():
+            return None
+        cells = self.randint(2, 3)
+        coarse = self.randn((ids.shape[0], 1, cells, cells, cells), ids.device)
+        side = F.interpolate(coarse, size=tuple(ids.shape[1:]), mode="trilinear", align_corners=True) > 0
+        fraction = self.uniform(*drop, ids.shape[0]) * picked  # (B,) on the CPU, like `_id_tissue`
+        artery = _id_tissue() == TISSUE_NAMES.index("artery")
+        enhancement = (means.cpu() - ARTERY_NATIVE_HU).clamp(min=0) * artery * fraction[:, None]
+        return -_lookup(enhancement, ids) * side
+
     def maybe(self, p: float, fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any) -> torch.Tensor:
         """Apply `fn(x[sel], *args)` to the samples selected with probability p."""
         sel = torch.nonzero(self.chance(p, x.shape[0])).flatten()
@@ -471,6 +493,8 @@ class SynthesizeFromLabels(_IntensityBase):
             reconstruction kernel; on by default, as label maps have hard edges).
         noise_hu: range of the global noise std in HU (always applied; 0 at the low end).
         p_gamma, gamma: probability and range of a gamma on the [0, 1] window.
+        p_split_lumen, split_lumen_drop: probability that the arteries are enhanced in part only,
+            and the range of the fraction of enhancement the other part loses (`split_lumens`).
         spacing_mm: voxel spacing of the samples.
         complete_from_image: give unlabelled non-air voxels of the real image a fat/body/bone id first.
         class_keys: names of the label channels, used when a sample has no structure map.
@@ -483,7 +507,8 @@ class SynthesizeFromLabels(_IntensityBase):
                  p_bias: float = 0.5, bias_std: float = 0.04, p_thick: float = 0.4,
                  slice_thickness_mm: tuple[float, float] = (1.5, 7.0), p_blur: float = 1.0,
                  blur_sigma_mm: tuple[float, float] = (0.5, 1.8), noise_hu: tuple[float, float] = (0.0, 40.0),
-                 p_gamma: float = 0.3, gamma: tuple[float, float] = (0.7, 1.5),
+                 p_gamma: float = 0.3, gamma: tuple[float, float] = (0.7, 1.5), p_split_lumen: float = 0.0,
+                 split_lumen_drop: tuple[float, float] = (0.3, 0.9),
                  spacing_mm: float | Sequence[float] = 1.5, complete_from_image: bool = True,
                  class_keys: Sequence[str] | None = None, real_transform: RandomTransform | None = None,
                  axes: Axes = RAS_AXES, seed: int | None = None):
@@ -495,6 +520,7 @@ class SynthesizeFromLabels(_IntensityBase):
         self.p_thick, self.slice_thickness_mm = p_thick, slice_thickness_mm
         self.p_blur, self.blur_sigma_mm, self.noise_hu = p_blur, blur_sigma_mm, noise_hu
         self.p_gamma, self.gamma_range = p_gamma, gamma
+        self.p_split_lumen, self.split_lumen_drop = p_split_lumen, split_lumen_drop
         self.complete_from_image, self.real_transform = complete_from_image, real_transform
         self.last_params: list[dict[str, Any]] = []
 
@@ -556,6 +582,9 @@ class SynthesizeFromLabels(_IntensityBase):
             hu = hu + _lookup(fine, ids) * self._fine_texture(shape, device)
             hu = hu + _lookup(coarse, ids) * self._coarse_texture(shape, device)
         hu = hu + _lookup(rims, ids) * rim_mask(ids, self.rim_width(self.rim_mm)).unsqueeze(1)
+        split = self.split_lumens(ids, means, self.p_split_lumen, self.split_lumen_drop)
+        if split is not None:
+            hu = hu + split
         present = [torch.nonzero(torch.bincount(ids[b].flatten(), minlength=NUM_IDS)).flatten().tolist()
                    for b in range(n)]
         for b, slot in enumerate(slots):
@@ -609,6 +638,8 @@ class ContrastPhaseAugment(_IntensityBase):
         p_thick, slice_thickness_mm, p_blur, blur_sigma_mm: resolution changes.
         p_noise, noise_hu: additive correlated noise (std range in HU).
         p_gamma, gamma: gamma on the window.
+        p_split_lumen, split_lumen_drop: arteries enhanced in part only, after a phase change
+            (`split_lumens`).
     """
 
     def __init__(self, p: float = 0.8, class_keys: Sequence[str] | None = None,
@@ -619,10 +650,12 @@ class ContrastPhaseAugment(_IntensityBase):
                  slice_thickness_mm: tuple[float, float] = (1.5, 6.0), p_blur: float = 0.2,
                  blur_sigma_mm: tuple[float, float] = (0.3, 1.2), p_noise: float = 0.5,
                  noise_hu: tuple[float, float] = (0.0, 25.0), p_gamma: float = 0.3,
-                 gamma: tuple[float, float] = (0.7, 1.5), spacing_mm: float | Sequence[float] = 1.5,
+                 gamma: tuple[float, float] = (0.7, 1.5), p_split_lumen: float = 0.0,
+                 split_lumen_drop: tuple[float, float] = (0.3, 0.9), spacing_mm: float | Sequence[float] = 1.5,
                  axes: Axes = RAS_AXES, seed: int | None = None):
         super().__init__(p, phase_probs, spacing_mm, axes, seed)
         self.class_keys = None if class_keys is None else list(class_keys)
+        self.p_split_lumen, self.split_lumen_drop = p_split_lumen, split_lumen_drop
         self.p_label_guided, self.edge_sigma_mm, self.rim_mm = p_label_guided, edge_sigma_mm, rim_mm
         self.p_remap, self.remap_points, self.remap_std = p_remap, remap_points, remap_std
         self.p_scale_shift, self.scale, self.shift = p_scale_shift, scale, shift
@@ -678,6 +711,10 @@ class ContrastPhaseAugment(_IntensityBase):
         offset = torch.where(valid, target - sums / counts.clamp(min=1), torch.zeros_like(target))
         rims = torch.where(valid, self.draw_rims(phases).to(device), torch.zeros_like(target))
         field = _lookup(offset, ids) + _lookup(rims, ids) * rim.unsqueeze(1)
+        now = torch.where(valid, target, sums / counts.clamp(min=1))  # each structure's mean after the change
+        split = self.split_lumens(ids, now, self.p_split_lumen, self.split_lumen_drop)
+        if split is not None:
+            field = field + split
         sigma = torch.tensor(self.edge_sigma_mm) / torch.tensor(self.spacing_mm)
         field = gaussian_blur(field, sigma.repeat(n, 1))
         return hu_to_window(hu + field)
@@ -741,7 +778,8 @@ def build_generalisation_pipeline(p_synth: float = 0.5, spacing_mm: float | Sequ
                                   class_keys: Sequence[str] | None = None, keep_size: bool = True,
                                   p_deform: float = 0.8, p_zoom: float = 0.15, p_fov: float = 0.25,
                                   p_partial: float = 0.15, p_slab: float = 0.2, p_contrast: float = 0.8,
-                                  axes: Axes = RAS_AXES, seed: int | None = None) -> Compose:
+                                  p_split_lumen: float = 0.0, axes: Axes = RAS_AXES,
+                                  seed: int | None = None) -> Compose:
     """The domain-randomisation pipeline for the default model, in this order:
 
     ========================  ===========  =================================================================
@@ -756,6 +794,9 @@ def build_generalisation_pipeline(p_synth: float = 0.5, spacing_mm: float | Sequ
     ContrastPhaseAugment      p_contrast   on the real (not synthesised) images: phase, remap, noise...
     ========================  ===========  =================================================================
 
+    `p_split_lumen` (both synthesis and phase change): arteries enhanced on one side of a random
+    surface only (`split_lumens`); 0, the default, draws nothing and leaves every stream as before.
+
     `keep_size=True` keeps every sample's shape (use on fixed-size patches and batches);
     `keep_size=False` lets RandomFOVPad enlarge whole volumes before the loader crops patches.
     `class_keys` (the label channel names; or a per-sample `label_keys` entry) lets synthesis and the
@@ -766,8 +807,8 @@ def build_generalisation_pipeline(p_synth: float = 0.5, spacing_mm: float | Sequ
     def child_seed(i: int) -> int | None:
         return None if seed is None else seed + 7919 * i
 
-    contrast = ContrastPhaseAugment(p_contrast, class_keys=class_keys, spacing_mm=spacing_mm, axes=axes,
-                                    seed=child_seed(7))
+    contrast = ContrastPhaseAugment(p_contrast, class_keys=class_keys, p_split_lumen=p_split_lumen,
+                                    spacing_mm=spacing_mm, axes=axes, seed=child_seed(7))
     return Compose([
         RandomDeformation(p_deform, spacing_mm=spacing_mm, axes=axes, seed=child_seed(0)),
         RandomZoom(p_zoom, axes=axes, seed=child_seed(1)),
@@ -775,5 +816,5 @@ def build_generalisation_pipeline(p_synth: float = 0.5, spacing_mm: float | Sequ
         RandomPartialOrgan(p_partial, seed=child_seed(3)),
         RandomSlab(p_slab, axes=axes, seed=child_seed(4)),
         SynthesizeFromLabels(p_synth, spacing_mm=spacing_mm, class_keys=class_keys, real_transform=contrast, axes=axes,
-                             seed=child_seed(5)),
+                             p_split_lumen=p_split_lumen, seed=child_seed(5)),
     ])

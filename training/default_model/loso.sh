@@ -5,7 +5,8 @@
 # Each direction runs the recipe's two stages from scratch: `basic` (learn the anatomy), then
 # `generalise` started from stage 1 (domain randomisation, exclusion loss), then evaluate.py.
 #
-#   bash training/default_model/loso.sh [RUN_DIR]   # env: DEVICE, STAGE1_STEPS, STAGE2_STEPS, DIRECTIONS
+#   bash training/default_model/loso.sh [RUN_DIR]   # env: DEVICE, STAGE1_STEPS, STAGE2_STEPS, DIRECTIONS,
+#                                                   #   GENERALISE_SET (stage 2's --generalise-set, e.g. "p_split_lumen=0.5")
 # (with the project's .venv active: it calls `python`)
 #
 # On one GPU both directions share it (small batches leave it mostly idle). On a 2-core CPU run one
@@ -40,7 +41,8 @@ direction() {
     --drop ${DROP[$name]} --run "$out/stage1" "${resume[@]}"
   resume=(); [ -f "$out/stage2/last/manifest.json" ] && resume=(--resume)
   python training/default_model/train.py --device "$DEVICE" --augment generalise --steps "$STAGE2_STEPS" \
-    --init "$out/stage1/$NAME" --lr 2e-4 --drop ${DROP[$name]} --run "$out/stage2" "${resume[@]}"
+    --init "$out/stage1/$NAME" --lr 2e-4 --drop ${DROP[$name]} --run "$out/stage2" "${resume[@]}" \
+    --generalise-set ${GENERALISE_SET:-}
   python training/default_model/evaluate.py "$out/stage2/$NAME" --json "$out/dice.json"
 }
 
