@@ -125,6 +125,7 @@ TISSUES: dict[str, TissueHU] = {
 }
 TISSUE_NAMES = tuple(TISSUES)
 ARTERY_NATIVE_HU = 40.0  # unenhanced blood: `split_lumens` never lowers a lumen below it
+SPLIT_LUMEN_BLOB_MM = (10.0, 30.0)  # size range of the parts `split_lumens` cuts an artery into
 
 # first match wins: (pattern on the structure name, tissue)
 _TISSUE_RULES: tuple[tuple[str, str], ...] = (
@@ -444,8 +445,10 @@ class _IntensityBase(RandomTransform):
         picked = self.chance(p, ids.shape[0])
         if not picked.any():
             return None
-        cells = self.randint(2, 3)
-        coarse = self.randn((ids.shape[0], 1, cells, cells, cells), ids.device)
+        # blobs of 10-30 mm: the surface crosses an aorta's lumen (~25 mm), not only runs along it
+        blob_mm = float(self.uniform(*SPLIT_LUMEN_BLOB_MM))
+        cells = [max(2, round(n * mm / blob_mm)) for n, mm in zip(ids.shape[1:], self.spacing_mm)]
+        coarse = self.randn((ids.shape[0], 1, *cells), ids.device)
         side = F.interpolate(coarse, size=tuple(ids.shape[1:]), mode="trilinear", align_corners=True) > 0
         fraction = self.uniform(*drop, ids.shape[0]) * picked  # (B,) on the CPU, like `_id_tissue`
         artery = _id_tissue() == TISSUE_NAMES.index("artery")
