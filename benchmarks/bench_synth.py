@@ -2,7 +2,8 @@
 
 The sample is a 96^3 crop of the bundled abdomen CT at 1.5 mm with its structure map and a multi-hot
 label for the paper's 32 template classes. Prints the time of each transform (forced on) and of the
-whole pipeline with its default probabilities; `--png` also saves a montage of synthesised samples.
+whole pipeline with its default probabilities; "split" rows add `p_split_lumen=1` (the baseline is the
+row above them); `--png` also saves a montage of synthesised samples.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_synth.py --threads 1 --png /tmp/synth.png
     python benchmarks/bench_synth.py --device cuda --batch 4
@@ -111,6 +112,8 @@ def main() -> None:
         "RandomSlab": fov.RandomSlab(p=1.0, seed=0),
         "SynthesizeFromLabels": S.SynthesizeFromLabels(p=1.0, seed=0),
         "ContrastPhaseAugment": S.ContrastPhaseAugment(p=1.0, seed=0),
+        "SynthesizeFromLabels split": S.SynthesizeFromLabels(p=1.0, p_split_lumen=1.0, seed=0),
+        "ContrastPhaseAugment split": S.ContrastPhaseAugment(p=1.0, p_split_lumen=1.0, seed=0),
         "pipeline p_synth=0.5": S.build_generalisation_pipeline(p_synth=0.5, seed=0),
         "pipeline p_synth=1.0": S.build_generalisation_pipeline(p_synth=1.0, seed=0),
     }
