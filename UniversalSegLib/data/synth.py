@@ -714,10 +714,11 @@ class ContrastPhaseAugment(_IntensityBase):
         offset = torch.where(valid, target - sums / counts.clamp(min=1), torch.zeros_like(target))
         rims = torch.where(valid, self.draw_rims(phases).to(device), torch.zeros_like(target))
         field = _lookup(offset, ids) + _lookup(rims, ids) * rim.unsqueeze(1)
-        now = torch.where(valid, target, sums / counts.clamp(min=1))  # each structure's mean after the change
-        split = self.split_lumens(ids, now, self.p_split_lumen, self.split_lumen_drop)
-        if split is not None:
-            field = field + split
+        if self.p_split_lumen > 0:
+            now = torch.where(valid, target, sums / counts.clamp(min=1))  # each structure's mean after the change
+            split = self.split_lumens(ids, now, self.p_split_lumen, self.split_lumen_drop)
+            if split is not None:
+                field = field + split
         sigma = torch.tensor(self.edge_sigma_mm) / torch.tensor(self.spacing_mm)
         field = gaussian_blur(field, sigma.repeat(n, 1))
         return hu_to_window(hu + field)

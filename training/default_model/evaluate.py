@@ -26,13 +26,21 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum()))
 
 
-def predict_masks(loaded, image: np.ndarray, window: int | None = None) -> np.ndarray:
-    """Masks (classes, X, Y, Z) of a model-space image by sliding windows; `loaded`: `load_model`'s."""
+def predict_probabilities(loaded, image: np.ndarray, window: int | None = None,
+                          classes: list[int] | None = None) -> np.ndarray:
+    """Sigmoid maps (classes, X, Y, Z) of a model-space image by sliding windows; `loaded`:
+    `load_model`'s; `classes`: model indices to run (default: all)."""
     size = (window,) * 3 if window else tuple(loaded.manifest.preprocessing.patch_size)
     x = torch.from_numpy(image.astype(np.float32))[None, None]
     with torch.no_grad():
-        logits = sliding_window_inference(x, size, 4, loaded.model, overlap=0.5, mode="gaussian")
-    return torch.sigmoid(logits)[0].numpy() > 0.5
+        logits = sliding_window_inference(x, size, 4, lambda w: loaded.model(w, classes=classes), overlap=0.5,
+                                          mode="gaussian")
+    return torch.sigmoid(logits)[0].numpy()
+
+
+def predict_masks(loaded, image: np.ndarray, window: int | None = None) -> np.ndarray:
+    """Masks (classes, X, Y, Z) of a model-space image by sliding windows; `loaded`: `load_model`'s."""
+    return predict_probabilities(loaded, image, window) > 0.5
 
 
 def main() -> None:

@@ -13,36 +13,27 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from monai.inferers import sliding_window_inference
 
-from UniversalSegLib.store import load_model
+DEFAULT_MODEL = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(DEFAULT_MODEL))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from aorta_levels import source_labels  # noqa: E402
+from evaluate import predict_probabilities  # noqa: E402
 
-BUNDLE = Path(__file__).resolve().parents[2] / "build" / "bundle.npz"
+from UniversalSegLib.store import load_model  # noqa: E402
+
 SHOWN = ("aorta", "vertebrae_T12", "vertebrae_L1", "vertebrae_L2", "spinal_cord")
 
 
-def probabilities(model_dir: str, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Sigmoid maps of `SHOWN` on a model-space image, by the model's own sliding windows."""
-    loaded = load_model(model_dir)
-    classes = [loaded.manifest.class_keys.index(k) for k in SHOWN]
-    x = torch.from_numpy(image.astype(np.float32))[None, None]
-    with torch.no_grad():
-        logits = sliding_window_inference(x, tuple(loaded.manifest.preprocessing.patch_size), 4,
-                                          lambda w: loaded.model(w, classes=classes), overlap=0.5, mode="gaussian")
-    return dict(zip(SHOWN, torch.sigmoid(logits)[0].numpy()))
-
-
 def main() -> None:
-    data = np.load(BUNDLE)
-    meta = json.loads(str(data["meta"]))
-    index = [s["name"] for s in meta["sources"]].index("angiogram")
-    source = meta["sources"][index]
-    labels = data[f"labels_{index}"]
-    aorta = labels[source["classes"].index("aorta")] > 0
-    t12 = labels[source["classes"].index("vertebrae_T12")] > 0
+    data = np.load(DEFAULT_MODEL / "build" / "bundle.npz")
+    scan, truth = source_labels(data, json.loads(str(data["meta"])), "angiogram")
+    aorta, t12 = truth["aorta"], truth["vertebrae_T12"]
     for model_dir in sys.argv[1:]:
-        p = probabilities(model_dir, data[f"image_{source['scan']}"])
+        loaded = load_model(model_dir)
+        maps = predict_probabilities(loaded, data[f"image_{scan}"],
+                                     classes=[loaded.manifest.class_keys.index(k) for k in SHOWN])
+        p = dict(zip(SHOWN, maps))
         print(json.dumps({"model": model_dir, "in_B_aorta": {
             "aorta_mean": round(float(p["aorta"][aorta].mean()), 3),
             "aorta_max": round(float(p["aorta"][aorta].max()), 2),

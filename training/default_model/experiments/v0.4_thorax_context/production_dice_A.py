@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import SimpleITK as sitk
 import yaml
 
-from UniversalSegLib.inference.predict import predict
-
 ROOT = Path(__file__).resolve().parents[4]
+sys.path.insert(0, str(ROOT / "training" / "default_model"))
+from evaluate import dice  # noqa: E402
+
+from UniversalSegLib.inference.predict import predict  # noqa: E402
+
 RECIPE = ROOT / "training" / "default_model" / "recipe.yaml"
 A_SOURCES = ("abdomen-organs", "abdomen-gi-vessels-bones")
 
@@ -43,8 +47,7 @@ def main() -> None:
         model_space = {k: v for name in A_SOURCES for k, v in figures[name].items()}
     production = {}
     for c in result.classes:
-        truth, mask = labels == ids[c.info.key], c.mask.astype(bool)
-        production[c.info.key] = round(float(2 * (truth & mask).sum() / max(1, truth.sum() + mask.sum())), 3)
+        production[c.info.key] = round(dice(c.mask.astype(bool), labels == ids[c.info.key]), 3)
         print(f"{c.info.key:30s} production {production[c.info.key]:.3f}"
               + (f"  model space {model_space[c.info.key]:.3f}" if c.info.key in model_space else ""))
     if args.json:
