@@ -11,6 +11,11 @@ Rules (`ClassInfo.postprocess`):
   if the model put them on the wrong sides.
 - "within_parents": keep only the part inside the parent organs (`ClassInfo.parents`) after a
   closing and a dilation of their union by a cube of 5 model-grid voxels (+-3 mm at 1.5 mm).
+- Distinct vessels are distinct lumens (`DISJOINT_GROUPS`; a vessel with parents, such as the
+  hepatic vessels inside the liver, is exempt): a component of one that lies mostly inside
+  another, which is the more probable there, is dropped (`disjoint`). Sigmoid heads can both fire
+  on one lumen: the model's left common carotid artery lay wholly inside the inferior vena cava of
+  the bundled abdomen (6.8 ml at confidence 0.92). Runs first, on the predicted masks.
 
 Why on the input grid: the rule then holds for exactly the mask the user gets, and every step
 works on the masks' bounding boxes (`BoxMask`), so its cost follows the structures' sizes rather
@@ -26,11 +31,13 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from UniversalSegLib.components import largest_k
+from UniversalSegLib.components import connected_components, largest_k
 from UniversalSegLib.inference.masks import BoxMask, union_box
 from UniversalSegLib.registry import ClassInfo
 
 PARENT_MARGIN_MODEL_VOXELS = 2  # the 5x5x5 cube's half-width, in model-grid voxels
+DISJOINT_GROUPS = ("vessel",)  # registry groups whose members never overlap in any public label set
+SWALLOWED_SHARE = 0.5  # of a component inside another vessel: a duplicate detection, not a shared border
 TOUCHING_SHARE = 0.75  # of each side's prediction in one component: a touching pair (room for islands)
 
 
@@ -182,6 +189,65 @@ def apply_rules(masks: Mapping[str, BoxMask], classes: Mapping[str, ClassInfo], 
         present = [out[p] for p in info.parents if p in out]
         if "within_parents" in rules and info.postprocess == "within_parents" and key in out and present:
             out[key] = within(out[key], parent_region(present, radius))
+    return out
+
+
+def disjoint_keys(classes: Sequence[ClassInfo]) -> list[str]:
+    """Keys of the classes that `disjoint` separates: members of `DISJOINT_GROUPS` without parents."""
+    return [c.key for c in classes if c.group in DISJOINT_GROUPS and not c.parents]
+
+
+def _values_in(predicted: BoxMask, values: np.ndarray, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
+    """uint8 probabilities of `predicted`'s voxels (`values`, C order) inside the box [start, stop); 0 elsewhere."""
+    out = np.zeros([b - a for a, b in zip(start, stop)], np.uint8)
+    lo = [max(a, s) for a, s in zip(start, predicted.start)]
+    hi = [min(b, s) for b, s in zip(stop, predicted.stop)]
+    if predicted and all(h > low for low, h in zip(lo, hi)):
+        own = np.zeros(predicted.box_shape, np.uint8)
+        own[predicted.crop()] = values
+        out[tuple(slice(low - a, h - a) for low, h, a in zip(lo, hi, start))] = \
+            own[tuple(slice(low - s, h - s) for low, h, s in zip(lo, hi, predicted.start))]
+    return out
+
+
+def _without_swallowed(mask: BoxMask, own: tuple[BoxMask, np.ndarray], other: tuple[BoxMask, np.ndarray]) -> BoxMask:
+    """`mask` less its components that lie mostly (`SWALLOWED_SHARE`) inside the predicted mask of
+    `other`, where `other` is the more probable of the two on the shared voxels.
+
+    `own` and `other` are (predicted mask, uint8 values of its voxels); `mask` is part of `own[0]`.
+    """
+    (own_mask, own_values), (other, other_values) = own, other
+    if not mask or not other:
+        return mask
+    crop = mask.crop()
+    shared = crop & other.region(mask.start, mask.stop)
+    if not shared.any():
+        return mask
+    labels, n = connected_components(crop, connectivity=26, return_N=True)
+    at = labels[shared]
+    size = np.bincount(labels.ravel(), minlength=n + 1)
+    overlap = np.bincount(at, minlength=n + 1)
+    mine = np.bincount(at, weights=_values_in(own_mask, own_values, mask.start, mask.stop)[shared], minlength=n + 1)
+    theirs = np.bincount(at, weights=_values_in(other, other_values, mask.start, mask.stop)[shared], minlength=n + 1)
+    swallowed = (overlap >= SWALLOWED_SHARE * size) & (theirs > mine)
+    swallowed[0] = False
+    if not swallowed.any():
+        return mask
+    return BoxMask(mask.shape, mask.start, crop & ~swallowed[labels])
+
+
+def disjoint(masks: Mapping[str, BoxMask], values: Mapping[str, np.ndarray], keys: Sequence[str]) -> dict[str, BoxMask]:
+    """`masks` without the components of any of `keys` that lie mostly inside another of `keys`
+    where that one is more probable: one lumen, two vessel heads firing, the weaker one goes.
+
+    `values[k]` holds the uint8 probabilities of `masks[k]`'s voxels (C order). Borders two vessels
+    share are left alone: cutting them by probability cost the left iliac vein of scan A 0.05 Dice.
+    """
+    out = dict(masks)
+    for a in keys:
+        for b in keys:
+            if a != b:
+                out[a] = _without_swallowed(out[a], (masks[a], values[a]), (masks[b], values[b]))
     return out
 
 

@@ -19,7 +19,7 @@ import torch
 
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.masks import BoxMask
-from UniversalSegLib.inference.postprocess import apply_rules, mean_within
+from UniversalSegLib.inference.postprocess import apply_rules, disjoint, disjoint_keys, mean_within
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.restore import SlabRestorer
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
@@ -87,7 +87,8 @@ def _read(image: str | os.PathLike | sitk.Image, allow_non_ct: bool) -> sitk.Ima
 
 
 def needed_classes(manifest: Manifest, requested: Sequence[str] | None) -> tuple[list[ClassInfo], list[ClassInfo]]:
-    """(requested classes, classes to compute): the request plus pair partners and parents the rules need.
+    """(requested classes, classes to compute): the request plus pair partners, parents and (for a
+    vessel) the other vessels that the rules need, so a class comes out the same however it was picked.
 
     Names are keys, display names or synonyms; unknown names raise UnknownClassError with suggestions.
     """
@@ -97,11 +98,13 @@ def needed_classes(manifest: Manifest, requested: Sequence[str] | None) -> tuple
     if not wanted:
         raise InputError("no classes requested")
     keys = {c.key for c in wanted}
+    separated = disjoint_keys(list(registry))
     todo = list(wanted)
     while todo:
         info = todo.pop()
         extra = [info.pair] if info.postprocess == "split_pair" and info.pair else []
         extra += info.parents if info.postprocess == "within_parents" else []
+        extra += separated if info.key in separated else []
         for key in extra:
             if key in registry and key not in keys:
                 keys.add(key)
@@ -165,6 +168,8 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     values: dict[str, np.ndarray] = {}  # voxel probabilities of classes whose later rules change the mask
     windows = report.span(_PREP, _WINDOWS)
     restorers: dict[int, SlabRestorer] = {}
+    separated = set(disjoint_keys(computed)) if postprocess else set()
+    separated = separated if len(separated) > 1 else set()
     with torch.inference_mode():
         for slab in probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
                                       overlap, dev, sw_batch_size=batch, class_chunk=class_chunk, amp=amp,
@@ -174,7 +179,8 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
                 # A single organ's rule needs nothing else: apply it as soon as the class is complete.
                 largest = postprocess and (info.postprocess == "largest_component" or (
                     info.postprocess == "split_pair" and info.pair not in computed_keys))
-                later = postprocess and info.postprocess in ("split_pair", "within_parents") and not largest
+                later = postprocess and (info.key in separated or (
+                    info.postprocess in ("split_pair", "within_parents") and not largest))
                 restorers[slab.position] = SlabRestorer(prepared.grid, reference, pre.threshold, keep_probabilities,
                                                         largest_only=largest, keep_values=later)
             restorers[slab.position].add(slab.start, slab.values, slab.last)
@@ -192,8 +198,10 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     t = time.perf_counter()
     if values:
         infos = {c.key: c for c in computed}
-        final = apply_rules(masks, infos, reference, pre.spacing, rules=("split_pair", "within_parents"))
-        for key in values:  # a side may have received voxels its pair predicted: read them there
+        resolved = disjoint(masks, values, [k for k in infos if k in separated])
+        final = apply_rules(resolved, infos, reference, pre.spacing, rules=("split_pair", "within_parents"))
+        for key in (k for k in values if final[k] is not masks[k]):
+            # a side may have received voxels its pair predicted: read them there
             sources = [(masks[k], values[k]) for k in (key, infos[key].pair) if k in values]
             confidence[key] = mean_within(final[key], sources)
         masks = final
