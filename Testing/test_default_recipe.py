@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "training" / "default_model"
 sys.path.insert(0, str(RECIPE_DIR))
+import average  # noqa: E402
 import check_generalisation as checks  # noqa: E402
 import stacking  # noqa: E402
 import train as recipe_train  # noqa: E402
@@ -245,3 +246,27 @@ def test_aorta_levels_bound_is_the_dice_of_finding_the_aorta_at_shared_levels_on
     assert scores["dice_bound_shared_levels_only"] == round(2 * v / (v + 160), 3) == scores["aorta"]
     assert scores["aorta_at_shared_levels"] == 1.0 and scores["aorta_elsewhere"] == 0.0
     assert scores["vertebrae_T12"] == 1.0
+
+
+def test_average_interpolates_weights_and_records_it(tmp_path, minilm):
+    """v0.4.1 is 0.7 x stage 2f + 0.3 x stage 2d: each float tensor is the mix, the version and a
+    provenance stage say so, and models with other classes are refused."""
+    from UniversalSegLib.errors import UniversalSegError
+    from UniversalSegLib.store import create_model, load_model, save_model
+
+    config = {"init_filters": 16, "blocks_down": [1, 1], "blocks_up": [1]}
+    folders = []
+    for seed, keys in ((0, ["liver", "spleen"]), (1, ["liver", "spleen"]), (2, ["liver", "aorta"])):
+        torch.manual_seed(seed)
+        model, manifest = create_model(f"m{seed}", keys, backbone_config=config, text_encoder=minilm)
+        folders.append(str(save_model(model, manifest, tmp_path / f"m{seed}")))
+    out = tmp_path / "mixed"
+    average.average(folders[0], folders[1], 0.3, "9.9.9", str(out))
+    mixed, refined, parent = (load_model(p).model.state_dict() for p in (out, *folders[:2]))
+    for key, value in mixed.items():
+        if value.is_floating_point():  # stored in float16, like the bundled model
+            assert torch.allclose(value, 0.7 * refined[key] + 0.3 * parent[key], atol=2e-3, rtol=2e-3), key
+    manifest = load_model(out).manifest
+    assert manifest.version == "9.9.9" and manifest.provenance["stages"][-1]["parent_weight"] == 0.3
+    with pytest.raises(UniversalSegError, match="classes or architecture"):
+        average.average(folders[0], folders[2], 0.3, "9.9.9", str(tmp_path / "refused"))
