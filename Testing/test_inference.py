@@ -281,7 +281,7 @@ def test_one_window_equals_the_models_own_forward(tiny_model):
 
 
 def test_many_classes_never_hold_all_classes_at_input_resolution():
-    """40 classes with large masks: numpy's peak stays far below 40 bool volumes (masks are boxed, bit-packed)."""
+    """40 classes with large masks: numpy's peak stays well below 40 bool volumes (masks are boxed, bit-packed)."""
     import tracemalloc
 
     image = sitk.ReadImage(str(SAMPLE))[:, :, 50:80]
@@ -292,8 +292,14 @@ def test_many_classes_never_hold_all_classes_at_input_resolution():
     result = predict(image, model=stub_model(3.0, thresholds, patch=32, overlap=0.0), device="cpu")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert len(result.classes) == 40 and min(c.voxel_count for c in result.classes) > voxels // 3
-    assert peak < 40 * voxels / 2, f"numpy peak {peak / 1e6:.1f} MB for {voxels / 1e6:.2f} M voxels"
+    vessels = set(postprocess.disjoint_keys([REG[k] for k in keys]))
+    large = {c.info.key for c in result.classes if c.voxel_count > voxels // 3}
+    assert len(result.classes) == 40 and {c.info.key for c in result.classes} - vessels <= large
+    # nested vessel masks (one threshold each) lie inside the most probable one: only it stays
+    assert len(vessels) > 5 and len(vessels & large) == 1
+    # 0.6, not 0.5 before session 11: the vessel rule keeps the vessels' uint8 probabilities (11 here,
+    # each over most of the body) and needs a few bytes per voxel of one vessel's box while it runs
+    assert peak < 40 * voxels * 0.6, f"numpy peak {peak / 1e6:.1f} MB for {voxels / 1e6:.2f} M voxels"
     assert sum(c.box.nbytes for c in result.classes) < 40 * voxels / 7
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import cc3d
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -210,30 +211,43 @@ def _values_in(predicted: BoxMask, values: np.ndarray, start: Sequence[int], sto
     return out
 
 
+def _voxel_counts(labels: np.ndarray, n: int) -> np.ndarray:
+    """Voxels per label 0..n (cc3d counts in place; `np.bincount` would copy `labels` as int64)."""
+    counts = cc3d.statistics(labels, no_slice_conversion=True)["voxel_counts"]
+    return np.pad(counts, (0, n + 1 - len(counts)))
+
+
 def _without_swallowed(mask: BoxMask, own: tuple[BoxMask, np.ndarray], other: tuple[BoxMask, np.ndarray]) -> BoxMask:
     """`mask` less its components that lie mostly (`SWALLOWED_SHARE`) inside the predicted mask of
     `other`, where `other` is the more probable of the two on the shared voxels.
 
     `own` and `other` are (predicted mask, uint8 values of its voxels); `mask` is part of `own[0]`.
+    Temporaries stay at a few bytes per voxel of `mask`'s box: probabilities are read only for
+    the (rare) components that lie mostly inside `other`.
     """
-    (own_mask, own_values), (other, other_values) = own, other
-    if not mask or not other:
+    if not mask or not other[0]:
         return mask
     crop = mask.crop()
-    shared = crop & other.region(mask.start, mask.stop)
+    shared = crop & other[0].region(mask.start, mask.stop)
     if not shared.any():
         return mask
     labels, n = connected_components(crop, connectivity=26, return_N=True)
-    at = labels[shared]
-    size = np.bincount(labels.ravel(), minlength=n + 1)
-    overlap = np.bincount(at, minlength=n + 1)
-    mine = np.bincount(at, weights=_values_in(own_mask, own_values, mask.start, mask.stop)[shared], minlength=n + 1)
-    theirs = np.bincount(at, weights=_values_in(other, other_values, mask.start, mask.stop)[shared], minlength=n + 1)
-    swallowed = (overlap >= SWALLOWED_SHARE * size) & (theirs > mine)
-    swallowed[0] = False
-    if not swallowed.any():
+    overlap, size = _voxel_counts(np.where(shared, labels, 0), n), _voxel_counts(labels, n)
+    candidates = np.flatnonzero(overlap[1:] >= SWALLOWED_SHARE * size[1:]) + 1  # label 0: outside
+    if candidates.size == 0:
         return mask
-    return BoxMask(mask.shape, mask.start, crop & ~swallowed[labels])
+    mine = _values_in(*own, mask.start, mask.stop)
+    theirs = _values_in(*other, mask.start, mask.stop)
+    changed = False
+    for label in candidates:
+        if _sum_where(theirs, shared, labels, label) > _sum_where(mine, shared, labels, label):
+            crop &= labels != label
+            changed = True
+    return BoxMask(mask.shape, mask.start, crop) if changed else mask
+
+
+def _sum_where(values: np.ndarray, shared: np.ndarray, labels: np.ndarray, label: int) -> int:
+    return int(values[shared & (labels == label)].sum(dtype=np.int64))
 
 
 def disjoint(masks: Mapping[str, BoxMask], values: Mapping[str, np.ndarray], keys: Sequence[str]) -> dict[str, BoxMask]:
