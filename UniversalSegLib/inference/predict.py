@@ -19,7 +19,7 @@ import torch
 
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.masks import BoxMask
-from UniversalSegLib.inference.postprocess import apply_rules, disjoint, disjoint_keys, mean_within
+from UniversalSegLib.inference.postprocess import apply_rules, disjoint, disjoint_keys, mean_within, outside_vessel_keys
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.restore import SlabRestorer
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
@@ -99,12 +99,13 @@ def needed_classes(manifest: Manifest, requested: Sequence[str] | None) -> tuple
         raise InputError("no classes requested")
     keys = {c.key for c in wanted}
     separated = disjoint_keys(list(registry))
+    checked = set(separated) | set(outside_vessel_keys(list(registry)))
     todo = list(wanted)
     while todo:
         info = todo.pop()
         extra = [info.pair] if info.postprocess == "split_pair" and info.pair else []
         extra += info.parents if info.postprocess == "within_parents" else []
-        extra += separated if info.key in separated else []
+        extra += separated if info.key in checked else []
         for key in extra:
             if key in registry and key not in keys:
                 keys.add(key)
@@ -169,7 +170,8 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     windows = report.span(_PREP, _WINDOWS)
     restorers: dict[int, SlabRestorer] = {}
     separated = set(disjoint_keys(computed)) if postprocess else set()
-    separated = separated if len(separated) > 1 else set()
+    outside = set(outside_vessel_keys(computed)) if separated else set()
+    separated = separated if len(separated) > 1 or outside else set()
     with torch.inference_mode():
         for slab in probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
                                       overlap, dev, sw_batch_size=batch, class_chunk=class_chunk, amp=amp,
@@ -198,7 +200,10 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     t = time.perf_counter()
     if values:
         infos = {c.key: c for c in computed}
-        resolved = disjoint(masks, values, [k for k in infos if k in separated])
+        resolved = disjoint(masks, values, [k for k in infos if k in separated],
+                            {k: confidence[k] for k in infos if k in outside})
+        for key in outside:  # no voxel values: an organ keeps its mean unless it is gone
+            confidence[key] = confidence[key] if resolved[key] else 0.0
         final = apply_rules(resolved, infos, reference, pre.spacing, rules=("split_pair", "within_parents"))
         for key in (k for k in values if final[k] is not masks[k]):
             # a side may have received voxels its pair predicted: read them there
