@@ -115,7 +115,7 @@ def run_baseline(model: Path, image_path: Path, device: str, sw_batch: int | Non
     from monai.inferers import sliding_window_inference
 
     from UniversalSegLib.inference.masks import BoxMask
-    from UniversalSegLib.inference.postprocess import apply_rules
+    from UniversalSegLib.inference.postprocess import apply_rules, disjoint, disjoint_keys, outside_vessel_keys
     from UniversalSegLib.inference.predict import resolve_device
     from UniversalSegLib.inference.preprocess import preprocess
     from UniversalSegLib.io import read_image
@@ -140,7 +140,12 @@ def run_baseline(model: Path, image_path: Path, device: str, sw_batch: int | Non
                                                            sitk.sitkFloat32))
     masks = restored > pre.threshold
     infos = {c.key: c for c in loaded.manifest.classes}
-    final = apply_rules({k: BoxMask.from_array(m) for k, m in zip(infos, masks)}, infos, image, pre.spacing)
+    boxed = {k: BoxMask.from_array(m) for k, m in zip(infos, masks)}
+    index = {k: i for i, k in enumerate(infos)}
+    vessels, organs = disjoint_keys(list(infos.values())), outside_vessel_keys(list(infos.values()))
+    values = {k: np.rint(restored[index[k]][masks[index[k]]] * 255).astype(np.uint8) for k in vessels}
+    means = {k: float(restored[index[k]][masks[index[k]]].mean()) if masks[index[k]].any() else 0.0 for k in organs}
+    final = apply_rules(disjoint(boxed, values, vessels, means), infos, image, pre.spacing)
     return {"counts": [final[k].count for k in infos], "stages": {}}
 
 

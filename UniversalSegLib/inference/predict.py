@@ -88,7 +88,8 @@ def _read(image: str | os.PathLike | sitk.Image, allow_non_ct: bool) -> sitk.Ima
 
 def needed_classes(manifest: Manifest, requested: Sequence[str] | None) -> tuple[list[ClassInfo], list[ClassInfo]]:
     """(requested classes, classes to compute): the request plus pair partners, parents and (for a
-    vessel) the other vessels that the rules need, so a class comes out the same however it was picked.
+    vessel or an organ) the vessels that the rules need, so a class comes out the same however it
+    was picked.
 
     Names are keys, display names or synonyms; unknown names raise UnknownClassError with suggestions.
     """
