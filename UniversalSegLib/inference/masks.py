@@ -81,16 +81,26 @@ class BoxMask:
             out[self.slices] = self.crop()
         return out
 
-    def region(self, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
-        """The mask's voxels inside the box [start, stop) of the full grid, as a new bool array."""
-        out = np.zeros([b - a for a, b in zip(start, stop)], dtype=bool)
+    def region(self, start: Sequence[int], stop: Sequence[int], values: np.ndarray | None = None) -> np.ndarray:
+        """The mask's voxels inside the box [start, stop) of the full grid, as a new bool array; with
+        `values` (one per mask voxel, C order, as a restorer keeps them) those values, 0 off the mask."""
+        out = np.zeros([b - a for a, b in zip(start, stop)], dtype=bool if values is None else values.dtype)
         lo = [max(a, s) for a, s in zip(start, self.start)]
         hi = [min(b, s) for b, s in zip(stop, self.stop)]
         if self.count and all(h > low for low, h in zip(lo, hi)):
             dst = tuple(slice(low - a, h - a) for low, h, a in zip(lo, hi, start))
             src = tuple(slice(low - s, h - s) for low, h, s in zip(lo, hi, self.start))
-            out[dst] = self.crop()[src]
+            crop = self.crop()
+            if values is not None:
+                crop, inside = np.zeros(self.box_shape, values.dtype), crop
+                crop[inside] = values
+            out[dst] = crop[src]
         return out
+
+    def overlaps(self, other: BoxMask) -> bool:
+        """Whether the two masks' bounding boxes share a voxel (cheap: nothing is unpacked)."""
+        return bool(self.count and other.count and all(
+            max(a, b) < min(c, d) for a, b, c, d in zip(self.start, other.start, self.stop, other.stop)))
 
 
 def union_box(masks: Sequence[BoxMask], pad: Sequence[int] = (0, 0, 0)) -> tuple[Index3, Index3] | None:

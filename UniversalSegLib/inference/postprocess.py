@@ -206,19 +206,6 @@ def outside_vessel_keys(classes: Sequence[ClassInfo]) -> list[str]:
     return [c.key for c in classes if c.group in NEVER_IN_A_VESSEL and not c.parents]
 
 
-def _values_in(predicted: BoxMask, values: np.ndarray, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
-    """uint8 probabilities of `predicted`'s voxels (`values`, C order) inside the box [start, stop); 0 elsewhere."""
-    out = np.zeros([b - a for a, b in zip(start, stop)], np.uint8)
-    lo = [max(a, s) for a, s in zip(start, predicted.start)]
-    hi = [min(b, s) for b, s in zip(stop, predicted.stop)]
-    if predicted and all(h > low for low, h in zip(lo, hi)):
-        own = np.zeros(predicted.box_shape, np.uint8)
-        own[predicted.crop()] = values
-        out[tuple(slice(low - a, h - a) for low, h, a in zip(lo, hi, start))] = \
-            own[tuple(slice(low - s, h - s) for low, h, s in zip(lo, hi, predicted.start))]
-    return out
-
-
 def _voxel_counts(labels: np.ndarray, n: int) -> np.ndarray:
     """Voxels per label 0..n (cc3d counts in place; `np.bincount` would copy `labels` as int64)."""
     counts = cc3d.statistics(labels, no_slice_conversion=True)["voxel_counts"]
@@ -235,7 +222,7 @@ def _without_swallowed(mask: BoxMask, own: tuple[BoxMask, np.ndarray] | float,
     Temporaries stay at a few bytes per voxel of `mask`'s box: probabilities are read only for
     the (rare) components that lie mostly inside `other`.
     """
-    if not mask or not other[0]:
+    if not mask.overlaps(other[0]):
         return mask
     crop = mask.crop()
     shared = crop & other[0].region(mask.start, mask.stop)
@@ -246,8 +233,8 @@ def _without_swallowed(mask: BoxMask, own: tuple[BoxMask, np.ndarray] | float,
     candidates = np.flatnonzero(overlap[1:] >= SWALLOWED_SHARE * size[1:]) + 1  # label 0: outside
     if candidates.size == 0:
         return mask
-    theirs = _values_in(*other, mask.start, mask.stop)
-    mine = _values_in(*own, mask.start, mask.stop) if isinstance(own, tuple) else None
+    theirs = other[0].region(mask.start, mask.stop, other[1])
+    mine = own[0].region(mask.start, mask.stop, own[1]) if isinstance(own, tuple) else None
     changed = False
     for label in candidates:
         here = shared & (labels == label)

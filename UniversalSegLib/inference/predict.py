@@ -172,7 +172,6 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     restorers: dict[int, SlabRestorer] = {}
     separated = set(disjoint_keys(computed)) if postprocess else set()
     outside = set(outside_vessel_keys(computed)) if separated else set()
-    separated = separated if len(separated) > 1 or outside else set()
     with torch.inference_mode():
         for slab in probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
                                       overlap, dev, sw_batch_size=batch, class_chunk=class_chunk, amp=amp,

@@ -24,14 +24,13 @@ def average(refined: str, parent: str, parent_weight: float, version: str, out: 
     if not 0.0 <= parent_weight <= 1.0:
         raise UniversalSegError(f"--parent-weight must lie in [0, 1], not {parent_weight}")
     new, old = load_model(refined), load_model(parent)
-    a, b = new.manifest, old.manifest
-    if a.class_keys != b.class_keys or a.backbone_config != b.backbone_config:
+    manifest = new.manifest
+    if manifest.class_keys != old.manifest.class_keys or manifest.backbone_config != old.manifest.backbone_config:
         raise UniversalSegError(f"{refined} and {parent} differ in classes or architecture: they cannot be averaged")
     theirs = old.model.state_dict()
     mixed = {k: (1 - parent_weight) * v + parent_weight * theirs[k] if v.is_floating_point() else v
              for k, v in new.model.state_dict().items()}
     new.model.load_state_dict(mixed)
-    manifest = new.manifest
     provenance = manifest.provenance
     provenance["stages"] = [*provenance.get("stages", []), {
         "stage": "average", "version": version, "refined": f"{refined} ({manifest.version})",
