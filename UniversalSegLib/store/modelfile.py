@@ -198,10 +198,7 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
             tensors[key] = value.float()
     if "class_embeddings" not in tensors or tensors["class_embeddings"].shape[0] != len(manifest.classes):
         raise ModelFileError(f"{weights}: class embeddings do not match the manifest's {len(manifest.classes)} classes")
-    # Built on the meta device and handed the loaded tensors themselves: no randomly initialised copy
-    # of the weights ever exists (a 256-class model is ~0.5 GB, so this is a third of loading's peak).
-    with torch.device("meta"):
-        model = build_model(manifest, tensors["class_embeddings"].to("meta"))
+    model = _build_unallocated(manifest, tensors["class_embeddings"])
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
@@ -209,6 +206,23 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise ModelFileError(f"{weights}: weights do not cover every tensor of the manifest's architecture")
     return LoadedModel(model.to(device).eval(), manifest, directory)
+
+
+def _build_unallocated(manifest: Manifest, class_embeddings: torch.Tensor) -> UniversalModel:
+    """The manifest's architecture, to be handed the loaded tensors themselves (`assign=True`).
+
+    Built on the meta device, so no randomly initialised copy of the weights ever exists (a
+    256-class model is ~0.5 GB: a third of loading's peak). Some networks read values while they
+    are built (MONAI 1.6's SwinTransformer calls `.item()` on a linspace), which the meta device
+    cannot do: those are built on the CPU instead and their random weights are replaced at once.
+    """
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build_model(manifest, class_embeddings.to("meta"))
+    except (RuntimeError, NotImplementedError):
+        return build_model(manifest, class_embeddings)
 
 
 def create_model(name: str, class_keys: list[str], backbone: str = "segresnet", backbone_config: dict | None = None,
