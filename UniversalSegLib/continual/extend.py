@@ -293,7 +293,7 @@ def _lineage(run: _Run, new: list[ClassInfo], data: ExtensionData, settings: dic
                       "train_cases": [c.source or c.case_id for c in data.train],
                       "heldout_cases": [c.source or c.case_id for c in data.heldout]},
              "settings": settings,
-             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
              "software": f"UniversalSeg {__version__}"}
     provenance = dict(parent.provenance)
     provenance["extended_from"] = entry["parent"]

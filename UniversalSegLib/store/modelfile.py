@@ -184,7 +184,6 @@ def read_tensors(path: Path) -> dict:
 
 def load_model(name_or_path: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Find, verify (SHA-256) and load a model; raises ModelFileError on any corruption."""
-    import torch
 
     directory = find_model(name_or_path)
     manifest = read_manifest(directory)
