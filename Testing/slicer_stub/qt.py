@@ -500,11 +500,35 @@ class QStackedWidget(QWidget):
 
 
 class QDialog(QWidget):
+    """qdialog.cpp: accept()/reject() end in done(r), which hides the dialog and emits finished(int)
+    (and accepted()/rejected()); the title-bar X (closeEvent) and Esc (keyPressEvent) call reject()."""
+
     Accepted, Rejected = 1, 0
+    SIGNALS = ("finished(int)", "accepted()", "rejected()")
 
     def exec_(self) -> int:
         self._visible = True
         return self.Accepted
+
+    def done(self, result: int) -> None:
+        self._visible = False
+        self._signals["finished"].emit(result)
+        self._signals["accepted" if result == self.Accepted else "rejected"].emit()
+
+    def accept(self) -> None:
+        self.done(self.Accepted)
+
+    def reject(self) -> None:
+        self.done(self.Rejected)
+
+    def close(self) -> bool:
+        if self._visible:  # QDialog::closeEvent rejects a visible dialog
+            self.reject()
+        return True
+
+    def pressEscape(self) -> None:
+        """Test helper: the user presses Esc (QDialog::keyPressEvent -> reject())."""
+        self.reject()
 
 
 class _Layout:
@@ -641,13 +665,57 @@ class QFileDialog:
         return QFileDialog.answers.pop(0) if QFileDialog.answers else ""
 
 
-class QInputDialog:
+class QInputDialog(QDialog):
+    """Test helper attribute `answers`: what the user picks in the next dialogs; None is Cancel (and True,
+    for a dialog object, OK on the preset value).
+
+    The static getItem is PythonQt's: no `ok` flag, and on Cancel it returns the current item, as
+    QInputDialog::getItem (qinputdialog.cpp) returns `items.value(current)` when the dialog is rejected.
+    getText returns "" on Cancel (a null QString)."""
+
     answers: list = []
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._items: list[str] = []
+        self._text = ""
+        self.labelText = ""
+
+    @staticmethod
+    def _answer():
+        return QInputDialog.answers.pop(0) if QInputDialog.answers else None
 
     @staticmethod
     def getItem(parent, title, label, items, current=0, editable=False) -> str:
-        return QInputDialog.answers.pop(0) if QInputDialog.answers else ""
+        answer = QInputDialog._answer()
+        return items[current] if answer is None else answer
 
     @staticmethod
     def getText(parent, title, label, mode=0, text="") -> str:
-        return QInputDialog.answers.pop(0) if QInputDialog.answers else ""
+        answer = QInputDialog._answer()
+        return "" if answer is None else answer
+
+    def setLabelText(self, text: str) -> None:
+        self.labelText = text
+
+    def setComboBoxItems(self, items) -> None:
+        self._items = list(items)
+        self._text = self._items[0] if self._items else ""
+
+    def setComboBoxEditable(self, editable: bool) -> None:
+        pass
+
+    def setTextValue(self, text: str) -> None:
+        self._text = text
+
+    def textValue(self) -> str:
+        return self._text
+
+    def exec_(self) -> int:
+        """The next answer: None is Cancel, True is OK on the preset value, a string is picked then OK."""
+        answer = self._answer()
+        if answer is None:
+            return self.Rejected
+        if answer is not True:
+            self._text = answer
+        return self.Accepted

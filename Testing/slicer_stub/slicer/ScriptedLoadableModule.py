@@ -68,5 +68,20 @@ class ScriptedLoadableModuleLogic:
 
 
 class ScriptedLoadableModuleTest(unittest.TestCase):
+    """Base/Python/slicer/ScriptedLoadableModule.py ScriptedLoadableModuleTest: runTest() runs every method
+    whose name contains "test" (moduleTestNames), each after setUp()."""
+
+    def __init__(self, *args, **kwargs):
+        self.moduleTestNames = []
+        super().__init__(*args, **kwargs)
+        if not self.moduleTestNames:
+            self.moduleTestNames = [m for m in dir(self) if "test" in m and callable(getattr(self, m))]
+
+    def runTest(self):
+        for name in self.moduleTestNames:
+            self.setUp()
+            getattr(self, name)()
+            self.tearDown()
+
     def delayDisplay(self, message, requestedDelay=None, msec=None):
         print(message)
