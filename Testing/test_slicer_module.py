@@ -1476,7 +1476,15 @@ def _scenario_wizard_escape():
     record: dict = {}
     runner = fake_runner(extend=_extend_handler(record, outcome="hang"))
     logic = UniversalSeg.UniversalSegLogic(runner=runner, installer=FakeInstaller())
+    import SimpleITK as sitk
+
     volume, seg, _voxels = _scene_pair()
+    (_tmp() / "case").mkdir()
+    sitk.WriteImage(volume.image, str(_tmp() / "case" / "ct.nrrd"))
+    mask = sitk.GetImageFromArray(seg.masks["Segment_1"].astype("uint8"))
+    mask.CopyInformation(volume.image)
+    sitk.WriteImage(mask, str(_tmp() / "case" / "lumen.nrrd"))
+    case = UniversalSeg.TrainingCase(str(_tmp() / "case" / "ct.nrrd"), {"lumen": str(_tmp() / "case" / "lumen.nrrd")})
     from UniversalSegModuleLib.wizard_dialog import AddClassesWizard
 
     for close in ("pressEscape", "close"):  # Esc, and the title-bar X (QDialog::closeEvent)
@@ -1484,7 +1492,7 @@ def _scenario_wizard_escape():
         w = AddClassesWizard(logic, "demo", FAKE_MODELS, device="cpu", finishedCallback=finished.append)
         w.show()
         w.addClassRow(UniversalSeg.NewClass("lumen", "Lumen"))
-        w.sceneCases.append((volume, seg, {"Segment_1": "lumen"}))
+        w.folderCases.append(case)
         w.outputNameEdit.setText(f"demo-{close}")
         w.startButton.click()
         run = w.run

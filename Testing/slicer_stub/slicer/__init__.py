@@ -12,6 +12,8 @@ _clock = itertools.count(1)  # a modified-time counter, as vtkTimeStamp
 
 
 class vtkMRMLNode:
+    """Mimics Libs/MRML/Core/vtkMRMLNode (names, attributes, node references, observers)."""
+
     _ids = itertools.count(1)
 
     def __init__(self):
@@ -87,7 +89,7 @@ class vtkMRMLTransformableNode(vtkMRMLNode):
 
 
 class vtkMRMLLinearTransformNode(vtkMRMLTransformableNode):
-    pass
+    """Mimics Libs/MRML/Core/vtkMRMLLinearTransformNode."""
 
 
 class vtkMRMLStorageNode(vtkMRMLNode):
@@ -105,11 +107,11 @@ class vtkMRMLStorageNode(vtkMRMLNode):
 
 
 class vtkMRMLSegmentationStorageNode(vtkMRMLStorageNode):
-    pass
+    """Mimics Libs/MRML/Core/vtkMRMLSegmentationStorageNode."""
 
 
 class vtkMRMLVolumeArchetypeStorageNode(vtkMRMLStorageNode):
-    pass
+    """Mimics Libs/MRML/Core/vtkMRMLVolumeArchetypeStorageNode."""
 
 
 class vtkMRMLStorableNode(vtkMRMLTransformableNode):
@@ -139,19 +141,23 @@ class vtkMRMLStorableNode(vtkMRMLTransformableNode):
 
 
 class vtkMRMLScriptedModuleNode(vtkMRMLNode):
+    """Mimics Libs/MRML/Core/vtkMRMLScriptedModuleNode (the parameter node)."""
+
     def __init__(self):
         super().__init__()
         self.values: dict = {}
 
 
 class vtkMRMLScalarVolumeNode(vtkMRMLStorableNode):
+    """Mimics Libs/MRML/Core/vtkMRMLScalarVolumeNode (the stand-in's voxels: a SimpleITK image)."""
+
     def __init__(self):
         super().__init__()
         self.image = None  # SimpleITK.Image
 
 
 class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
-    pass
+    """Mimics Libs/MRML/Core/vtkMRMLLabelMapVolumeNode."""
 
 
 class vtkSegment:
@@ -268,14 +274,16 @@ class vtkSegmentation:
 
 
 class vtkMRMLDisplayNode(vtkMRMLNode):
-    pass
+    """Mimics Libs/MRML/Core/vtkMRMLDisplayNode."""
 
 
 class vtkMRMLSegmentationDisplayNode(vtkMRMLDisplayNode):
-    pass
+    """Mimics Libs/MRML/Core/vtkMRMLSegmentationDisplayNode."""
 
 
 class vtkMRMLSegmentationNode(vtkMRMLStorableNode):
+    """Mimics Libs/MRML/Core/vtkMRMLSegmentationNode (a vtkSegmentation, reference geometry, display node)."""
+
     def __init__(self):
         super().__init__()
         self.segmentation = vtkSegmentation(self)
@@ -364,6 +372,8 @@ class vtkMRMLSubjectHierarchyNode:
 
 
 class vtkMRMLScene(vtkMRMLNode):
+    """Mimics Libs/MRML/Core/vtkMRMLScene (AddNode, AddNewNodeByClass, RemoveNode, singletons, unique names)."""
+
     StartCloseEvent, EndCloseEvent = 66000, 66001
 
     def __init__(self):
@@ -433,11 +443,15 @@ mrmlScene = vtkMRMLScene()
 
 
 class _Style:
+    """Mimics QApplication::style() (standard icons)."""
+
     def standardIcon(self, which: int) -> qt.QIcon:
         return qt.QIcon(f"standard:{which}")
 
 
 class _App:
+    """Mimics Base/QTCore/qSlicerCoreApplication and Base/QTGUI/qSlicerApplication (slicer.app)."""
+
     def __init__(self):
         self.connections: list[tuple[str, object]] = []
         self.testing = False
@@ -473,6 +487,8 @@ app = _App()
 
 
 class qMRMLWidget(qt.QWidget):
+    """Mimics Libs/MRML/Widgets/qMRMLWidget (mrmlSceneChanged -> setMRMLScene)."""
+
     SIGNALS = ("mrmlSceneChanged(vtkMRMLScene*)",)
 
     def setMRMLScene(self, scene: vtkMRMLScene) -> None:
@@ -480,6 +496,8 @@ class qMRMLWidget(qt.QWidget):
 
 
 class qMRMLNodeComboBox(qt.QWidget):
+    """Mimics Libs/MRML/Widgets/qMRMLNodeComboBox (nodeTypes, noneEnabled, currentNode)."""
+
     SIGNALS = ("currentNodeChanged(vtkMRMLNode*)",)
 
     def __init__(self, parent=None):
@@ -525,6 +543,8 @@ class qMRMLSegmentationShow3DButton(qt.QPushButton):
 
 
 class _SegmentationsLogic:
+    """Mimics Modules/Loadable/Segmentations/Logic/vtkSlicerSegmentationsModuleLogic."""
+
     def ExportSegmentsToLabelmapNode(self, segmentationNode, segmentIds, labelmapNode, referenceVolumeNode=None,
                                      extentComputationMode=vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS) -> bool:
         """vtkSlicerSegmentationsModuleLogic::ExportSegmentsToLabelmapNode: on the reference volume's grid,
@@ -603,6 +623,8 @@ class vtkSlicerTerminologyEntry:
 
 
 class _Module:
+    """Mimics slicer.modules.<name> (qSlicerAbstractCoreModule) with .logic()."""
+
     def __init__(self, logic):
         self._logic = logic
 
@@ -611,6 +633,8 @@ class _Module:
 
 
 class _Modules:
+    """Mimics slicer.modules: segmentations and terminologies."""
+
     segmentations = _Module(_SegmentationsLogic())
     terminologies = _Module(_TerminologiesLogic())
 

@@ -100,6 +100,7 @@ def loadUI(path):
 
 
 def childWidgetVariables(widget):
+    """Mimics Base/Python/slicer/util.py childWidgetVariables."""
     ui = type("", (), {})()
     for child in widget._all:
         if child.name:
@@ -179,6 +180,7 @@ def loadSegmentation(filename, properties=None, returnNode=False):
 
 
 def arrayFromVolume(volumeNode):
+    """Mimics Base/Python/slicer/util.py arrayFromVolume."""
     import SimpleITK as sitk
 
     return sitk.GetArrayFromImage(volumeNode.image)
@@ -235,41 +237,50 @@ def logProcessOutput(proc, logCallback=None):
 
 
 def settingsValue(key, default, converter=lambda v: v, settings=None):
+    """Mimics Base/Python/slicer/util.py settingsValue."""
     settings = qt.QSettings() if settings is None else settings
     return converter(settings.value(key)) if settings.contains(key) else default
 
 
 def startupEnvironment():
+    """Mimics Base/Python/slicer/util.py startupEnvironment."""
     return dict(os.environ)
 
 
 def mainWindow():
+    """Mimics Base/Python/slicer/util.py mainWindow (None: no main window here, as with --no-main-window)."""
     return None
 
 
 def errorDisplay(text, windowTitle=None, parent=None, standardButtons=None, **kwargs):
+    """Mimics Base/Python/slicer/util.py errorDisplay (recorded in _log)."""
     _log["errorDisplay"].append(str(text))
 
 
 def infoDisplay(text, windowTitle=None, parent=None, standardButtons=None, **kwargs):
+    """Mimics Base/Python/slicer/util.py infoDisplay (recorded in _log)."""
     _log["infoDisplay"].append(str(text))
 
 
 def warningDisplay(text, windowTitle=None, parent=None, standardButtons=None, **kwargs):
+    """Mimics Base/Python/slicer/util.py warningDisplay (recorded in _log)."""
     _log["warningDisplay"].append(str(text))
 
 
 def confirmOkCancelDisplay(text, windowTitle=None, parent=None, **kwargs):
+    """Mimics Base/Python/slicer/util.py confirmOkCancelDisplay (answers from _answers, recorded in _log)."""
     _log["confirm"].append((str(text), kwargs.get("detailedText", "")))
     return _answers.pop(0) if _answers else True
 
 
 def confirmYesNoDisplay(text, windowTitle=None, parent=None, **kwargs):
+    """Mimics Base/Python/slicer/util.py confirmYesNoDisplay."""
     return confirmOkCancelDisplay(text, windowTitle, parent, **kwargs)
 
 
 @contextlib.contextmanager
 def tryWithErrorDisplay(message=None, show=True, waitCursor=False):
+    """Mimics Base/Python/slicer/util.py tryWithErrorDisplay: shows the error, then re-raises."""
     try:
         yield
     except Exception as e:
@@ -279,10 +290,12 @@ def tryWithErrorDisplay(message=None, show=True, waitCursor=False):
 
 
 def pip_install(requirements):
+    """Mimics Base/Python/slicer/util.py pip_install (-> slicer/packaging.py pip_install): recorded, not run."""
     _log["pip_install"].append(requirements)
 
 
 def pip_uninstall(requirements):
+    """Mimics Base/Python/slicer/util.py pip_uninstall (recorded, not run)."""
     _log["pip_uninstall"].append(requirements)
 
 
@@ -294,16 +307,19 @@ class VTKObservationMixin:
         self.Observations: list = []
 
     def addObserver(self, obj, event, method, group="none", priority=0.0):
+        """Mimics Base/Python/slicer/util.py VTKObservationMixin.addObserver."""
         tag = obj.AddObserver(event, method, priority)
         self.Observations.append([obj, event, method, group, tag, priority])
 
     def removeObserver(self, obj, event, method):
+        """Mimics Base/Python/slicer/util.py VTKObservationMixin.removeObserver."""
         for o in list(self.Observations):
             if o[0] is obj and o[1] == event and o[2] == method:
                 obj.RemoveObserver(o[4])
                 self.Observations.remove(o)
 
     def removeObservers(self, method=None):
+        """Mimics Base/Python/slicer/util.py VTKObservationMixin.removeObservers."""
         for o in list(self.Observations):
             if method is None or o[2] == method:
                 o[0].RemoveObserver(o[4])
