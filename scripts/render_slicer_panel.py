@@ -7,11 +7,14 @@ qMRMLNodeComboBox -> QComboBox, ...), fills the widgets as the panel looks after
 sample CT, and grabs the widget. Needs a display: run it under Xvfb.
 
     pip install PyQt5==5.15.11
-    xvfb-run -a -s "-screen 0 1280x1024x24" python scripts/render_slicer_panel.py \
+    xvfb-run -a -s "-screen 0 1280x1280x24" python scripts/render_slicer_panel.py \
         --statistics statistics.json -o Resources/Screenshot01.png
 
-`--statistics` takes the statistics.json of `universalseg predict ... --formats stats` on the sample CT,
-so the results table shows a real run's figures; without it the table stays empty.
+`--statistics` takes the statistics.json of a predict run, so the results table shows a real run's
+figures (without it the table stays empty). The committed image used
+    universalseg predict UniversalSegLib/resources/sample/ct_abdomen.nii.gz -o out --device cpu \
+        --formats stats --classes liver spleen kidney_left kidney_right pancreas aorta \
+        inferior_vena_cava vertebrae_L1
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def fill(ui, statistics: list[dict]) -> None:
     ui.inputVolumeSelector.addItem("AbdomenCT")
     ui.outputSegmentationSelector.addItems(["AbdomenCT UniversalSeg", "Create new segmentation"])
     ui.segmentationShow3DButton.setText("Show 3D")
+    ui.segmentationShow3DButton.setMaximumWidth(90)
     ui.segmentationShow3DButton.setCheckable(True)
     ui.segmentationShow3DButton.setChecked(True)
     ui.modelSelector.addItem(f"{manifest['name']} (v{manifest.get('version', '0.1.0')})")
@@ -111,9 +115,11 @@ def fill(ui, statistics: list[dict]) -> None:
             note.setIcon(warning)
         table.setItem(r, 4, note)
     table.resizeColumnsToContents()
+    table.verticalHeader().setVisible(False)
+    table.setMinimumHeight(min(40 + 30 * len(statistics), 300))
 
 
-def render(output: Path, statistics: list[dict], width: int = 420, height: int = 980) -> Path:
+def render(output: Path, statistics: list[dict], width: int = 440, height: int = 1180) -> Path:
     from PyQt5 import QtWidgets, uic
 
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
