@@ -657,6 +657,7 @@ def test_selftest_is_a_smoke_test_unless_asked(tmp_path):
 def test_result_is_saved_with_the_scene_and_updates_a_previous_one(tmp_path):
     """Item 2 (storage node of the deleted temporary file) and the output segmentation selector."""
     run_in_stub("_scenario_result_storage_and_update", tmp_path)
+    run_in_stub("_scenario_widget_output_selector", tmp_path)
 
 
 def test_torch_floor_is_monais():
@@ -1544,3 +1545,29 @@ def _scenario_export_and_temp():
     assert (second.tempDir / "input.nrrd").exists(), "cancelling one run deleted the other's input"
     second.wait()
     assert second.segmentationNode.GetSegmentation().GetSegmentIDs() == ["aorta"]
+
+
+def _scenario_widget_output_selector():
+    import slicer
+
+    runner = fake_runner()
+    _sample_volume_in_study()
+    UniversalSeg, widget = _make_widget(runner, FakeInstaller())
+    ui = widget.ui
+    assert ui.outputSegmentationSelector.currentNode() is None  # "Create new segmentation"
+    ui.applyButton.click()
+    _pump(widget._timer)
+    first = ui.outputSegmentationSelector.currentNode()
+    assert first is not None and first.IsA("vtkMRMLSegmentationNode")
+    assert ui.segmentationShow3DButton.segmentationNode() is first and ui.segmentationShow3DButton.enabled
+    ui.useStandardSegmentNamesCheckBox.setChecked(True)
+    assert widget._parameterNode.useStandardSegmentNames is True
+    ui.applyButton.click()  # the next run updates the same node
+    assert widget._run.outputSegmentation is first and widget._run.standardNames is True
+    _pump(widget._timer)
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    ui.outputSegmentationSelector.setCurrentNode(None)  # back to "Create new segmentation"
+    ui.applyButton.click()
+    _pump(widget._timer)
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+    assert ui.outputSegmentationSelector.currentNode() is not first
