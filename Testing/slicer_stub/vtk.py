@@ -2,10 +2,14 @@
 
 
 class vtkCommand:
+    """Mimics VTK Common/Core/vtkCommand (event ids)."""
+
     ModifiedEvent = 33
 
 
 class vtkStringArray:
+    """Mimics VTK Common/Core/vtkStringArray."""
+
     def __init__(self):
         self.values: list[str] = []
 

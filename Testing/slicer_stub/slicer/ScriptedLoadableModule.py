@@ -12,6 +12,8 @@ import slicer
 
 
 class ScriptedLoadableModule:
+    """Mimics Base/Python/slicer/ScriptedLoadableModule.py ScriptedLoadableModule."""
+
     def __init__(self, parent):
         super().__init__()
         self.parent = parent
@@ -28,6 +30,8 @@ class ScriptedLoadableModule:
 
 
 class ScriptedLoadableModuleWidget:
+    """Mimics Base/Python/slicer/ScriptedLoadableModule.py ScriptedLoadableModuleWidget."""
+
     def __init__(self, parent=None):
         super().__init__()
         self.moduleName = self.__class__.__name__.removesuffix("Widget")
@@ -53,6 +57,8 @@ class ScriptedLoadableModuleWidget:
 
 
 class ScriptedLoadableModuleLogic:
+    """Mimics Base/Python/slicer/ScriptedLoadableModule.py ScriptedLoadableModuleLogic."""
+
     def __init__(self, parent=None):
         super().__init__()
         self.moduleName = self.__class__.__name__.removesuffix("Logic")
