@@ -1312,6 +1312,9 @@ def _scenario_real_backend():
         assert segment.GetTag(segment.GetTerminologyEntryTagName(), entry), key
         assert slicer.modules.terminologies.logic().DeserializeTerminologyEntry(entry.get(), parsed), entry.get()
         assert segment.GetName() == names[key] and parsed.type[2] and parsed.contextName == "UniversalSeg"
+    UniversalSeg.useStandardNames(seg, ["liver", "liver_tumor"])  # the option, on the backend's real tags
+    assert [seg.GetSegmentation().GetSegment(k).GetName() for k in ("liver", "liver_tumor")] == [
+        "Liver", "Neoplasm in Liver"]
 
 
 def test_new_classes_get_distinct_colours():
