@@ -777,7 +777,7 @@ def copySegments(source, target) -> list[str]:
 
 
 def useStandardNames(segmentationNode, segmentIds: Sequence[str]) -> None:
-    """Rename segments after their terminology codes (e.g. "Kidney, Left"), as TotalSegmentator's option."""
+    """Rename segments after their terminology codes (e.g. "Kidney Left"), as TotalSegmentator's option does."""
     segmentation = segmentationNode.GetSegmentation()
     for segmentId in segmentIds:
         segment = segmentation.GetSegment(segmentId)
