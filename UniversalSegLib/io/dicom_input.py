@@ -327,7 +327,8 @@ def _volume(stack: DicomStack, grid: SliceGrid) -> np.ndarray:
     for path, k in zip(stack.files, grid.index):
         volume[k] = _slice_values(path)
     for k in grid.missing:  # both neighbours exist: gaps are at most MAX_FILLED_GAP == 1 slice
-        volume[k] = (volume[k - 1] + volume[k + 1]) / 2
+        # rounded: whole HU keep the volume int16 (half the memory of float32), far finer than the noise
+        volume[k] = np.round((volume[k - 1] + volume[k + 1]) / 2)
     return volume
 
 
