@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
     generate_uid,
@@ -103,12 +104,30 @@ def write_series(folder: Path, image: sitk.Image, *, transfer_syntax: str = Expl
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         stored = (array[k].astype(np.int32) - INTERCEPT).astype(np.int16)
         ds.PixelData = stored.tobytes()
-        if transfer_syntax != ExplicitVRLittleEndian:
+        if transfer_syntax == JPEGLosslessSV1:
+            _gdcm_jpeg_lossless(ds, stored, folder / f".{k}.tmp")
+        elif transfer_syntax != ExplicitVRLittleEndian:
             ds.compress(transfer_syntax, stored)
         path = folder / f"{prefix}_{k:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return files
+
+
+def _gdcm_jpeg_lossless(ds: Dataset, stored: np.ndarray, scratch: Path) -> None:
+    """Compress `ds`'s pixels to JPEG Lossless (process 14), which pydicom cannot encode: through GDCM."""
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")
+    writer.UseCompressionOn()
+    writer.SetCompressor("JPEG")
+    writer.SetFileName(str(scratch))
+    writer.Execute(sitk.GetImageFromArray(stored[None]))
+    encoded = pydicom.dcmread(scratch)
+    scratch.unlink()
+    ds.file_meta.TransferSyntaxUID = encoded.file_meta.TransferSyntaxUID
+    ds.PixelData = encoded.PixelData
+    for name in ("BitsStored", "HighBit", "PixelRepresentation"):
+        setattr(ds, name, getattr(encoded, name))
 
 
 def write_localiser(folder: Path, like: Path) -> Path:
@@ -168,12 +187,16 @@ def check_seg(path: Path, sources: list[Path], mask: np.ndarray, slices: list[in
 # --- reading ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless, RLELossless], ids=["j2k", "jpeg-ls", "rle"])
-def test_compressed_series_reads_like_the_image(crop, tmp_path, syntax):
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless, RLELossless, JPEGLosslessSV1],
+                         ids=["j2k", "jpeg-ls", "rle", "jpeg-lossless"])
+def test_compressed_series_reads_like_the_image(crop, tmp_path, capfd, syntax):
+    # JPEG Lossless has no pydicom decoder in our dependencies: SimpleITK's GDCM decodes it, silently
     image, _ = crop
-    write_series(tmp_path / "s", image, transfer_syntax=syntax)
+    files = write_series(tmp_path / "s", image, transfer_syntax=syntax)
+    assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == syntax
+    capfd.readouterr()
     read, said = read_quietly(tmp_path / "s")
-    assert said == []
+    assert said == [] and capfd.readouterr().err == ""
     assert np.array_equal(sitk.GetArrayViewFromImage(read), sitk.GetArrayViewFromImage(image))
     assert read.GetPixelID() == sitk.sitkInt16
     np.testing.assert_allclose(read.GetSpacing(), image.GetSpacing(), atol=1e-4)

@@ -297,6 +297,10 @@ def slice_grid(stack: DicomStack) -> SliceGrid:
 # --- pixels ----------------------------------------------------------------------------------------------
 
 
+def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
+    return float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
+
+
 def _slice_values(path: Path) -> np.ndarray:
     """One slice in stored units times RescaleSlope plus RescaleIntercept (HU for CT), as float32."""
     import pydicom
@@ -306,8 +310,7 @@ def _slice_values(path: Path) -> np.ndarray:
         raw = ds.pixel_array
     except Exception as e:  # noqa: BLE001 - no pydicom decoder here: GDCM (inside SimpleITK) may have one
         return _slice_values_itk(path, e)
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    slope, intercept = _rescale(ds)
     return raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
@@ -321,22 +324,24 @@ def _slice_values_itk(path: Path, pydicom_error: Exception) -> np.ndarray:
     return sitk.GetArrayFromImage(image).reshape(image.GetSize()[1], image.GetSize()[0]).astype(np.float32)
 
 
+def _fits_int16(values: np.ndarray) -> bool:
+    return bool(values.min() >= -32768 and values.max() <= 32767 and np.array_equal(values, np.round(values)))
+
+
 def _volume(stack: DicomStack, grid: SliceGrid) -> np.ndarray:
+    """The slices on the grid: int16 when the rescale gives whole numbers in range (CT in HU nearly always,
+    half the memory of float32 and what ITK gave), else float32."""
     rows, columns = int(stack.headers[0].Rows), int(stack.headers[0].Columns)
-    volume = np.empty((grid.size, rows, columns), dtype=np.float32)
+    whole = all(float(v).is_integer() for ds in stack.headers for v in _rescale(ds))
+    volume = np.empty((grid.size, rows, columns), dtype=np.int16 if whole else np.float32)
     for path, k in zip(stack.files, grid.index):
-        volume[k] = _slice_values(path)
+        values = _slice_values(path)
+        if volume.dtype == np.int16 and not _fits_int16(values):
+            volume = volume.astype(np.float32)  # rare: values beyond int16 or fractional after all
+        volume[k] = values
     for k in grid.missing:  # both neighbours exist: gaps are at most MAX_FILLED_GAP == 1 slice
-        # rounded: whole HU keep the volume int16 (half the memory of float32), far finer than the noise
-        volume[k] = np.round((volume[k - 1] + volume[k + 1]) / 2)
-    return volume
-
-
-def _as_compact(volume: np.ndarray) -> np.ndarray:
-    """int16 when every value is a whole number in its range (CT in HU nearly always), else float32."""
-    if np.all(np.isfinite(volume)) and volume.min() >= -32768 and volume.max() <= 32767 and np.array_equal(
-            volume, np.round(volume)):
-        return volume.astype(np.int16)
+        # rounded: whole HU keep the volume int16, and a 0.5 HU step is far below CT noise
+        volume[k] = np.round((volume[k - 1].astype(np.float32) + volume[k + 1]) / 2)
     return volume
 
 
@@ -352,7 +357,7 @@ def read_stack(stack: DicomStack) -> sitk.Image:
     first = stack.headers[0]
     orientation = np.array([float(v) for v in first.ImageOrientationPatient])
     row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
-    image = sitk.GetImageFromArray(_as_compact(_volume(stack, grid)))
+    image = sitk.GetImageFromArray(_volume(stack, grid))
     image.SetSpacing((column_spacing, row_spacing, grid.step))
     image.SetOrigin(tuple(float(v) for v in first.ImagePositionPatient))
     image.SetDirection(tuple(np.column_stack([orientation[:3], orientation[3:], _normal(first)]).ravel()))
