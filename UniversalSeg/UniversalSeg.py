@@ -901,6 +901,10 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
             segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
                                                 volumeNode.GetID())
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+            # The backend segmented the volume's own grid (exportNode without world=True), so a volume under a
+            # transform (e.g. the DICOM module's acquisition geometry regularization, or a registration) needs
+            # its segmentation under the same transform to line up.
+            segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
             shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
             shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode),
                                  shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode)))

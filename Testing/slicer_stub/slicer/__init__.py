@@ -68,7 +68,22 @@ class vtkMRMLScriptedModuleNode(vtkMRMLNode):
         self.values: dict = {}
 
 
-class vtkMRMLScalarVolumeNode(vtkMRMLNode):
+class vtkMRMLTransformableNode(vtkMRMLNode):
+    """A node that may lie under a parent transform (e.g. DICOM acquisition geometry regularization)."""
+
+    def __init__(self):
+        super().__init__()
+        self._transform_id: str | None = None
+
+    def SetAndObserveTransformNodeID(self, transformNodeId: str | None) -> bool:
+        self._transform_id = transformNodeId
+        return True
+
+    def GetTransformNodeID(self) -> str | None:
+        return self._transform_id
+
+
+class vtkMRMLScalarVolumeNode(vtkMRMLTransformableNode):
     def __init__(self):
         super().__init__()
         self.image = None  # SimpleITK.Image
@@ -111,7 +126,7 @@ class vtkSegmentation:
         return list(self.segments)
 
 
-class vtkMRMLSegmentationNode(vtkMRMLNode):
+class vtkMRMLSegmentationNode(vtkMRMLTransformableNode):
     def __init__(self):
         super().__init__()
         self.segmentation = vtkSegmentation()
