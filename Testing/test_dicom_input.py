@@ -204,6 +204,22 @@ def test_compressed_series_reads_like_the_image(crop, tmp_path, capfd, syntax):
     np.testing.assert_allclose(read.GetDirection(), image.GetDirection(), atol=1e-6)
 
 
+def test_undecodable_pixels_give_one_line_naming_the_file(crop, tmp_path, capfd):
+    from pydicom.encaps import encapsulate
+
+    image, _ = crop
+    files = write_series(tmp_path / "s", image, transfer_syntax=JPEG2000Lossless)
+    broken = pydicom.dcmread(files[3])
+    broken.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])  # a J2K codestream cut after its start
+    broken.save_as(files[3], enforce_file_format=True)
+    capfd.readouterr()
+    with pytest.raises(InputError, match=f"cannot decode the pixels of {files[3]} \\(JPEG 2000 Image Compression "
+                                         "\\(Lossless Only\\)\\): .*J2K.*; the file is damaged") as info:
+        read_image(tmp_path / "s")
+    assert "\n" not in str(info.value)
+    assert capfd.readouterr().err == ""  # neither pydicom's nor GDCM's own messages reach the user
+
+
 def test_jpeg2000_series_with_empty_sop_class_gets_a_valid_dicom_seg(crop, tmp_path):
     # The real scanner export of issue 22: JPEG 2000, SOP Class UID only in the file meta header.
     image, liver = crop
@@ -310,7 +326,7 @@ def test_localiser_and_non_image_objects_are_skipped(crop, tmp_path):
     assert said == [] and read.GetSize()[2] == 12
     assert dicom_source_files(read) == [f.resolve() for f in files]
     # the scout given as the input file: named, not read
-    with pytest.raises(InputError, match="scout.dcm is a localiser, not a slice of an image series"):
+    with pytest.raises(InputError, match="scout.dcm is not a slice of an image series \\(localiser\\)"):
         read_image(tmp_path / "s" / "scout.dcm")
     for f in files:
         f.unlink()
@@ -328,6 +344,14 @@ def test_folders_without_dicom_give_one_line_and_no_itk_output(tmp_path, capfd):
         read_image(tmp_path / "empty")
     with pytest.raises(InputError, match="none of its 1 files \\(e.g. notes.txt\\) is a DICOM file"):
         read_image(tmp_path / "text")
+    (tmp_path / "export" / "IMG0001").mkdir(parents=True)  # a DICOMDIR-style export: series in subfolders
+    with pytest.raises(InputError, match="subfolders such as IMG0001 are not searched"):
+        read_image(tmp_path / "export")
+    damaged = tmp_path / "damaged.dcm"
+    damaged.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
+    with pytest.raises(InputError, match="damaged.dcm is not a slice of an image series \\(DICOM file without "
+                                         "image data\\)"):
+        read_image(damaged)
     captured = capfd.readouterr()  # ITK prints from C++ straight to the file descriptors
     assert captured.out == "" and captured.err == ""
 

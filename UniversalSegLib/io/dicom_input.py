@@ -99,6 +99,16 @@ def is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def read_header(path: Path) -> pydicom.Dataset:
+    """The file's dataset without pixel data. pydicom's own warnings about damaged files are not shown:
+    we classify the file ourselves and say what matters in one line."""
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path, stop_before_pixels=True)
+
+
 def sop_class_uid(ds: pydicom.Dataset) -> str:
     """The dataset's SOP Class UID, or the file meta's when the dataset's is empty (as anonymisers leave it)."""
     uid = str(getattr(ds, "SOPClassUID", "") or "").strip()
@@ -122,7 +132,9 @@ def _skip_reason(ds: pydicom.Dataset) -> str | None:
     sop = sop_class_uid(ds)
     name = UID(sop).name if sop else ""
     modality = str(getattr(ds, "Modality", "") or "")
-    return name if name and name != sop else f"{modality or 'unknown'} object without image geometry"
+    if name and name != sop:
+        return name
+    return f"{modality} object without image geometry" if modality else "DICOM file without image data"
 
 
 def _stack_key(ds: pydicom.Dataset) -> tuple:
@@ -132,8 +144,6 @@ def _stack_key(ds: pydicom.Dataset) -> tuple:
 
 def scan_folder(folder: Path) -> _Scan:
     """Read every file's header in `folder` (not its subfolders) and group the image slices into stacks."""
-    import pydicom
-
     groups: dict[tuple, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
     skipped: Counter = Counter()
     other: list[Path] = []
@@ -142,7 +152,7 @@ def scan_folder(folder: Path) -> _Scan:
             other.append(path)
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = read_header(path)
         except Exception:  # noqa: BLE001 - a damaged header is skipped like any other non-image file
             skipped["unreadable DICOM file"] += 1
             continue
@@ -168,6 +178,10 @@ def _ordered_stack(series_uid: str, members: list[tuple[Path, pydicom.Dataset]])
 
 
 def _no_series_error(folder: Path, scan: _Scan, supported: str) -> InputError:
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if subfolders and not scan.skipped:
+        return InputError(f"{folder} is a folder without a DICOM series in it (subfolders such as {subfolders[0]} "
+                          "are not searched); give the folder that holds the series' files")
     if not scan.skipped and not scan.other_files:
         return InputError(f"{folder} is a folder without a DICOM series (it is empty); give a DICOM series "
                           f"folder or an image file ({supported})")
@@ -214,11 +228,12 @@ def find_series(path: Path, series_uid: str | None = None, supported: str = "an 
     if path.is_file():
         holding = [s for s in scan.stacks if path in s.files]
         if not holding:
-            import pydicom
-
-            reason = _skip_reason(pydicom.dcmread(path, stop_before_pixels=True))
-            raise InputError(f"{path} is a {reason or 'DICOM file that is no image slice'}, not a slice of an "
-                             "image series; give the CT series folder")
+            try:
+                reason = _skip_reason(read_header(path))
+            except Exception:  # noqa: BLE001 - any parse failure means the same to the user
+                reason = "damaged DICOM file"
+            raise InputError(f"{path} is not a slice of an image series ({reason or 'no image'}); give the CT "
+                             "series folder")
         series_uid = series_uid or holding[0].series_uid
     if not scan.stacks:
         raise _no_series_error(folder, scan, supported)
@@ -301,26 +316,57 @@ def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
     return float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
 
 
+def _pydicom_can_decode(ds: pydicom.Dataset) -> bool:
+    from pydicom.pixels import get_decoder
+
+    try:
+        return get_decoder(ds.file_meta.TransferSyntaxUID).is_available
+    except (NotImplementedError, AttributeError):  # an unknown transfer syntax, or no file meta at all
+        return False
+
+
 def _slice_values(path: Path) -> np.ndarray:
-    """One slice in stored units times RescaleSlope plus RescaleIntercept (HU for CT), as float32."""
+    """One slice in stored units times RescaleSlope plus RescaleIntercept (HU for CT), as float32.
+
+    pydicom decodes what it has a decoder for here; SimpleITK's GDCM the rest (e.g. JPEG Lossless).
+    When pydicom's decoder fails the data is damaged: refused at once, as GDCM would only print its
+    own complaints about the same bytes before failing too.
+    """
     import pydicom
 
-    ds = pydicom.dcmread(path)
-    try:
-        raw = ds.pixel_array
-    except Exception as e:  # noqa: BLE001 - no pydicom decoder here: GDCM (inside SimpleITK) may have one
-        return _slice_values_itk(path, e)
+    with warnings.catch_warnings():  # e.g. J2K bit depth notes: pydicom corrects them itself
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path)
+        if not _pydicom_can_decode(ds):
+            return _slice_values_itk(path, ds)
+        try:
+            raw = ds.pixel_array
+        except Exception as e:  # noqa: BLE001 - any decoder failure: the pixel data is damaged
+            raise InputError(f"cannot decode the pixels of {path} ({_syntax_name(ds)}): "
+                             f"{_one_line(e)}; the file is damaged") from None
     slope, intercept = _rescale(ds)
     return raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
-def _slice_values_itk(path: Path, pydicom_error: Exception) -> np.ndarray:
+def _syntax_name(ds: pydicom.Dataset) -> str:
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return syntax.name if syntax else "no transfer syntax"
+
+
+def _one_line(error: Exception) -> str:
+    """pydicom lists each plugin's failure under a heading line: keep the reasons, on one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.endswith(":")]
+    return "; ".join(reasons or lines) or type(error).__name__
+
+
+def _slice_values_itk(path: Path, ds: pydicom.Dataset) -> np.ndarray:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         image = reader.Execute()  # GDCM applies the rescale itself
-    except RuntimeError:
-        raise InputError(f"cannot decode the pixels of {path}: {pydicom_error}") from None
+    except RuntimeError as e:
+        raise InputError(f"cannot decode the pixels of {path} ({_syntax_name(ds)}): {_one_line(e)}") from None
     return sitk.GetArrayFromImage(image).reshape(image.GetSize()[1], image.GetSize()[0]).astype(np.float32)
 
 
@@ -369,11 +415,9 @@ def dicom_seg_problem(files: Sequence[str | os.PathLike]) -> str | None:
 
     An empty dataset SOP Class UID is no problem: the writer takes it from the file meta.
     """
-    import pydicom
-
     if not files:
         return "the input was not a DICOM series"
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    headers = [read_header(Path(f)) for f in files]
     for attribute, what in (("StudyInstanceUID", "Study Instance UID"), ("SeriesInstanceUID", "Series Instance UID"),
                             ("SOPInstanceUID", "SOP Instance UID"), ("FrameOfReferenceUID", "Frame of Reference UID")):
         lacking = [Path(f).name for f, ds in zip(files, headers) if not str(getattr(ds, attribute, "") or "").strip()]
