@@ -292,9 +292,11 @@ def test_duplicate_positions_and_tilted_stacks_are_refused(crop, tmp_path):
     write_series(tmp_path / "dup", image, positions=[*z[:6], z[5], *z[7:]])
     with pytest.raises(InputError, match=f"two slices lie at the same position \\({z[5]:.2f} mm"):
         read_image(tmp_path / "dup")
-    write_series(tmp_path / "tilt", image, shift_per_slice=0.5)
-    with pytest.raises(InputError, match="shifted sideways"):
+    write_series(tmp_path / "tilt", image, shift_per_slice=0.5)  # 5.5 mm over the stack: a tilted gantry
+    with pytest.raises(InputError, match="shifted sideways from one to the next \\(up to 5.50 mm"):
         read_image(tmp_path / "tilt")
+    write_series(tmp_path / "rounded", image, shift_per_slice=0.01)  # 0.11 mm: rounding, read as a straight stack
+    assert read_image(tmp_path / "rounded").GetSize() == image.GetSize()
 
 
 def test_two_series_the_larger_ct_is_used_and_named_and_the_other_can_be_picked(crop, tmp_path):

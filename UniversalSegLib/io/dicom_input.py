@@ -46,6 +46,9 @@ POSITION_TOLERANCE = 0.05
 # coarser), so the filled slice carries no more interpolation than the model applies anyway. Two or
 # more: anatomy (a vessel, a lesion) can lie entirely in the gap, so we refuse instead.
 MAX_FILLED_GAP = 1
+# Sideways drift of the slices (in in-plane pixels, over the whole stack) still read as a straight stack:
+# orientation cosines written with few decimals drift by a fraction of a pixel; a tilted gantry by tens of mm.
+MAX_SHEAR_PIXELS = 0.5
 _SHOWN_POSITIONS = 8  # positions named in a refusal
 
 
@@ -265,7 +268,7 @@ def _check_not_sheared(stack: DicomStack) -> None:
     sideways = positions - positions[0] - np.outer(stack.offsets - stack.offsets[0], normal)
     drift = float(np.linalg.norm(sideways, axis=1).max())
     pixel = min(float(v) for v in stack.headers[0].PixelSpacing)
-    if drift > POSITION_TOLERANCE * pixel:
+    if drift > MAX_SHEAR_PIXELS * pixel:
         raise InputError(f"DICOM series {stack.series_uid}: the slices are shifted sideways from one to the next "
                          f"(up to {drift:.2f} mm: a tilted gantry or a sheared stack), which a 3D grid cannot "
                          "represent; resample it first (e.g. Slicer's DICOM module, acquisition geometry "

@@ -21,7 +21,7 @@ from UniversalSegLib import __version__
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.io.atomic import atomic_write
-from UniversalSegLib.io.dicom_input import dicom_seg_problem, sop_class_uid
+from UniversalSegLib.io.dicom_input import dicom_seg_problem, read_header, sop_class_uid
 from UniversalSegLib.io.geometry import check_masks, grid_shape, mask_parts
 
 ALGORITHM_NAME = "UniversalSeg"
@@ -71,10 +71,9 @@ def _sources_by_slice(reference: sitk.Image, files: Sequence[Path]) -> dict[int,
     Grid slices without a source are allowed: a missing slice the reader filled by interpolation
     (io/dicom_input.py) has no instance to reference, so the SEG has no frame there.
     """
-    import pydicom
     by_slice: dict[int, pydicom.Dataset] = {}
     for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        ds = read_header(f)
         position = [float(v) for v in ds.ImagePositionPatient]
         i, j, k = reference.TransformPhysicalPointToContinuousIndex(position)
         if max(abs(i), abs(j), abs(k - round(k))) > _POSITION_TOLERANCE or not 0 <= round(k) < reference.GetSize()[2]:
