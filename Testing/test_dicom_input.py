@@ -399,6 +399,18 @@ def test_cli_refuses_an_impossible_dicom_seg_before_the_model(crop, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_names_the_series_it_uses_in_one_line(crop, tmp_path, capsys, no_model_run):
+    image, _ = crop
+    big = write_series(tmp_path / "s", image, frame_of_reference=False, prefix="a")
+    write_series(tmp_path / "s", image[:, :, :10], prefix="b")
+    uid = pydicom.dcmread(big[0]).SeriesInstanceUID
+    code, err = _cli(["predict", str(tmp_path / "s"), "-o", str(tmp_path / "out"), "--formats", "dicom-seg"], capsys)
+    assert code == 2 and len(err) == 2, err
+    assert err[0].startswith(f"universalseg: warning: {tmp_path / 's'} holds 2 image series; using {uid} (CT, 12 "
+                             "slices, 'Abdomen 3mm'), the one with the most CT slices; also there: ")
+    assert err[1].startswith("universalseg: error: DICOM SEG output (dicom-seg) is impossible for this input")
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, minilm) -> Path:
     """A user model folder with a tiny random-weight model: these tests check files, not segmentation quality."""
