@@ -250,6 +250,34 @@ def test_pydicom_ct_small_is_decoded_with_its_rescale_and_geometry(tmp_path):
         read_image(tmp_path / "CT_small.dcm")
 
 
+@pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm",
+                                  "MR_small_bigendian.dcm"])
+def test_pydicom_compressed_files_decode_like_their_uncompressed_original(tmp_path, name):
+    # Real files compressed by other encoders (pydicom's test data): the same slice as MR_small.dcm
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_rescale
+
+    shutil.copy(get_testdata_file(name), tmp_path / name)
+    original = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    image = read_stack(find_series(tmp_path))
+    assert np.array_equal(sitk.GetArrayFromImage(image)[0], apply_rescale(original.pixel_array, original))
+
+
+def test_pydicom_sr_and_rt_dose_files_are_skipped(crop, tmp_path):
+    # Real non-anatomy objects next to a CT: an SR document and RT dose grids (one with image geometry)
+    from pydicom.data import get_testdata_file
+
+    for name in ("test-SR.dcm", "rtdose_rle_1frame.dcm", "rtdose_rle.dcm"):
+        shutil.copy(get_testdata_file(name), tmp_path / name)
+    with pytest.raises(InputError, match="without a DICOM image series: it holds only ") as info:
+        read_image(tmp_path)
+    skipped = set(str(info.value).split("holds only ")[1].split(", "))
+    assert skipped == {"2 RT Dose Storage", "1 Comprehensive SR Storage"}
+    write_series(tmp_path, crop[0])
+    read, said = read_quietly(tmp_path)
+    assert said == [] and read.GetSize() == crop[0].GetSize()
+
+
 def test_one_missing_slice_is_filled_without_shifting_the_others(crop, tmp_path):
     image, liver = crop
     files = write_series(tmp_path / "s", image, drop=(5,))

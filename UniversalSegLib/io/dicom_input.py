@@ -4,8 +4,8 @@ ITK's series reader lays the slices on an even grid whatever their positions, pi
 series silently and trusts the dataset's SOP Class UID. Here every file's header is read with
 pydicom and the geometry comes from the files themselves:
 
-- objects that are no cross-sectional image (SR, SEG, dose reports, DICOMDIR, ...), localisers
-  and multi-frame objects are skipped;
+- objects that are no cross-sectional image of anatomy (SR, SEG, RT dose, dose reports, DICOMDIR,
+  ...), localisers and multi-frame objects are skipped;
 - a series is split into stacks of one orientation and matrix size (a scout inside the series,
   a reformat saved under the same UID);
 - the stack used is the one the caller names (`series_uid`), else the one with the most CT slices,
@@ -38,6 +38,13 @@ if TYPE_CHECKING:  # pydicom takes a moment to import: only when a DICOM input i
     import pydicom
 
 CT_MODALITY = "CT"
+# Objects that carry image geometry but are no anatomy to segment: they are skipped like SR documents.
+_DERIVED_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose Storage (a dose grid on the CT's frame of reference)
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation Storage
+    "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map Storage
+}
 # Fraction of the slice step (or of the in-plane pixel) a position may deviate from the regular grid
 # and still count as on it: scanners round positions to a few decimals, well below this.
 POSITION_TOLERANCE = 0.05
@@ -124,6 +131,9 @@ def _skip_reason(ds: pydicom.Dataset) -> str | None:
     """Why a file is not a slice of a cross-sectional image series, or None when it is one."""
     from pydicom.uid import UID
 
+    sop = sop_class_uid(ds)
+    if sop in _DERIVED_SOP_CLASSES:
+        return UID(sop).name
     image_type = [str(v).upper() for v in (getattr(ds, "ImageType", None) or [])]
     if "LOCALIZER" in image_type:
         return "localiser"
@@ -132,7 +142,6 @@ def _skip_reason(ds: pydicom.Dataset) -> str | None:
     needed = ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
     if all(getattr(ds, name, None) not in (None, "") for name in needed):
         return None
-    sop = sop_class_uid(ds)
     name = UID(sop).name if sop else ""
     modality = str(getattr(ds, "Modality", "") or "")
     if name and name != sop:
