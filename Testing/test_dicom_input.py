@@ -271,11 +271,23 @@ def test_pydicom_sr_and_rt_dose_files_are_skipped(crop, tmp_path):
         shutil.copy(get_testdata_file(name), tmp_path / name)
     with pytest.raises(InputError, match="without a DICOM image series: it holds only ") as info:
         read_image(tmp_path)
-    skipped = set(str(info.value).split("holds only ")[1].split(", "))
-    assert skipped == {"2 RT Dose Storage", "1 Comprehensive SR Storage"}
+    skipped = set(str(info.value).split("holds only ")[1].split("; "))
+    assert skipped == {"RT Dose Storage (2 files)", "Comprehensive SR Storage (1 file)"}
     write_series(tmp_path, crop[0])
     read, said = read_quietly(tmp_path)
     assert said == [] and read.GetSize() == crop[0].GetSize()
+
+
+def test_broken_geometry_is_skipped_and_named(crop, tmp_path):
+    image, _ = crop
+    files = write_series(tmp_path / "s", image)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = ds.ImagePositionPatient[:2]  # two numbers where three belong
+        ds.save_as(f, enforce_file_format=True)
+    with pytest.raises(InputError, match="holds only image with broken geometry: position, orientation or "
+                                         "pixel spacing \\(12 files\\)"):
+        read_image(tmp_path / "s")
 
 
 def test_one_missing_slice_is_filled_without_shifting_the_others(crop, tmp_path):
@@ -362,8 +374,8 @@ def test_localiser_and_non_image_objects_are_skipped(crop, tmp_path):
         f.unlink()
     with pytest.raises(InputError, match="without a DICOM image series: it holds only ") as info:
         read_image(tmp_path / "s")
-    assert {"1 localiser", "1 Comprehensive SR Storage", "1 Segmentation Storage"} == set(
-        str(info.value).split("holds only ")[1].split(", "))
+    assert {"localiser (1 file)", "Comprehensive SR Storage (1 file)", "Segmentation Storage (1 file)"} == set(
+        str(info.value).split("holds only ")[1].split("; "))
 
 
 def test_folders_without_dicom_give_one_line_and_no_itk_output(tmp_path, capfd):

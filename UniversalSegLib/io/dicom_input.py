@@ -48,10 +48,12 @@ _DERIVED_SOP_CLASSES = {
 # Fraction of the slice step (or of the in-plane pixel) a position may deviate from the regular grid
 # and still count as on it: scanners round positions to a few decimals, well below this.
 POSITION_TOLERANCE = 0.05
-# Consecutive missing slices we fill by interpolating the neighbours. One slice: its neighbours are
-# one step away on both sides, closer than the model's own resampling reaches (it works at 1.5 mm or
-# coarser), so the filled slice carries no more interpolation than the model applies anyway. Two or
-# more: anatomy (a vessel, a lesion) can lie entirely in the gap, so we refuse instead.
+# Consecutive missing slices we fill by interpolating the neighbours. One slice: the filled slice is
+# the mean of its two neighbours, two steps apart, where the model's own resampling (to its 1.5 mm
+# grid) interpolates between slices one step apart anyway: organs, which span many slices, come out
+# as they would, and the warning names the position where a small structure may be blurred. Two or
+# more: a structure (a vessel branch, a small lesion) can lie entirely in the gap, so we refuse.
+# Refusing a one-slice gap as well would turn away series a radiologist reads without a second look.
 MAX_FILLED_GAP = 1
 # Sideways drift of the slices (in in-plane pixels, over the whole stack) still read as a straight stack:
 # orientation cosines written with few decimals drift by a fraction of a pixel; a tilted gantry by tens of mm.
@@ -138,15 +140,34 @@ def _skip_reason(ds: pydicom.Dataset) -> str | None:
     if "LOCALIZER" in image_type:
         return "localiser"
     if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        return "multi-frame image (e.g. enhanced CT; export it as single-frame slices)"
+        return "multi-frame image, e.g. enhanced CT: export it as single-frame slices"
     needed = ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
     if all(getattr(ds, name, None) not in (None, "") for name in needed):
-        return None
+        return _geometry_problem(ds)
     name = UID(sop).name if sop else ""
     modality = str(getattr(ds, "Modality", "") or "")
     if name and name != sop:
         return name
     return f"{modality} object without image geometry" if modality else "DICOM file without image data"
+
+
+def _numbers(value, count: int) -> np.ndarray | None:
+    try:
+        numbers = np.array([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return numbers if numbers.shape == (count,) and np.isfinite(numbers).all() else None
+
+
+def _geometry_problem(ds: pydicom.Dataset) -> str | None:
+    """None when position, orientation and pixel spacing are numbers of the right count and shape."""
+    position, orientation = _numbers(ds.ImagePositionPatient, 3), _numbers(ds.ImageOrientationPatient, 6)
+    spacing = _numbers(ds.PixelSpacing, 2)
+    if position is None or orientation is None or spacing is None or (spacing <= 0).any():
+        return "image with broken geometry: position, orientation or pixel spacing"
+    if np.linalg.norm(np.cross(orientation[:3], orientation[3:])) < 0.5:  # row and column directions not at 90 deg
+        return "image with broken geometry: orientation"
+    return None
 
 
 def _stack_key(ds: pydicom.Dataset) -> tuple:
@@ -202,7 +223,7 @@ def _no_series_error(folder: Path, scan: _Scan, supported: str) -> InputError:
         return InputError(f"{folder} is a folder without a DICOM series: none of its {len(scan.other_files)} files "
                           f"(e.g. {example}) is a DICOM file; give a DICOM series folder or an image file "
                           f"({supported})")
-    found = ", ".join(f"{n} {reason}" for reason, n in scan.skipped.most_common())
+    found = "; ".join(f"{reason} ({n} file{'s' * (n > 1)})" for reason, n in scan.skipped.most_common())
     return InputError(f"{folder} is a folder without a DICOM image series: it holds only {found}")
 
 
@@ -394,6 +415,9 @@ def _volume(stack: DicomStack, grid: SliceGrid) -> np.ndarray:
     volume = np.empty((grid.size, rows, columns), dtype=np.int16 if whole else np.float32)
     for path, k in zip(stack.files, grid.index):
         values = _slice_values(path)
+        if values.shape != (rows, columns):
+            raise InputError(f"{path}: its pixels are {'x'.join(map(str, values.shape))}, its header says "
+                             f"{rows}x{columns}; the file is damaged")
         if volume.dtype == np.int16 and not _fits_int16(values):
             volume = volume.astype(np.float32)  # rare: values beyond int16 or fractional after all
         volume[k] = values
