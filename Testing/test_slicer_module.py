@@ -826,6 +826,7 @@ def _scenario_segment_flow():
     UniversalSeg = _load_module()
     logic = UniversalSeg.UniversalSegLogic(runner=runner, installer=FakeInstaller())
     volume, study = _sample_volume_in_study()
+    volume.SetAndObserveTransformNodeID("vtkMRMLGridTransformNode1")  # e.g. DICOM geometry regularization
     events, logs = [], []
     seg = logic.segment(volume, classes=["liver", "liver_tumor"], device="cpu", model="demo",
                         progressCallback=events.append, logCallback=logs.append)
@@ -846,6 +847,7 @@ def _scenario_segment_flow():
     assert seg.masks["liver"].shape == sitk.GetArrayViewFromImage(volume.image).shape
     assert seg.referenceGeometryVolume is volume
     assert seg.GetNodeReferenceID(seg.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
+    assert seg.GetTransformNodeID() == "vtkMRMLGridTransformNode1"  # the volume's grid, shown as the volume is
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
     assert [s.key for s in logic.lastStatistics] == ["liver", "liver_tumor"]
