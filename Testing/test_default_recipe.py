@@ -268,5 +268,8 @@ def test_average_interpolates_weights_and_records_it(tmp_path, minilm):
             assert torch.allclose(value, 0.7 * refined[key] + 0.3 * parent[key], atol=2e-3, rtol=2e-3), key
     manifest = load_model(out).manifest
     assert manifest.version == "9.9.9" and manifest.provenance["stages"][-1]["parent_weight"] == 0.3
+    parents = [load_model(p).manifest for p in folders[:2]]  # issue 23: lineage by integrity hash
+    assert [(a["name"], a["integrity_sha256"], a["weight"]) for a in manifest.provenance["averaged_from"]] == \
+        [(m.name, m.integrity_sha256, w) for m, w in zip(parents, (0.7, 0.3))]
     with pytest.raises(UniversalSegError, match="classes or architecture"):
         average.average(folders[0], folders[2], 0.3, "9.9.9", str(tmp_path / "refused"))
