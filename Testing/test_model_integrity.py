@@ -311,3 +311,49 @@ def test_verify_follows_lineage_to_an_installed_parent(tmp_path, monkeypatch, ca
     edit_manifest(tmp_path / "tiny-parent", lambda d: d.__setitem__("description", "retrained"), restamp=True)
     assert main(["verify", "tiny-child"]) == 1
     assert "parent tiny-parent: differs" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# The Slicer module's model list, against the stand-in in Testing/slicer_stub (as test_slicer_module.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_slicer_model_list_greys_out_refused_models_with_the_reason(layout, tmp_path):
+    """The real `models --json` of a tampered copy shadowing the bundled model feeds the module's list:
+    both are listed, greyed out, with the backend's reason; nothing is selected, no traceback."""
+    model, _ = layout
+    _threshold(model, None)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "UNIVERSALSEG_MODELS": str(model.parent)}
+    listed = subprocess.run([sys.executable, "-m", "UniversalSegLib", "models", "--json"], capture_output=True,
+                            text=True, env=env)
+    assert listed.returncode == 0, listed.stderr
+    (tmp_path / "models.json").write_text(listed.stdout)
+    stub = [str(REPO / "Testing" / "slicer_stub"), str(REPO / "UniversalSeg"), str(REPO / "Testing"), str(REPO)]
+    code = f"import sys; sys.path[:0] = {stub!r}; import test_model_integrity as t; t._scenario_refused_models()"
+    (tmp_path / "slicer-temp").mkdir()
+    stub_env = {**os.environ, "TEST_TMP": str(tmp_path), "SLICER_STUB_TEMP": str(tmp_path / "slicer-temp"),
+                "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
+                          env=stub_env, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _scenario_refused_models():
+    import qt
+    import test_slicer_module as t
+
+    rows = json.loads((Path(os.environ["TEST_TMP"]) / "models.json").read_text())
+    runner = t.fake_runner(models=lambda a, e: t.FakeProcess([t.json_lines(rows)]))
+    _, widget = t._make_widget(runner, t.FakeInstaller())
+    selector = widget.ui.modelSelector
+    assert selector.count == 2
+    for i in range(2):
+        assert not selector.isItemEnabled(i) and "refused" in selector.itemText(i)
+    assert "field(s) preprocessing" in selector.itemData(0, qt.Qt.ToolTipRole)
+    assert "shadowed" in selector.itemData(1, qt.Qt.ToolTipRole)
+    assert widget.currentModel() is None and "2 refused" in widget.ui.modelInfoLabel.text
+    # an intact model beside them is the one selected
+    rows.append({"name": "demo", "version": "0.1.0", "classes": 4, "backbone": "segresnet", "license": "x",
+                 "path": "/models/demo"})
+    widget.refreshModels()
+    assert selector.count == 3 and selector.isItemEnabled(2) and widget.currentModel() == "demo"

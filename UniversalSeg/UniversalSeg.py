@@ -107,6 +107,11 @@ MONAI.
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
+def _short(reason: str, limit: int = 90) -> str:
+    """A refusal reason short enough for a list entry (the tooltip has all of it)."""
+    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
 def sampleCtPath() -> Path | None:
     """The abdomen CT shipped with the backend (TotalSegmentator test data, Apache-2.0)."""
     backend = bundled_backend_dir(MODULE_DIR)
@@ -301,13 +306,23 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(str(e))
             return
         wanted = (self._parameterNode.model if self._parameterNode else "") or self.logic.preferredModel()
-        self.ui.modelSelector.blockSignals(True)
-        self.ui.modelSelector.clear()
+        selector = self.ui.modelSelector
+        selector.blockSignals(True)
+        selector.clear()
+        usable = []
         for m in self._models:
-            self.ui.modelSelector.addItem(f"{m['name']} (v{m['version']})", m["name"])
-        index = self.ui.modelSelector.findData(wanted)
-        self.ui.modelSelector.setCurrentIndex(index if index >= 0 else 0)
-        self.ui.modelSelector.blockSignals(False)
+            if m.get("refused"):  # failed the backend's checks (tampered, old, unsafe): listed, greyed out
+                selector.addItem(_("{name} (refused: {reason})").format(name=m["name"], reason=_short(m["refused"])),
+                                 None)
+                index = selector.count - 1
+                selector.setItemData(index, 0, qt.Qt.UserRole - 1)  # the item's flags (QStandardItemModel): disabled
+                selector.setItemData(index, m["refused"], qt.Qt.ToolTipRole)
+            else:
+                selector.addItem(f"{m['name']} (v{m['version']})", m["name"])
+                usable.append(m["name"])
+        index = selector.findData(wanted if wanted in usable else (usable[0] if usable else ""))
+        selector.setCurrentIndex(index)
+        selector.blockSignals(False)
         self.onModelChanged()
 
     def currentModel(self) -> str | None:
@@ -318,7 +333,9 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         name = self.currentModel()
         model = next((m for m in self._models if m["name"] == name), None)
         if model is None:
-            self.ui.modelInfoLabel.setText(_("No model"))
+            refused = sum(1 for m in self._models if m.get("refused"))
+            self.ui.modelInfoLabel.setText(_("No usable model: {count} refused (the list says why)").format(
+                count=refused) if refused else _("No model"))
             self.populateClassTree([])
             return
         self.ui.modelInfoLabel.setText(_("{classes} classes, {backbone} backbone. License: {license}").format(
