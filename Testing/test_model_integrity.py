@@ -357,3 +357,22 @@ def _scenario_refused_models():
                  "path": "/models/demo"})
     widget.refreshModels()
     assert selector.count == 3 and selector.isItemEnabled(2) and widget.currentModel() == "demo"
+
+
+def test_training_data_hash_follows_file_contents(tmp_path):
+    """The `train` command records one SHA-256 per dataset over its files' contents."""
+    from types import SimpleNamespace
+
+    from UniversalSegLib.data.spec import Case, DatasetSpec, MaskSource
+    from UniversalSegLib.train.config import TrainSettings
+    from UniversalSegLib.train.run import provenance
+
+    files = {name: tmp_path / name for name in ("ct.nii.gz", "liver.nii.gz")}
+    for i, path in enumerate(files.values()):
+        path.write_bytes(bytes([i]) * 100)
+    spec = DatasetSpec("d1", [Case(files["ct.nii.gz"], [MaskSource(files["liver.nii.gz"], "liver")], "c1")], ["liver"])
+    config = SimpleNamespace(name="m", config_hash=lambda: "0" * 64, train=TrainSettings())
+    recorded = provenance(config, [spec])["datasets"][0]["sha256"]
+    assert recorded == spec.content_sha256() and len(recorded) == 64
+    files["liver.nii.gz"].write_bytes(b"\x01" * 99 + b"\x02")
+    assert spec.content_sha256() != recorded

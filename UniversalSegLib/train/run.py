@@ -102,7 +102,8 @@ def provenance(config: RunConfig, specs: list) -> dict[str, Any]:
         "recipe": config.name,
         "config_sha256": config.config_hash(),
         "datasets": [{"name": s.name, "format": s.format, "classes": list(s.classes),
-                      "training_cases": len(s.train_cases()), "held_out_cases": len(s.val_cases())} for s in specs],
+                      "training_cases": len(s.train_cases()), "held_out_cases": len(s.val_cases()),
+                      "sha256": s.content_sha256()} for s in specs],  # `universalseg info` shows it
         "train": {k: v for k, v in asdict(config.train).items() if k not in ("device", "progress", "cache_dir")},
     }
 
