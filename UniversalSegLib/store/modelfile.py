@@ -386,8 +386,11 @@ def rehash_model(name_or_path: str | Path, new_weights: bool = False) -> tuple[P
     before = _record_state(data, directory)
     data["weights_sha256"] = weights_sha
     stamped = stamp(data)
-    with atomic_write(directory / MANIFEST_FILE) as tmp:
-        tmp.write_text(manifest_text(stamped))
+    try:
+        with atomic_write(directory / MANIFEST_FILE) as tmp:
+            tmp.write_text(manifest_text(stamped))
+    except OSError as e:  # e.g. a bundled model in a read-only installation
+        raise ModelFileError(f"{directory}: cannot write its manifest ({e.strerror}); not re-stamped") from None
     after = stamped[RECORD_KEY]["sha256"]
     return directory, after, before
 
