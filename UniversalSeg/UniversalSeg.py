@@ -569,7 +569,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.refreshModels()
         from UniversalSegModuleLib.wizard_dialog import AddClassesWizard
 
-        self._wizard = AddClassesWizard(self.logic, baseModel=self.currentModel(), models=self._models,
+        usable = [m for m in self._models if not m.get("refused")]
+        self._wizard = AddClassesWizard(self.logic, baseModel=self.currentModel(), models=usable,
                                         device=self.currentDevice(), parent=slicer.util.mainWindow(),
                                         finishedCallback=self.onWizardFinished)
         self._wizard.show()
@@ -842,7 +843,8 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
         self._classes = {}
 
     def listModels(self, refresh: bool = False) -> list[dict[str, Any]]:
-        """Installed models (user folder, then bundled): name, version, classes, backbone, license, path."""
+        """Installed models (user folder, then bundled): name, version, classes, backbone, license, path;
+        a model the backend refused has only name, path and "refused" (the reason)."""
         if self._models is None or refresh:
             self.ensureDependencies(interactive=False)
             self._models = list(run_json(self.runner, self.backendCommand("models", "--json"),
@@ -1009,7 +1011,7 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
         Returns the finished AddClassesRun: .modelPath (the new model folder) and .report (Dice, retention).
         """
         classes = [c if isinstance(c, NewClass) else NewClass.from_dict(c) for c in newClasses]
-        baseModel = baseModel or (self.listModels()[0]["name"] if self.listModels() else "")
+        baseModel = baseModel or next((m["name"] for m in self.listModels() if not m.get("refused")), "")
         outputName = outputName or f"{baseModel}-plus-{'-'.join(c.key for c in classes)}"
         settings = TrainingSettings(baseModel, outputName, epochs, timeBudgetMinutes, train, device)
         tempDir = Path(slicer.util.tempDirectory("UniversalSegExtend"))
@@ -1046,8 +1048,8 @@ class UniversalSegTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Segmenting the bundled sample CT")
         logic = UniversalSegLogic()
         logic.setupPythonRequirements(askConfirmation=False)
-        models = logic.listModels()
-        self.assertTrue(models, "no model installed")
+        models = [m for m in logic.listModels() if not m.get("refused")]
+        self.assertTrue(models, "no usable model installed")
         keys = [c["key"] for c in logic.listClasses(models[0]["name"])]
         wanted = [k for k in ("liver", "spleen", "kidney_left", "kidney_right") if k in keys] or keys[:2]
         volume = self._sampleVolume()

@@ -91,7 +91,7 @@ def save_model(model: UniversalModel, manifest: Manifest, directory: str | Path,
         manifest.integrity = {}
         stamped = stamp(manifest.to_dict())
         manifest.integrity = stamped[RECORD_KEY]
-        (tmp / MANIFEST_FILE).write_text(manifest_text(stamped))
+        (tmp / MANIFEST_FILE).write_text(manifest_text(stamped), encoding="utf-8")
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -388,7 +388,7 @@ def rehash_model(name_or_path: str | Path, new_weights: bool = False) -> tuple[P
     stamped = stamp(data)
     try:
         with atomic_write(directory / MANIFEST_FILE) as tmp:
-            tmp.write_text(manifest_text(stamped))
+            tmp.write_text(manifest_text(stamped), encoding="utf-8")
     except OSError as e:  # e.g. a bundled model in a read-only installation
         raise ModelFileError(f"{directory}: cannot write its manifest ({e.strerror}); not re-stamped") from None
     after = stamped[RECORD_KEY]["sha256"]
