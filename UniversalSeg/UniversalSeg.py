@@ -133,6 +133,11 @@ def loadTerminology() -> str:
     return name
 
 
+def _short(reason: str, limit: int = 90) -> str:
+    """A refusal reason short enough for a list entry (the tooltip has all of it)."""
+    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
 def sampleCtPath() -> Path | None:
     """The abdomen CT shipped with the backend (TotalSegmentator test data, Apache-2.0)."""
     backend = bundled_backend_dir(MODULE_DIR)
@@ -336,13 +341,23 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(str(e))
             return
         wanted = (self._parameterNode.model if self._parameterNode else "") or self.logic.preferredModel()
-        self.ui.modelSelector.blockSignals(True)
-        self.ui.modelSelector.clear()
+        selector = self.ui.modelSelector
+        selector.blockSignals(True)
+        selector.clear()
+        usable = []
         for m in self._models:
-            self.ui.modelSelector.addItem(f"{m['name']} (v{m['version']})", m["name"])
-        index = self.ui.modelSelector.findData(wanted)
-        self.ui.modelSelector.setCurrentIndex(index if index >= 0 else 0)
-        self.ui.modelSelector.blockSignals(False)
+            if m.get("refused"):  # failed the backend's checks (tampered, old, unsafe): listed, greyed out
+                selector.addItem(_("{name} (refused: {reason})").format(name=m["name"], reason=_short(m["refused"])),
+                                 None)
+                index = selector.count - 1
+                selector.setItemData(index, 0, qt.Qt.UserRole - 1)  # the item's flags (QStandardItemModel): disabled
+                selector.setItemData(index, m["refused"], qt.Qt.ToolTipRole)
+            else:
+                selector.addItem(f"{m['name']} (v{m['version']})", m["name"])
+                usable.append(m["name"])
+        index = selector.findData(wanted if wanted in usable else (usable[0] if usable else ""))
+        selector.setCurrentIndex(index)
+        selector.blockSignals(False)
         self.onModelChanged()
 
     def currentModel(self) -> str | None:
@@ -353,7 +368,9 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         name = self.currentModel()
         model = next((m for m in self._models if m["name"] == name), None)
         if model is None:
-            self.ui.modelInfoLabel.setText(_("No model"))
+            refused = sum(1 for m in self._models if m.get("refused"))
+            self.ui.modelInfoLabel.setText(_("No usable model: {count} refused (the list says why)").format(
+                count=refused) if refused else _("No model"))
             self.populateClassTree([])
             return
         self.ui.modelInfoLabel.setText(_("{classes} classes, {backbone} backbone. License: {license}").format(
@@ -612,7 +629,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.refreshModels()
         from UniversalSegModuleLib.wizard_dialog import AddClassesWizard
 
-        self._wizard = AddClassesWizard(self.logic, baseModel=self.currentModel(), models=self._models,
+        usable = [m for m in self._models if not m.get("refused")]
+        self._wizard = AddClassesWizard(self.logic, baseModel=self.currentModel(), models=usable,
                                         device=self.currentDevice(), parent=slicer.util.mainWindow(),
                                         finishedCallback=self.onWizardFinished)
         self._wizard.show()
@@ -927,7 +945,8 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
         self._classes = {}
 
     def listModels(self, refresh: bool = False) -> list[dict[str, Any]]:
-        """Installed models (user folder, then bundled): name, version, classes, backbone, license, path."""
+        """Installed models (user folder, then bundled): name, version, classes, backbone, license, path;
+        a model the backend refused has only name, path and "refused" (the reason)."""
         if self._models is None or refresh:
             self.ensureDependencies(interactive=False)
             self._models = list(run_json(self.runner, self.backendCommand("models", "--json"),
@@ -1126,7 +1145,7 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
         Returns the finished AddClassesRun: .modelPath (the new model folder) and .report (Dice, retention).
         """
         classes = [c if isinstance(c, NewClass) else NewClass.from_dict(c) for c in newClasses]
-        baseModel = baseModel or (self.listModels()[0]["name"] if self.listModels() else "")
+        baseModel = baseModel or next((m["name"] for m in self.listModels() if not m.get("refused")), "")
         outputName = outputName or f"{baseModel}-plus-{'-'.join(c.key for c in classes)}"
         settings = TrainingSettings(baseModel, outputName, epochs, timeBudgetMinutes, train, device)
         tempDir = unique_temp_dir("UniversalSegExtend")
@@ -1191,8 +1210,8 @@ class UniversalSegTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Segmenting the bundled sample CT")
         logic = UniversalSegLogic()
         logic.setupPythonRequirements(askConfirmation=False)
-        models = logic.listModels()
-        self.assertTrue(models, "no model installed")
+        models = [m for m in logic.listModels() if not m.get("refused")]
+        self.assertTrue(models, "no usable model installed")
         keys = [c["key"] for c in logic.listClasses(models[0]["name"])]
         wanted = [k for k in ("liver", "spleen", "kidney_left", "kidney_right") if k in keys] or keys[:2]
         volume = self._sampleVolume()

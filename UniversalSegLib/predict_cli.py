@@ -123,11 +123,11 @@ def _remove_new(outdir: Path, existed: bool, before: set[str]) -> None:
 
 
 def _check_model_and_classes(model: str | None, classes: list[str] | None) -> None:
-    """Unknown model or class names fail here, before the (slow) run starts."""
+    """Unknown model or class names, and a refused model (store.check_model), fail here, before the run starts."""
     from UniversalSegLib.inference.predict import needed_classes
-    from UniversalSegLib.store import find_model, read_manifest
+    from UniversalSegLib.store import check_model, find_model
 
-    needed_classes(read_manifest(find_model(model)), classes)
+    needed_classes(check_model(find_model(model)), classes)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -211,6 +211,7 @@ class QComboBox(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self._items: list[tuple[str, object]] = []
+        self._roles: dict[tuple[int, int], object] = {}
         self._index = -1
 
     count = property(lambda self: len(self._items))
@@ -223,11 +224,24 @@ class QComboBox(QWidget):
             self.setCurrentIndex(0)
 
     def clear(self) -> None:
-        self._items = []
+        self._items, self._roles = [], {}
         self.setCurrentIndex(-1)
 
-    def itemData(self, index: int):
-        return self._items[index][1] if 0 <= index < len(self._items) else None
+    def itemData(self, index: int, role: int = 256):  # Qt.UserRole
+        if not 0 <= index < len(self._items):
+            return None
+        return self._items[index][1] if role == Qt.UserRole else self._roles.get((index, role))
+
+    def setItemData(self, index: int, value, role: int = 256) -> None:
+        if role == Qt.UserRole:
+            self._items[index] = (self._items[index][0], value)
+        else:  # e.g. Qt.ToolTipRole, or Qt.UserRole - 1: the item's flags in Qt's QStandardItemModel
+            self._roles[(index, role)] = value
+
+    def isItemEnabled(self, index: int) -> bool:
+        """Stub-only: what Qt shows greyed out (flags without ItemIsEnabled set through role UserRole - 1)."""
+        flags = self._roles.get((index, Qt.UserRole - 1))
+        return flags is None or bool(flags & Qt.ItemIsEnabled)
 
     def itemText(self, index: int) -> str:
         return self._items[index][0] if 0 <= index < len(self._items) else ""
@@ -320,6 +334,7 @@ class Qt:
 
     Unchecked, PartiallyChecked, Checked = 0, 1, 2
     UserRole = 256
+    ToolTipRole = 3
     ItemIsUserCheckable = 16
     ItemIsEnabled = 32
     WaitCursor = 16
