@@ -10,4 +10,4 @@ export HF_HUB_OFFLINE=1 PYTHONUTF8=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # with UNIVERSALSEG_TEST_SEED=N bash scripts/test.sh (or pass -p no:randomly for the file order).
 seed=${UNIVERSALSEG_TEST_SEED:-$((RANDOM * 32768 + RANDOM))}
 case " $* " in *no:randomly*) order=() ;; *) order=(-p randomly "--randomly-seed=$seed"); echo "test order seed: $seed" ;; esac
-.venv/bin/python -m pytest -q "${order[@]}" "$@"
+.venv/bin/python -m pytest -q ${order[@]+"${order[@]}"} "$@"
