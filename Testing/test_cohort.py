@@ -211,7 +211,8 @@ def _dicom_study(root: Path) -> None:
         ds.save_as(path)
 
 
-def test_discovery_finds_ct_series_and_skips_localisers_and_non_ct_with_a_note(tmp_path):
+def test_discovery_finds_ct_series_and_skips_localisers_and_non_ct_with_a_note(tmp_path, capsys):
+    from UniversalSegLib.cli import main
     from UniversalSegLib.cohort import discover_cases
     from UniversalSegLib.io import read_image
 
@@ -229,6 +230,12 @@ def test_discovery_finds_ct_series_and_skips_localisers_and_non_ct_with_a_note(t
     assert read_image(found.cases[0].path).GetSize()[2] == 12  # the CT series, not the localiser
     assert len(found.notes) == 2
     assert any("localiser" in n for n in found.notes) and any("modality MR, not CT" in n for n in found.notes)
+
+    assert main(["cohort", str(tree), "-o", str(out), "--list"]) == 0  # a case list to edit and give back
+    listed = capsys.readouterr()
+    assert listed.err.count("skipped") == 2
+    (tmp_path / "cases.csv").write_text(listed.out)
+    assert discover_cases([tmp_path / "cases.csv"]).cases == found.cases
 
 
 def test_case_lists_give_ids_and_relative_paths_and_duplicates_are_refused(tmp_path):

@@ -14,6 +14,7 @@ Exit code: 0 when every case is segmented (now or earlier), 1 when a case was re
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -49,7 +50,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-non-ct", action="store_true",
                    help="segment images that do not look like CT instead of refusing them (noted per case)")
     p.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout (rank 0)")
-    p.add_argument("--list", action="store_true", help="only list the cases found (and the inputs skipped)")
+    p.add_argument("--list", action="store_true",
+                   help="only print the cases found as a CSV case list (case_id,path); skipped inputs on stderr")
     p.set_defaults(func=run_cohort)
 
 
@@ -63,9 +65,10 @@ def run_cohort(args: argparse.Namespace) -> int:
     discovery = discover_cases(args.inputs, exclude=[out] if out else ())
     for note in discovery.notes:
         print(f"universalseg: {note}", file=sys.stderr)
-    if args.list:
-        for case in discovery.cases:
-            print(f"{case.case_id}\t{case.path}")
+    if args.list:  # a case list in the CSV format the command reads back
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["case_id", "path"])
+        writer.writerows([case.case_id, str(case.path)] for case in discovery.cases)
         return 0
     from UniversalSegLib.io import NonCTWarning
 
