@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,26 +43,32 @@ def make_cases(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def run(args: list[str]) -> float:
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of `universalseg ARGS` in a fresh process."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu_s()
     done = subprocess.run([sys.executable, "-m", "UniversalSegLib", *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"failed: {' '.join(args)}\n{done.stderr[-2000:]}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _children_cpu_s() - cpu
 
 
-def per_case_on_sample(device: str) -> float:
-    """Seconds for one `predict` of the sample CT with a model loaded beforehand (as in a cohort)."""
+def per_case_on_sample(device: str) -> tuple[float, float]:
+    """(wall, CPU seconds) of one `predict` of the sample CT with the model loaded beforehand (as in a cohort)."""
     import SimpleITK as sitk
 
     from UniversalSegLib.inference.predict import load_for_inference, predict
 
     model = load_for_inference(None, device)
     image = sitk.ReadImage(str(SAMPLE))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     predict(image, model=model, device=device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -69,25 +76,33 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--classes", nargs="+", default=["liver", "spleen"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-sample", action="store_true", help="leave out the per-case time on the sample CT")
     args = parser.parse_args()
     import torch
 
     common = ["--classes", *args.classes, "--device", args.device, "--formats", "seg.nrrd,stats"]
     print(f"{args.cases} cases of 60x60x20 voxels (3 mm), classes {' '.join(args.classes)}, device {args.device}, "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} at the start", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "cases"
         folder.mkdir()
         cases = make_cases(folder, args.cases)
-        cohort_s = run(["cohort", str(folder), "-o", str(Path(tmp) / "cohort"), *common])
-        separate_s = sum(run(["predict", str(c), "-o", str(Path(tmp) / "single" / c.name), *common]) for c in cases)
-    for name, seconds in (("cohort mode (1 process)", cohort_s), (f"{args.cases} separate CLI calls", separate_s)):
-        print(f"{name:28s} {seconds:7.1f} s  {args.cases / seconds * 3600:8.0f} cases/hour")
-    print(f"cohort mode / separate calls: {separate_s / cohort_s:.2f}x the cases per hour")
-    sample_s = per_case_on_sample(args.device)
-    print(f"sample CT (ct_abdomen.nii.gz, all classes, default settings), model loaded: {sample_s:.1f} s per case")
-    print(f"10,000 such cases: {10_000 * sample_s / 3600:.1f} hours on one such process "
-          f"({10_000 * sample_s / 3600 / 8:.1f} h on 8 ranks if they scale linearly)")
+        cohort = run(["cohort", str(folder), "-o", str(Path(tmp) / "cohort"), *common])
+        calls = [run(["predict", str(c), "-o", str(Path(tmp) / "single" / c.name), *common]) for c in cases]
+        separate = (sum(w for w, _ in calls), sum(c for _, c in calls))
+    for name, (wall, cpu) in (("cohort mode (1 process)", cohort), (f"{args.cases} separate CLI calls", separate)):
+        print(f"{name:28s} wall {wall:7.1f} s {args.cases / wall * 3600:7.0f} cases/hour | "
+              f"CPU {cpu:7.1f} s {args.cases / cpu * 3600:7.0f} cases per CPU-hour")
+    print(f"cohort mode / separate calls: {separate[0] / cohort[0]:.2f}x the cases per hour (wall), "
+          f"{separate[1] / cohort[1]:.2f}x per CPU-hour; load average {os.getloadavg()[0]:.1f} at the end")
+    if args.skip_sample:
+        return
+    wall, cpu = per_case_on_sample(args.device)
+    print(f"sample CT (ct_abdomen.nii.gz, all classes, default settings), model loaded: {wall:.1f} s wall, "
+          f"{cpu:.1f} s CPU per case")
+    print(f"10,000 such cases: {10_000 * wall / 3600:.0f} hours of one such process at this wall time, "
+          f"{10_000 * cpu / 3600:.0f} CPU-hours")
 
 
 if __name__ == "__main__":
