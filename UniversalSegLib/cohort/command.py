@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 import warnings
@@ -63,7 +64,7 @@ def run_cohort(args: argparse.Namespace) -> int:
         raise InputError("give the cohort's output folder with -o/--output")
     out = Path(args.output).expanduser() if args.output else None
     discovery = discover_cases(args.inputs, exclude=[out] if out else ())
-    for note in discovery.notes:
+    for note in discovery.notes if os.environ.get("RANK", "0") == "0" else ():  # once, not once per rank
         print(f"universalseg: {note}", file=sys.stderr)
     if args.list:  # a case list in the CSV format the command reads back
         writer = csv.writer(sys.stdout, lineterminator="\n")
