@@ -2,6 +2,7 @@
 
 Public API (imported lazily so `import UniversalSegLib` stays cheap):
     predict                                            -- segment a CT (masks on its exact grid)
+    predict_many                                       -- segment a cohort, one result per case (resumable)
     load_model, list_models, save_model, create_model  -- model files
     default_registry                                   -- the class registry
 """
@@ -22,6 +23,7 @@ _LAZY = {
     "default_registry": "UniversalSegLib.registry",
     "UniversalModel": "UniversalSegLib.model",
     "predict": "UniversalSegLib.inference.predict",
+    "predict_many": "UniversalSegLib.cohort.api",
 }
 
 

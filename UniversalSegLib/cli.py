@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 # the heavy parts (torch, MONAI, SimpleITK) inside their handlers, so `universalseg models` is fast.
 EXTRA_COMMANDS: list[tuple[str, str]] = [
     ("UniversalSegLib.predict_cli", "register"),
+    ("UniversalSegLib.cohort.command", "register_cli"),
     ("UniversalSegLib.train.cli", "register"),
     ("UniversalSegLib.continual.command", "register_cli"),
     ("UniversalSegLib.importers.command", "register_cli"),

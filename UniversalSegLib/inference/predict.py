@@ -62,6 +62,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def load_for_inference(model: str | os.PathLike | LoadedModel | None,
+                       device: str | torch.device = "auto") -> LoadedModel:
+    """Load a model once for many `predict` calls, prepared as `predict` prepares the models it loads.
+
+    Args:
+        model: a model name or folder (default: the bundled model), or a `LoadedModel` (moved to `device`).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+    """
+    return _load(model, resolve_device(device))
+
+
 def _load(model: str | os.PathLike | LoadedModel | None, device: torch.device) -> LoadedModel:
     if isinstance(model, LoadedModel):  # the caller's: used as it is (they may train or save it later)
         model.model.to(device).eval()

@@ -55,7 +55,8 @@ def compute_statistics(result: SegmentationResult) -> list[dict]:
     return rows
 
 
-def _rounded(row: dict) -> dict:
+def rounded_row(row: dict) -> dict:
+    """A statistics row with volume, HU and confidence rounded as the written files show them."""
     digits = {"volume_ml": 3, "mean_hu": 2, "std_hu": 2, "mean_confidence": 4}
     return {k: (round(v, digits[k]) if k in digits and v is not None else v) for k, v in row.items()}
 
@@ -68,11 +69,11 @@ def write_statistics(result: SegmentationResult, csv_path: str | os.PathLike,
     document = {"model": result.model_name, "image_size": list(result.reference.GetSize()),
                 "spacing_mm": list(spacing), "voxel_volume_ml": float(np.prod(spacing)) / 1000.0,
                 "low_confidence_below": LOW_CONFIDENCE,
-                "classes": [_rounded(r) for r in rows], "metadata": result.metadata}
+                "classes": [rounded_row(r) for r in rows], "metadata": result.metadata}
     with atomic_write(csv_path) as tmp_csv, atomic_write(json_path) as tmp_json:
         with open(tmp_csv, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
-            writer.writerows(_rounded(r) for r in rows)
+            writer.writerows(rounded_row(r) for r in rows)
         Path(tmp_json).write_text(json.dumps(document, indent=1, default=str), encoding="utf-8")
     return rows
