@@ -156,6 +156,7 @@ def test_torchrun_two_ranks_give_the_same_table_as_one_process(full_run, cohort,
 def test_another_model_or_other_settings_never_share_a_table(full_run, cohort, tmp_path, monkeypatch, capsys):
     from UniversalSegLib.cli import main
     from UniversalSegLib.store import BUNDLED_DIR, DEFAULT_MODEL
+    from UniversalSegLib.store.modelfile import stamp
 
     out = tmp_path / "out"
     shutil.copytree(full_run[0], out)
@@ -163,7 +164,8 @@ def test_another_model_or_other_settings_never_share_a_table(full_run, cohort, t
     models = tmp_path / "models"
     shutil.copytree(BUNDLED_DIR / DEFAULT_MODEL, models / "other")
     manifest = json.loads((models / "other" / "manifest.json").read_text())
-    (models / "other" / "manifest.json").write_text(json.dumps({**manifest, "name": "other"}))
+    renamed = stamp({**manifest, "name": "other"})  # a model of its own: renamed and re-stamped as a user would
+    (models / "other" / "manifest.json").write_text(json.dumps(renamed))
     monkeypatch.setenv("UNIVERSALSEG_MODELS", str(models))
 
     assert main(cohort_args(cohort, out, "--model", "other")) == 2

@@ -6,9 +6,9 @@ relative to the folder given (`patient1/ct.nii.gz` -> `patient1_ct`), from the f
 file given directly, or from the list. Two inputs with the same id are an error, never a silent
 overwrite.
 
-DICOM folders are grouped into series with GDCM (as `io.read_image` reads them); one header per
-series decides: CT series are cases, localisers (scouts), non-CT series (MR, SEG, SR, ...) and
-series too short to be a 3D scan are skipped with a note.
+DICOM folders are grouped into series by `io.dicom_input.scan_folder`, exactly as `io.read_image`
+groups them: CT series are cases; localisers (scouts), non-image objects (SEG, SR, dose reports) and
+non-CT series (MR, PET, ...) are skipped with a note. Thin series are cases: `read_image` decides.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from UniversalSegLib.errors import InputError
+from UniversalSegLib.io.dicom_input import CT_MODALITY, is_dicom_file, scan_folder
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LIST_SUFFIXES = (".csv", ".json")
-MIN_SLICES = 8  # as io.image.MIN_SIZE: fewer slices are no 3D scan (a localiser, a single image)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -60,15 +60,6 @@ def _image_stem(path: Path) -> str | None:
         if name.endswith(suffix) and len(name) > len(suffix):
             return path.name[: -len(suffix)]
     return None
-
-
-def _has_dicom_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def discover_cases(inputs: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
@@ -179,7 +170,7 @@ def _walk(root: Path, skip: set[Path], notes: list[str]) -> list[Case]:
             stem = _image_stem(Path(name))
             if stem is not None:
                 cases.append(Case(safe_case_id("_".join([*relative, stem])), here / name))
-            elif not dicom and _has_dicom_magic(here / name):
+            elif not dicom and is_dicom_file(here / name):
                 dicom = True
         if dicom:
             label = "_".join(relative) or root.resolve().name
@@ -188,51 +179,19 @@ def _walk(root: Path, skip: set[Path], notes: list[str]) -> list[Case]:
 
 
 def _dicom_series_cases(folder: Path, label: str, notes: list[str]) -> list[Case]:
-    """One case per CT series in `folder`; notes for the series skipped."""
-    import SimpleITK as sitk
-
+    """One case per CT series in `folder`; notes for the series and files skipped."""
+    scan = scan_folder(folder)
+    for reason, count in scan.skipped.most_common():
+        notes.append(f"skipped {count} file{'s' * (count > 1)} in {folder}: {reason}")
     series = []
-    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-        header = _header(files[0]) if files else None
-        number = str(getattr(header, "SeriesNumber", "") or "")
-        description = str(getattr(header, "SeriesDescription", "") or "")
-        where = f"{folder} series {number or uid} ({description or 'no description'})"
-        reason = _not_a_ct_scan(header, len(files))
-        if reason:
-            notes.append(f"skipped {where}: {reason}")
+    for stack in scan.stacks:
+        if stack.modality != CT_MODALITY:
+            notes.append(f"skipped {folder} series {stack.summary()}: modality {stack.modality}, not CT")
         else:
-            series.append((uid, number, files))
-    if len(series) == 1:  # the folder is the series: read_image(folder) reads it
+            series.append(stack)
+    if len(series) == 1 and len(scan.stacks) == 1:  # the folder is the series: read_image(folder) reads it
         return [Case(safe_case_id(label), folder)]
-    numbers = [n for _, n, _ in series]
-    return [Case(safe_case_id(f"{label}_s{n}" if n and numbers.count(n) == 1 else f"{label}_{uid[-12:]}"),
-                 Path(files[0]))  # one file of the series: read_image reads that series
-            for uid, n, files in series]
-
-
-def _header(path: str):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True,
-                               specific_tags=["Modality", "ImageType", "SeriesNumber", "SeriesDescription"])
-    except (InvalidDicomError, OSError, ValueError, AttributeError):
-        return None
-
-
-def _not_a_ct_scan(header, n_files: int) -> str | None:
-    """Why a DICOM series is not a CT volume we segment, or None when it is."""
-    if header is None:
-        return "unreadable DICOM header"
-    modality = str(getattr(header, "Modality", "") or "none")
-    if modality != "CT":
-        return f"modality {modality}, not CT"
-    raw = getattr(header, "ImageType", None) or []
-    image_type = [str(v).upper() for v in ([raw] if isinstance(raw, str) else raw)]  # one value or several
-    if "LOCALIZER" in image_type or "SCOUT" in image_type:
-        return "a localiser (scout) image, not a 3D scan"
-    if n_files < MIN_SLICES:
-        return f"only {n_files} slice(s); a 3D CT needs at least {MIN_SLICES}"
-    return None
+    numbers = [str(getattr(s.headers[0], "SeriesNumber", "") or "") for s in series]
+    return [Case(safe_case_id(f"{label}_s{n}" if n and numbers.count(n) == 1 else f"{label}_{s.series_uid[-12:]}"),
+                 s.files[0])  # one file of the series: read_image reads that series
+            for s, n in zip(series, numbers)]
