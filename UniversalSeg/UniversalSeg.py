@@ -851,7 +851,7 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
 
     # --- segmentation ---------------------------------------------------------------------------
 
-    def startSegmentation(self, volumeNode, classes: Sequence[str] | None = None, device: str = "auto",
+    def startSegmentation(self, volumeNode, classes: str | Sequence[str] | None = None, device: str = "auto",
                           model: str | None = None, fast: bool = False,
                           progressCallback: Callable[[ProgressEvent], None] | None = None,
                           logCallback: Callable[[str], None] | None = None,
@@ -874,13 +874,13 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
             raise
         return SegmentationRun(self, job, tempDir, volumeNode, model, completedCallback)
 
-    def segment(self, volumeNode, classes: Sequence[str] | None = None, device: str = "auto",
+    def segment(self, volumeNode, classes: str | Sequence[str] | None = None, device: str = "auto",
                 model: str | None = None, fast: bool = False,
                 progressCallback: Callable[[ProgressEvent], None] | None = None,
                 logCallback: Callable[[str], None] | None = None, interactive: bool = False):
         """Segment `volumeNode` and return the new segmentation node (one segment per class, overlaps kept).
 
-        classes: class keys, names or synonyms (None: all classes of the model). The application stays
+        classes: class keys, names or synonyms, or one such string (None: all the model's classes). The app stays
         responsive while waiting. Raises BackendError with the backend's message on failure."""
         run = self.startSegmentation(volumeNode, classes, device, model, fast, progressCallback, logCallback,
                                      interactive=interactive)

@@ -7,8 +7,10 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
+from collections.abc import Callable
 
-from UniversalSegLib.errors import UniversalSegError
+from UniversalSegLib.errors import UniversalSegError, UniversalSegWarning
 
 EXIT_USER_ERROR = 2
 
@@ -84,10 +86,21 @@ EXTRA_COMMANDS: list[tuple[str, str]] = [
 ]
 
 
+def _one_line_warnings(default: Callable) -> Callable:
+    """warnings.showwarning printing our warnings as `universalseg: warning: ...` (no file or source line)."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, UniversalSegWarning):
+            return default(message, category, filename, lineno, file, line)
+        print(f"universalseg: warning: {message}", file=file or sys.stderr)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores showwarning afterwards (main may run inside a test)
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return args.func(args)
     except UniversalSegError as e:
         print(f"universalseg: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -101,11 +101,13 @@ def run_predict(args: argparse.Namespace) -> int:
     from UniversalSegLib.errors import InputError
     from UniversalSegLib.inference.predict import predict, resolve_device
     from UniversalSegLib.io import NonCTWarning, read_image, write_outputs
+    from UniversalSegLib.io.destination import check_destination, output_size_bound
 
     input_path, outdir = Path(args.input).expanduser(), Path(args.output).expanduser()
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"output {outdir} exists and is not a folder")
     image = read_image(input_path, allow_non_ct=args.allow_non_ct)  # every input check, before any output
+    check_destination(outdir, output_size_bound(image))  # writable, room enough: before the model runs
     formats = _formats(args.formats, input_path)
     if "dicom-seg" in formats and not dicom_source(input_path):
         raise InputError("DICOM SEG output (dicom-seg) needs a DICOM series as input; choose other formats")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.result import SegmentationResult
 from UniversalSegLib.io.atomic import replace_dir
+from UniversalSegLib.io.destination import check_destination, destination_error, remove_stale_staging, staging_folder
 from UniversalSegLib.io.dicomseg import write_dicom_seg
 from UniversalSegLib.io.image import dicom_source_files
 from UniversalSegLib.io.nifti import write_class_masks, write_label_map
@@ -87,20 +87,24 @@ def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats
         raise InputError("DICOM SEG output (dicom-seg) needs a DICOM series as input; the input was not DICOM, "
                          "choose other formats")
     outdir = Path(outdir)
+    check_destination(outdir)
     created = not outdir.exists()
-    outdir.mkdir(parents=True, exist_ok=True)
-    stage = outdir / f".universalseg-staging-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
+    stage = staging_folder(outdir)
     try:
+        stage.mkdir(parents=True)
+        remove_stale_staging(outdir)  # left by a killed run
         writers = _writers(result, stage, sources)
         staged: dict[str, Path] = {}
         for name in names:
             staged.update(writers[name]())
         return {name: _publish(path, outdir / path.name) for name, path in staged.items()}
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
-        if created and not any(outdir.iterdir()):
+        if created and outdir.exists() and not any(outdir.iterdir()):
             outdir.rmdir()  # leave no trace of a run that produced nothing
+        problem = destination_error(outdir, e)  # disk full, read-only...: one line, not a traceback
+        if problem is not None:
+            raise problem from None
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
