@@ -83,6 +83,8 @@ def _voxel_type(path: Path, code: int) -> np.dtype:
 
 
 def _check_nifti(path: Path) -> None:
+    single = path.name.lower().endswith((".nii", ".nii.gz"))
+    data_file = path if single else _image_file_of_pair(path)  # also for Analyze headers, read by ITK too
     header = _nifti_header(path)
     if header is None:
         return
@@ -92,23 +94,30 @@ def _check_nifti(path: Path) -> None:
         raise InputError(f"{path}: the NIfTI header's dimension count is {ndim}; the header is corrupt")
     shape = [int(n) for n in header["dim"][1:1 + ndim]]
     spacing = [float(v) for v in header["pixdim"][1:1 + min(ndim, 3)]]
-    for axis, value in zip("xyz", spacing):
-        if not math.isfinite(value) or value == 0:
-            shown = " x ".join(f"{v:g}" for v in spacing)
-            raise InputError(f"{path}: the NIfTI header's voxel size (pixdim) is {shown} mm, {value:g} along "
-                             f"{axis}; the geometry header is broken (ITK would silently read 1 mm)")
-    data_file = path if path.name.lower().endswith((".nii", ".nii.gz")) else _image_file_of_pair(path)
-    if data_file is not None:
-        offset = int(header["vox_offset"])
-        _check_size(path, data_file, shape, dtype.name, math.prod(shape) * dtype.itemsize, offset)
+    _check_spacing(path, spacing, "voxel spacing (NIfTI pixdim)", allow_negative=True)
+    _check_size(path, data_file, shape, dtype.name, math.prod(shape) * dtype.itemsize, int(header["vox_offset"]))
 
 
-def _image_file_of_pair(header_file: Path) -> Path | None:
+def _check_spacing(path: Path, spacing, what: str, allow_negative: bool = False) -> None:
+    """InputError for a zero or non-finite spacing (and a negative one unless allowed: NIfTI's pixdim sign
+    is no geometry). Otherwise-odd spacings are left to the plausibility check after reading."""
+    for axis, value in zip("xyzt", spacing):
+        if math.isfinite(value) and (value > 0 or (allow_negative and value < 0)):
+            continue
+        problem = "zero" if value == 0 else "not a number" if not math.isfinite(value) else f"negative ({value:g})"
+        shown = " x ".join(f"{v:g}" for v in spacing)
+        silently = " (ITK would silently read 1 mm)" if "pixdim" in what and value == 0 else ""
+        raise InputError(f"{path}: the {what} is {problem} along {axis} ({shown} mm); the file's geometry header "
+                         f"is broken{silently}")
+
+
+def _image_file_of_pair(header_file: Path) -> Path:
     for suffix in (".img", ".img.gz"):
         candidate = header_file.with_name(header_file.name[: -len(".hdr")] + suffix)
         if candidate.exists():
             return candidate
-    return None  # ITK's error names the missing image file
+    raise InputError(f"cannot read {header_file}: its image file {header_file.stem}.img is missing beside it "
+                     "(a .hdr/.img pair needs both)")
 
 
 # --- NRRD, MetaImage (ITK reads the header only) -----------------------------------------------------------
@@ -129,12 +138,7 @@ def _check_itk_header(path: Path) -> None:
     if pixel in _COMPLEX:
         raise InputError(f"{path} has complex voxels ({_COMPLEX[pixel]}), e.g. raw MR or Fourier data; a CT has "
                          "one real (integer or float) intensity per voxel")
-    spacing = reader.GetSpacing()
-    for axis, value in zip("xyzt", spacing):
-        if not math.isfinite(value) or value <= 0:
-            shown = " x ".join(f"{v:g}" for v in spacing)
-            raise InputError(f"{path}: implausible voxel spacing {shown} mm ({value:g} along {axis}); the "
-                             "geometry header is broken")
+    _check_spacing(path, reader.GetSpacing(), "voxel spacing")
     data_file = _detached_data_file(path) or path
     if data_file.exists():
         component = sitk.Image([1] * reader.GetDimension(), pixel).GetSizeOfPixelComponent() if pixel >= 0 else 1

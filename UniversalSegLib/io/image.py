@@ -7,6 +7,7 @@ Images keep SimpleITK's physical geometry (LPS); nothing is resampled or reorien
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ DICOM_FOLDER_KEY = "UniversalSeg.DicomFolder"
 DICOM_SERIES_KEY = "UniversalSeg.DicomSeriesUID"
 _SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
 _AXES = "xyz"
+_ITK_PREFIX = re.compile(r"^(ITK ERROR: )?\w+\(0x[0-9a-fA-F]+\): ")  # "ITK ERROR: NiftiImageIO(0x55d...): "
 
 
 class NonCTWarning(UniversalSegWarning):
@@ -162,8 +164,8 @@ def read_error(path: Path, error: RuntimeError, log: str = "") -> str:
         return f"{path}: the voxel spacing is zero along an axis; the file's geometry header is broken"
     if "Unable to determine ImageIO" in text:
         return f"cannot read {path}: unknown or unsupported format (expected {_SUPPORTED})"
-    last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "unknown error")
-    return f"cannot read {path}: {last}"
+    last = next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), "unknown error")
+    return f"cannot read {path}: {_ITK_PREFIX.sub('', last)}"
 
 
 def _is_dicom_file(path: Path) -> bool:
