@@ -152,9 +152,9 @@ def _cut_off_warning(results: Sequence[ClassResult], reference: sitk.Image) -> N
     cut = [c.info.key for c in results
            if (box := mask_parts(c)[0][axis]).stop > box.start and (box.start == 0 or box.stop == thin[1])]
     if cut:
-        warnings.warn(f"the scan has only {thin[1]} slices along {thin[0]}: {', '.join(cut)} reach its first or "
-                      "last slice and are probably cut off (statistics: touches_border)", ThinScanWarning,
-                      stacklevel=3)
+        verb = "reaches" if len(cut) == 1 else "reach"
+        warnings.warn(f"the scan has only {thin[1]} slices along {thin[0]}: {', '.join(cut)} {verb} its first or "
+                      "last slice, probably cut off (statistics: touches_border)", ThinScanWarning, stacklevel=3)
 
 
 def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | LoadedModel | None = None,

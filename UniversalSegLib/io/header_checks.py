@@ -88,6 +88,9 @@ def _check_nifti(path: Path) -> None:
     header = _nifti_header(path)
     if header is None:
         return
+    if header.sizeof_hdr == 540:
+        raise InputError(f"{path} is a NIfTI-2 file, which our reader (ITK) cannot read; save it as NIfTI-1, e.g. "
+                         "nibabel.save(nibabel.Nifti1Image(img.dataobj, img.affine), 'ct.nii.gz')")
     dtype = _voxel_type(path, int(header["datatype"]))
     ndim = int(header["dim"][0])
     if not 1 <= ndim <= 7:
@@ -138,6 +141,9 @@ def _check_itk_header(path: Path) -> None:
     if pixel in _COMPLEX:
         raise InputError(f"{path} has complex voxels ({_COMPLEX[pixel]}), e.g. raw MR or Fourier data; a CT has "
                          "one real (integer or float) intensity per voxel")
+    if reader.GetNumberOfComponents() != 1:  # as check_image says it, but before the voxels are read
+        raise InputError(f"{path} has {reader.GetNumberOfComponents()} values per voxel (a colour or vector "
+                         "image); a CT has one intensity per voxel")
     _check_spacing(path, reader.GetSpacing(), "voxel spacing")
     data_file = _detached_data_file(path) or path
     if data_file.exists():
