@@ -474,3 +474,14 @@ def test_cli_segments_a_three_slice_ct_with_one_line_warnings(tmp_path, capfd):
     rows = json.loads((tmp_path / "out" / "statistics.json").read_text())["classes"]
     assert [r["key"] for r in rows] == ["liver", "spleen"]
     assert all(r["voxel_count"] > 300 and r["touches_border"] for r in rows), rows  # liver: 1930 in a full run
+
+
+def test_piped_cli_keeps_itk_output_off_the_json_channel(tmp_path):
+    """MetaIO prints 'data not read completely' to stdout from C++; through a pipe (as Slicer reads it) it
+    is buffered by C stdio, and must not come out on the JSON progress channel after our capture ends."""
+    path = CASES["truncated .mha (SimpleITK)"][0](tmp_path)
+    run = subprocess.run([sys.executable, "-m", "UniversalSegLib", "predict", str(path), "-o", str(tmp_path / "out"),
+                          "--progress-json"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 2 and run.stdout == "", run.stdout
+    assert run.stderr.count("\n") == 1 and "is truncated" in run.stderr, run.stderr

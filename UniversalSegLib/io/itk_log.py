@@ -9,6 +9,7 @@ becomes one `ITKWarning` per message, or the detail of our error when the call f
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import sys
@@ -51,6 +52,24 @@ def condense(raw: str) -> list[str]:
     return messages
 
 
+def _flush_c_stdio() -> None:
+    """Flush C's stdio buffers (C++ iostreams share them by default): text ITK printed to a piped stdout
+    may still sit there and would otherwise come out after the descriptors are restored."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass  # no C library handle (Windows): its CRT writes unbuffered to pipes opened this way
+
+
+def _has_standard_fds() -> bool:
+    try:
+        os.fstat(1)
+        os.fstat(2)
+    except OSError:
+        return False
+    return True
+
+
 @contextmanager
 def capture_itk_output(warn: bool = True) -> Iterator[ITKLog]:
     """Redirect fds 1 and 2 to a temporary file while the block runs; the yielded log holds what was written.
@@ -61,8 +80,12 @@ def capture_itk_output(warn: bool = True) -> Iterator[ITKLog]:
     they would be swallowed), so captures nest.
     """
     log = ITKLog()
+    if not _has_standard_fds():
+        yield log  # e.g. a Windows GUI process without a console: ITK's prints go nowhere anyway
+        return
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        if stream is not None:
+            stream.flush()
     with tempfile.TemporaryFile() as sink, warnings.catch_warnings(record=True) as held:
         warnings.simplefilter("always")  # record everything; the caller's filters apply when re-issued
         saved = {fd: os.dup(fd) for fd in (1, 2)}
@@ -72,7 +95,9 @@ def capture_itk_output(warn: bool = True) -> Iterator[ITKLog]:
             yield log
         finally:
             for stream in (sys.stdout, sys.stderr):
-                stream.flush()
+                if stream is not None:
+                    stream.flush()
+            _flush_c_stdio()
             for fd, copy in saved.items():
                 os.dup2(copy, fd)
                 os.close(copy)
