@@ -138,6 +138,7 @@ CASES = {
     "truncated compressed .mha (SimpleITK)": (lambda t: _cut(_sample_as(t, "ct.mha", compress=True)), "is truncated"),
     "truncated compressed .nrrd (SimpleITK)": (lambda t: _cut(_sample_as(t, "ct.nrrd", compress=True)),
                                                "is truncated"),
+    "empty folder (ITK's GDCM warns)": (lambda t: (t / "empty").mkdir() or t / "empty", "without a DICOM series"),
     "empty file": (lambda t: (t / "empty.nii.gz").write_bytes(b"") or t / "empty.nii.gz", r"is empty \(0 bytes\)"),
     # geometry: zero or non-finite spacing (NIfTI pixdim 0 is silently 1 mm in ITK)
     "NIfTI pixdim 0": (lambda t: _nifti_with_pixdim(t, 0.0), r"pixdim\) is zero along z .*silently read 1 mm"),
