@@ -196,6 +196,9 @@ def _check_size(name: Path, data_file: Path, shape: list[int], type_name: str, d
         available = _gzip_bytes_at_least(data_file, offset + declared) - offset
     else:
         available = stored - offset
+    if available < declared and available * 100 < declared:  # nearly nothing there: rather a corrupt header
+        raise InputError(f"{name}: the header declares {what} but the file holds only {_human(stored)}; the header "
+                         "is corrupt or the file is cut short")
     if available < declared:
         missing = 100 * (declared - max(available, 0)) / declared
         raise InputError(f"{name} is truncated: the header declares {what} but only {_human(max(available, 0))} "
