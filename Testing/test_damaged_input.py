@@ -72,13 +72,16 @@ def _nifti_with_pixdim(tmp: Path, value: float) -> Path:
 
 
 def _declaring(tmp: Path, name: str, shape: tuple[int, ...], code: int = 4, payload: int | bytes = 4096,
-               pixdim=(1.0, 1.0, 1.0)) -> Path:
+               pixdim=(1.0, 1.0, 1.0), dim3: int | None = None) -> Path:
     """A NIfTI header declaring `shape` voxels of NIfTI type `code`, followed by `payload` (bytes, or a count
     of zero bytes) of data."""
     header = nib.Nifti1Header()
     header.set_data_shape(shape)
     header["datatype"] = code
-    header["bitpix"] = 1 if code == 1 else nib.nifti1.data_type_codes.dtype[code].itemsize * 8
+    known = code in nib.nifti1.data_type_codes.code
+    header["bitpix"] = 1 if code == 1 else nib.nifti1.data_type_codes.dtype[code].itemsize * 8 if known else 16
+    if dim3 is not None:
+        header["dim"][3] = dim3  # set_data_shape refuses what a corrupt header may hold
     header["pixdim"][1:4] = pixdim
     header["vox_offset"] = 352
     data = header.binaryblock + b"\0" * 4 + (bytes(payload) if isinstance(payload, int) else payload)
@@ -163,6 +166,10 @@ CASES = {
                                          "more than any compression can hold"),
     "NRRD 1024^3 voxels, 4 KB of data": (lambda t: _nrrd(t, "big.nrrd", "1024 1024 1024", "(1,0,0) (0,1,0) (0,0,1)",
                                                          bytes(4096)), "more than any compression can hold"),
+    "NIfTI with a negative size": (lambda t: _declaring(t, "negative.nii", (24, 24, 20), dim3=-20),
+                                   r"declares a negative size \(24x24x-20\)"),
+    "NIfTI with an undefined datatype": (lambda t: _declaring(t, "undefined.nii", (24, 24, 20), code=9999),
+                                         r"voxel type \(datatype 9999\) is not one NIfTI defines"),
     # voxel types a CT cannot have
     "complex64 NIfTI": (lambda t: _nifti(t, "complex.nii.gz", _ct_like().T.astype(np.complex64)),
                         r"complex voxels \(complex64\)"),

@@ -67,8 +67,10 @@ def _voxel_type(path: Path, code: int) -> np.dtype:
     """The numpy type of NIfTI datatype `code`, or InputError when it is no CT intensity type."""
     from nibabel.nifti1 import data_type_codes
 
-    label = data_type_codes.label[code] if code in data_type_codes.code else f"unknown type {code}"
-    dtype = data_type_codes.dtype[code] if code in data_type_codes.code else np.dtype("V")
+    if code not in data_type_codes.code:
+        raise InputError(f"{path}: the NIfTI header's voxel type (datatype {code}) is not one NIfTI defines; the "
+                         "header is corrupt")
+    label, dtype = data_type_codes.label[code], data_type_codes.dtype[code]
     if dtype.kind == "c":
         problem = f"complex voxels ({label}), e.g. raw MR or Fourier data"
     elif dtype.fields is not None:
@@ -96,6 +98,9 @@ def _check_nifti(path: Path) -> None:
     if not 1 <= ndim <= 7:
         raise InputError(f"{path}: the NIfTI header's dimension count is {ndim}; the header is corrupt")
     shape = [int(n) for n in header["dim"][1:1 + ndim]]
+    if min(shape) < 0:
+        raise InputError(f"{path}: the NIfTI header declares a negative size ({'x'.join(map(str, shape))}); the "
+                         "header is corrupt")
     spacing = [float(v) for v in header["pixdim"][1:1 + min(ndim, 3)]]
     _check_spacing(path, spacing, "voxel spacing (NIfTI pixdim)", allow_negative=True)
     _check_size(path, data_file, shape, dtype.name, math.prod(shape) * dtype.itemsize, int(header["vox_offset"]))
