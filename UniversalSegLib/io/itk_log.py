@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,9 @@ from UniversalSegLib.errors import UniversalSegWarning
 # "WARNING: In /path/itkFoo.cxx, line 12" and "ImageSeriesReader (0x55d...): " carry nothing for a user.
 _SOURCE_LINE = re.compile(r"^\s*(WARNING|ERROR): In .*, line \d+\s*$")
 _OBJECT_PREFIX = re.compile(r"^\s*\w+ \(0x[0-9a-fA-F]+\):\s*")
+# The descriptors are process-wide: two threads redirecting them at once could leave fd 2 pointing at a
+# temporary file for good. Captures are serialised (re-entrant: they nest within a thread).
+_FD_LOCK = threading.RLock()
 
 
 class ITKWarning(UniversalSegWarning):
@@ -86,7 +90,7 @@ def capture_itk_output(warn: bool = True) -> Iterator[ITKLog]:
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             stream.flush()
-    with tempfile.TemporaryFile() as sink, warnings.catch_warnings(record=True) as held:
+    with _FD_LOCK, tempfile.TemporaryFile() as sink, warnings.catch_warnings(record=True) as held:
         warnings.simplefilter("always")  # record everything; the caller's filters apply when re-issued
         saved = {fd: os.dup(fd) for fd in (1, 2)}
         try:
