@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -409,9 +410,18 @@ def test_staging_folder_of_a_killed_run_is_removed_by_the_next(result, tmp_path)
     for folder in (stale, running):
         folder.mkdir(parents=True)
         (folder / "statistics.csv").write_text("half")
+    old_masks = out / ".old-89abcdef-masks"  # io/atomic.py's sibling of a folder being replaced
+    (old_masks / "liver.nii.gz").parent.mkdir()
+    (old_masks / "liver.nii.gz").write_bytes(b"old")
+    users = out / ".tmp-01234567-notes.txt"  # not a name of ours: kept
+    users.write_text("mine")
+    an_hour_ago = time.time() - 3600
+    for path in (old_masks, users):
+        os.utime(path, (an_hour_ago, an_hour_ago))
     outputs = write_outputs(result, out, ["stats"])
     assert outputs["stats"].exists()
     assert not stale.exists() and running.exists()
+    assert not old_masks.exists() and users.read_text() == "mine"
     assert not [p for p in out.iterdir() if p.name.startswith(STAGING_PREFIX) and p != running]
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -23,6 +25,7 @@ STAGING_PREFIX = ".universalseg-staging-"
 # A staging folder whose owner we cannot ask about (no pid in its name: written by an older version;
 # or on Windows, where probing a pid is unsafe) is stale when untouched for this long.
 STALE_AFTER_S = 3600.0
+PUBLISH_LEFTOVER_S = 60.0
 # Errors of the destination itself (not of our code): shown as one line instead of a traceback.
 DESTINATION_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG",
                                                         "ENOTDIR", "EIO") if hasattr(errno, name)}
@@ -71,14 +74,34 @@ def staging_folder(outdir: Path) -> Path:
     return outdir / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def remove_stale_staging(outdir: Path) -> list[Path]:
-    """Remove staging folders left in `outdir` by killed runs; returns what was removed."""
+def remove_stale_staging(outdir: Path, output_names: Iterable[str] = ()) -> list[Path]:
+    """Remove what killed runs left in `outdir`; returns what was removed.
+
+    That is staging folders, and the `.tmp-`/`.old-` siblings (io/atomic.py) of `output_names` that a
+    run killed while moving its outputs into place left: those live for milliseconds, so one older
+    than PUBLISH_LEFTOVER_S is stale.
+    """
     removed = []
     for entry in outdir.glob(f"{STAGING_PREFIX}*"):
         if entry.is_dir() and _is_stale(entry):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
+    names = "|".join(re.escape(n) for n in output_names)
+    if not names:
+        return removed
+    leftover = re.compile(rf"\.(tmp|old)-[0-9a-f]{{8}}-({names})")
+    for entry in outdir.iterdir():
+        if leftover.fullmatch(entry.name) and _age_s(entry) > PUBLISH_LEFTOVER_S:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
     return removed
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.lstat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _is_stale(staging: Path) -> bool:
@@ -94,10 +117,7 @@ def _is_stale(staging: Path) -> bool:
         except PermissionError:
             return False  # alive, another user's
         return False
-    try:
-        return time.time() - staging.stat().st_mtime > STALE_AFTER_S
-    except OSError:
-        return False
+    return _age_s(staging) > STALE_AFTER_S
 
 
 def destination_error(outdir: Path, error: BaseException) -> InputError | None:

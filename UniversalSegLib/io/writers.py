@@ -27,6 +27,8 @@ FORMATS = ("seg.nrrd", "nifti", "labelmap", "dicom-seg", "stats", "preview")
 DEFAULT_FORMATS = ("seg.nrrd", "nifti", "labelmap", "stats")
 SEG_NRRD, MASKS_DIR, LABELMAP, DICOM_SEG = "segmentation.seg.nrrd", "masks", "labelmap.nii.gz", "segmentation.dcm"
 STATS_CSV, STATS_JSON, PREVIEW = "statistics.csv", "statistics.json", "preview.png"
+OUTPUT_NAMES = (SEG_NRRD, MASKS_DIR, LABELMAP, "labelmap.labels.json", "labelmap-colors.csv", DICOM_SEG, STATS_CSV,
+                STATS_JSON, PREVIEW)
 
 
 def parse_formats(formats: str | Sequence[str]) -> list[str]:
@@ -92,7 +94,7 @@ def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats
     stage = staging_folder(outdir)
     try:
         stage.mkdir(parents=True)
-        remove_stale_staging(outdir)  # left by a killed run
+        remove_stale_staging(outdir, OUTPUT_NAMES)  # left by a killed run
         writers = _writers(result, stage, sources)
         staged: dict[str, Path] = {}
         for name in names:
