@@ -118,6 +118,13 @@ def _analyze_without_img(tmp: Path) -> Path:
     return tmp / "analyze.hdr"
 
 
+def _folder_of_text(tmp: Path) -> Path:
+    (tmp / "notes").mkdir()
+    for name in ("readme.txt", "report.pdf", "IM0001"):
+        (tmp / "notes" / name).write_text("not an image\n" * 50)
+    return tmp / "notes"
+
+
 def _multi_member_gzip(tmp: Path) -> Path:
     """The sample as two concatenated gzip members (as pigz/bgzip-style tools write): valid, so accepted."""
     raw = gzip.decompress(SAMPLE.read_bytes())
@@ -143,6 +150,7 @@ CASES = {
     "truncated compressed .nrrd (SimpleITK)": (lambda t: _cut(_sample_as(t, "ct.nrrd", compress=True)),
                                                "is truncated"),
     "empty folder (ITK's GDCM warns)": (lambda t: (t / "empty").mkdir() or t / "empty", "without a DICOM series"),
+    "folder of non-DICOM files": (lambda t: _folder_of_text(t), "without a DICOM series"),
     "empty file": (lambda t: (t / "empty.nii.gz").write_bytes(b"") or t / "empty.nii.gz", r"is empty \(0 bytes\)"),
     # geometry: zero or non-finite spacing (NIfTI pixdim 0 is silently 1 mm in ITK)
     "NIfTI pixdim 0": (lambda t: _nifti_with_pixdim(t, 0.0), r"pixdim\) is zero along z .*silently read 1 mm"),
