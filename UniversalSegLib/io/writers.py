@@ -17,6 +17,7 @@ from UniversalSegLib.io.atomic import replace_dir
 from UniversalSegLib.io.destination import check_destination, destination_error, remove_stale_staging, staging_folder
 from UniversalSegLib.io.dicomseg import write_dicom_seg
 from UniversalSegLib.io.image import dicom_source_files
+from UniversalSegLib.io.itk_log import capture_itk_output
 from UniversalSegLib.io.nifti import write_class_masks, write_label_map
 from UniversalSegLib.io.preview import write_preview
 from UniversalSegLib.io.segnrrd import write_seg_nrrd
@@ -97,8 +98,9 @@ def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats
         remove_stale_staging(outdir, OUTPUT_NAMES)  # left by a killed run
         writers = _writers(result, stage, sources)
         staged: dict[str, Path] = {}
-        for name in names:
-            staged.update(writers[name]())
+        with capture_itk_output():  # ITK writers print warnings from C++: they become ITKWarnings
+            for name in names:
+                staged.update(writers[name]())
         return {name: _publish(path, outdir / path.name) for name, path in staged.items()}
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
