@@ -25,7 +25,7 @@ from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.restore import SlabRestorer
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16, probability_slabs
-from UniversalSegLib.registry import ClassInfo
+from UniversalSegLib.registry import ClassInfo, Registry
 from UniversalSegLib.runtime import return_large_blocks
 from UniversalSegLib.store import DEFAULT_MODEL, LoadedModel, Manifest, load_model
 
@@ -119,7 +119,7 @@ def needed_classes(manifest: Manifest,
     return wanted, [c for c in registry if c.key in keys]  # model order
 
 
-def _resolve_in_model(manifest: Manifest, registry, name: str) -> ClassInfo:
+def _resolve_in_model(manifest: Manifest, registry: Registry, name: str) -> ClassInfo:
     """The model's class called `name`; a class known elsewhere (registry, other models) names its models."""
     from UniversalSegLib.registry import default_registry
     from UniversalSegLib.store import list_models

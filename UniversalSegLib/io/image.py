@@ -23,7 +23,7 @@ MIN_SIZE = 8  # voxels along each axis but the thinnest; fewer cannot be a usefu
 # Slices along the thinnest axis. Measured on the bundled sample (3 mm slices, masks of a thin slab
 # against the same slices of the whole scan's, Dice): 1 slice 0.00-0.62, 2 slices 0.00-0.87, 3 slices
 # 0.59-0.82 for liver, spleen and kidneys; 8 slices 0.80-0.93. The pipeline runs down to 1 slice,
-# but below 3 the masks are mostly wrong, so that is where we refuse (docs/input.md).
+# but below 3 the masks are mostly wrong, so that is where we refuse (docs/input_checks.md).
 MIN_SLICES = 3
 SPACING_RANGE_MM = (0.1, 20.0)
 AIR_FAT_HU = -100.0  # CT in HU always has voxels below this (air outside the body, lungs, bowel gas, fat)
