@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._device
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO / "UniversalSegLib" / "resources" / "sample"
@@ -15,6 +16,11 @@ SAMPLE_DIR = REPO / "UniversalSegLib" / "resources" / "sample"
 SHARED_DATA = Path(os.environ.get("UNIVERSALSEG_SHARED_DATA", REPO / "Testing" / "data" / "shared"))
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+# transformers (>= 5) swaps `torch.linspace` for a CPU-only wrapper while it builds a text model; if torch
+# first caches its list of factory functions then, the meta-device context stops covering linspace for
+# the rest of the process, and a model that cannot be built on the meta device (MONAI 1.6's Swin UNETR)
+# passes in the suite but fails in a user's fresh process. Filling the cache now keeps the suite faithful.
+torch.utils._device._device_constructors()
 
 
 @pytest.fixture(autouse=True)

@@ -152,6 +152,9 @@ def test_heads_only_keeps_everything_old_bit_identical(base_model, crops, tmp_pa
         assert out.shape[1] == n + 2 and torch.equal(out[:, :n], base(x))
     lineage = loaded.manifest.provenance["lineage"][-1]
     assert lineage["parent"]["weights_sha256"] == sha and lineage["classes_added"] == NEW
+    parent = load_model(base_model).manifest  # issue 23: `info`/`verify` follow the parent by its integrity hash
+    assert lineage["parent"]["integrity_sha256"] == parent.integrity_sha256 != ""
+    assert loaded.manifest.provenance["extended_from"]["integrity_sha256"] == parent.integrity_sha256
     assert lineage["init"] == {"aorta_true_lumen": "similar:aorta", "aorta_false_lumen": "similar:aorta"}
     assert lineage["settings"]["train"] == "heads" and lineage["date"] and "folder" in lineage["data"]["description"]
 

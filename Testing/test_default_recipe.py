@@ -226,6 +226,22 @@ def test_prepare_builds_the_chest_over_abdomen_source_the_recipe_names():
     assert out["liver"][..., :6].all() and not out["liver"][..., 6:].any() and out["heart"][..., 6:].all()
 
 
+def test_prepare_records_each_sources_data_hash(tmp_path):
+    """Issue 23: the bundle names each source's data by a SHA-256 over its files (a stacked source's
+    over its parts'), which the model's provenance records; a changed mask changes it."""
+    import prepare
+
+    for name in ("ct.nii.gz", "labels.nii.gz", "aorta.nii.gz"):
+        (tmp_path / name).write_bytes(name.encode())
+    plain = {"name": "a", "image": "ct.nii.gz", "label_map": "labels.nii.gz", "masks": {"aorta": "aorta.nii.gz"}}
+    hashes = {"a": prepare.source_sha256(plain, tmp_path, {}), "b": prepare.source_sha256(
+        {"name": "b", "image": "ct.nii.gz"}, tmp_path, {})}
+    stacked = prepare.source_sha256({"stack": {"below": "a", "above": "b"}}, tmp_path, hashes)
+    assert len({*hashes.values(), stacked}) == 3
+    (tmp_path / "aorta.nii.gz").write_bytes(b"edited")
+    assert prepare.source_sha256(plain, tmp_path, {}) != hashes["a"]
+
+
 @pytest.mark.parametrize("side", ["below", "above"])
 def test_aorta_levels_bound_is_the_dice_of_finding_the_aorta_at_shared_levels_only(side):
     """Issue 8's LOSO bound: a prediction exactly right at T12's level (and on the other scan's side
@@ -268,5 +284,8 @@ def test_average_interpolates_weights_and_records_it(tmp_path, minilm):
             assert torch.allclose(value, 0.7 * refined[key] + 0.3 * parent[key], atol=2e-3, rtol=2e-3), key
     manifest = load_model(out).manifest
     assert manifest.version == "9.9.9" and manifest.provenance["stages"][-1]["parent_weight"] == 0.3
+    parents = [load_model(p).manifest for p in folders[:2]]  # issue 23: lineage by integrity hash
+    assert [(a["name"], a["integrity_sha256"], a["weight"]) for a in manifest.provenance["averaged_from"]] == \
+        [(m.name, m.integrity_sha256, w) for m, w in zip(parents, (0.7, 0.3))]
     with pytest.raises(UniversalSegError, match="classes or architecture"):
         average.average(folders[0], folders[2], 0.3, "9.9.9", str(tmp_path / "refused"))

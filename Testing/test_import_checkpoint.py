@@ -10,11 +10,16 @@ with the authors' code is checked outside this suite (it cannot ship their code)
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from conftest import SAMPLE_DIR
 from torch import nn
 
 from UniversalSegLib.cli import main as cli_main
@@ -272,3 +277,48 @@ def test_up_stage_equals_transposed_conv_then_concatenation():
     assert torch.allclose(upsample_2x(x, stage.up_conv.weight, stage.up_conv.bias), up, atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(stage(x, skip), stage.ops(torch.cat([up, skip], 1)), atol=1e-5)
+
+
+def test_imported_swin_unetr_predicts_in_a_fresh_process(tmp_path):
+    """`universalseg predict` with an imported Swin UNETR, in a process of its own.
+
+    In-process tests cannot show this: once transformers has loaded a text model, torch's meta-device
+    context no longer covers `torch.linspace` (transformers patches it while torch first caches its
+    list of factory functions), so a network that calls `.item()` while it is built only fails in a
+    fresh process, as a user's CLI call is (MONAI 1.6's SwinTransformer does).
+    """
+    state = random_state(published_shapes("swinunetr"), seed=2)
+    ckpt = save_checkpoint(tmp_path / "swin.pth", as_published(state, "swinunetr", module=True, bare_swin=True))
+    folder = import_checkpoint(ckpt, "swinunetr", output_dir=tmp_path / "models")
+    # A 20 x 20 x 10 crop at 3 mm (body edge: air and tissue) is one 96^3 window at the model's 1.5 mm.
+    sample = sitk.ReadImage(str(SAMPLE_DIR / "ct_abdomen.nii.gz"))
+    crop = tmp_path / "crop.nii.gz"
+    sitk.WriteImage(sample[10:30, 40:60, 50:60], str(crop))
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-m", "UniversalSegLib", "predict", str(crop), "-o", str(tmp_path / "out"),
+                          "--model", str(folder), "--classes", "liver", "spleen", "--formats", "nifti,stats"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for key in ("liver", "spleen"):
+        mask = sitk.ReadImage(str(tmp_path / "out" / "masks" / f"{key}.nii.gz"))
+        assert mask.GetSize() == (20, 20, 10)
+
+
+def test_loading_builds_on_the_meta_device_where_the_network_allows(tmp_path, monkeypatch):
+    """SegResNet and the U-Net are built without a random copy of their weights (meta device)."""
+    from UniversalSegLib.store import modelfile
+
+    state = random_state(published_shapes("unet"), seed=3)
+    folder = import_checkpoint(save_checkpoint(tmp_path / "unet.pth", as_published(state, "unet")), "unet",
+                               output_dir=tmp_path / "models")
+    on_meta = []
+
+    def build_and_look(*args):
+        model = real_build(*args)
+        on_meta.append(all(p.is_meta for p in model.parameters()))
+        return model
+
+    real_build = modelfile._build_unallocated
+    monkeypatch.setattr(modelfile, "_build_unallocated", build_and_look)
+    loaded = modelfile.load_model(folder)
+    assert on_meta == [True] and not any(p.is_meta for p in loaded.model.parameters())

@@ -80,7 +80,7 @@ class FakeRunner:
 
 
 class FakeInstaller:
-    def __init__(self, torch: str | None = "2.5.0", backend_version: str | None = "0.1.0", answer: bool = True):
+    def __init__(self, torch: str | None = "2.8.0", backend_version: str | None = "0.1.0", answer: bool = True):
         self.torch = torch
         self.backend = backend_version
         self.answer = answer
@@ -91,7 +91,7 @@ class FakeInstaller:
 
     def install_torch(self, requirement):
         self.calls.append(("torch", requirement))
-        self.torch = "2.5.0"
+        self.torch = "2.8.0"
         return True
 
     def backend_version(self):
@@ -402,7 +402,7 @@ def test_first_run_installs_after_consent():
     kinds = [c[0] for c in installer.calls]
     assert kinds == ["confirm", "torch", "backend"]
     assert "PyTorch" in installer.calls[0][1] and "kept" in installer.calls[0][1]
-    assert installer.calls[1] == ("torch", ">=2.2")
+    assert installer.calls[1] == ("torch", ">=2.8")
     # Now everything is there: nothing is asked or installed again.
     installer.calls.clear()
     assert not dependencies.ensure_dependencies(installer, REPO).needed and installer.calls == []
@@ -563,6 +563,12 @@ def test_every_module_file_is_listed_in_cmake():
     from PIL import Image
 
     assert Image.open(REPO / "Resources" / "UniversalSeg.png").size == (128, 128)
+    # the screenshot the extension catalogue shows (item 10): where EXTENSION_SCREENSHOTURLS says it is
+    screenshot = re.search(r'EXTENSION_SCREENSHOTURLS "[^"]*/main/([^"]+)"', top).group(1)
+    with Image.open(REPO / screenshot) as image:
+        assert image.format == "PNG" and image.size[0] >= 300 and image.size[1] >= 500
+    assert screenshot in (REPO / "docs" / "slicer.md").read_text() or \
+        Path(screenshot).name in (REPO / "docs" / "slicer.md").read_text()
 
 
 def _attribute_calls(path: Path, prefix: str) -> set[str]:
@@ -638,6 +644,98 @@ def test_add_classes_flow(tmp_path):
 
 def test_wizard_dialog_flow(tmp_path):
     run_in_stub("_scenario_wizard_dialog", tmp_path)
+
+
+# --- issue 24: what real Slicer does that the stand-in used to hide (one test per item) ------------------
+
+
+def test_selftest_is_a_smoke_test_unless_asked(tmp_path):
+    """Item 1: ctest runs UniversalSegTest.runTest: no install, no backend run, no torch by default."""
+    run_in_stub("_scenario_selftest_smoke", tmp_path)
+
+
+def test_result_is_saved_with_the_scene_and_updates_a_previous_one(tmp_path):
+    """Item 2 (storage node of the deleted temporary file) and the output segmentation selector."""
+    run_in_stub("_scenario_result_storage_and_update", tmp_path)
+    run_in_stub("_scenario_widget_output_selector", tmp_path)
+
+
+def test_torch_floor_is_monais():
+    """Item 3: the module asks PyTorchUtils for at least the torch the installed MONAI requires."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    monai_torch = next(Requirement(r) for r in importlib.metadata.requires("monai") if r.startswith("torch"))
+    floor = min(Version(s.version) for s in Requirement(f"torch{dependencies.DEFAULT_TORCH_REQUIREMENT}").specifier)
+    monai_floor = min(Version(s.version) for s in monai_torch.specifier if s.operator == ">=")
+    assert floor >= monai_floor, (dependencies.DEFAULT_TORCH_REQUIREMENT, str(monai_torch))
+    with pytest.raises(dependencies.DependencyError, match="too old"):
+        dependencies.ensure_dependencies(FakeInstaller(torch="2.5.1+cu121"), REPO)
+
+
+def test_terminology_entries_are_read_by_slicer_and_shipped():
+    """Item 4: every registry entry has Slicer's 7 fields, and every code is in the shipped context."""
+    from UniversalSegLib.registry import default_registry
+    from UniversalSegLib.registry.slicer_terminology import CONTEXT_NAME, terminology_context
+
+    shipped_path = MODULE_DIR / "Resources" / "SegmentationCategoryTypeModifier-UniversalSeg.term.json"
+    shipped = json.loads(shipped_path.read_text(encoding="utf-8"))
+    assert shipped == terminology_context(), "regenerate it: python -m UniversalSegLib.registry.slicer_terminology"
+    assert shipped["SegmentationCategoryTypeContextName"] == CONTEXT_NAME and "@schema" in shipped
+
+    def find(items, triplet):
+        return next((i for i in items if [i["CodingSchemeDesignator"], i["CodeValue"]] == triplet[:2]), None)
+
+    for info in default_registry().classes:
+        fields = classes._split_like_slicer(info.terminology_entry(), "~")
+        assert len(fields) == 7 and fields[0] == CONTEXT_NAME, info.terminology_entry()
+        term = info.terminology
+        category = find(shipped["SegmentationCodes"]["Category"], term["category"])
+        kind = find(category["Type"], term["type"])
+        assert kind is not None, info.key
+        if term.get("modifier"):
+            assert find(kind["Modifier"], term["modifier"]) is not None, info.key
+    assert classes.standard_segment_name(default_registry()["kidney_left"].terminology_entry()) == "Kidney Left"
+    assert classes.standard_segment_name(default_registry()["liver_tumor"].terminology_entry()) == \
+        "Neoplasm in Liver"
+    assert classes.standard_segment_name("UniversalSeg~SCT^1^A~SCT^2^B~~~~") is None  # 6 fields for Slicer
+
+
+def test_terminology_is_loaded_at_startup(tmp_path):
+    """Item 4: the context is loaded with LoadTerminologyFromFile when Slicer has started."""
+    run_in_stub("_scenario_terminology_loaded", tmp_path)
+
+
+def test_import_model_honours_cancel_and_shows_the_licence(tmp_path):
+    """Item 5: PythonQt's getItem returns the current item on Cancel; the licence is shown first."""
+    importer = (REPO / "UniversalSegLib" / "importers" / "clip_driven_universal.py").read_text()  # (imports torch)
+    assert f'LICENSE = "{backend.PUBLISHED_CHECKPOINT_LICENSE}"' in importer
+    assert backend.guess_backbone("/d/clip_driven_universal_swin_unetr.pth") == "swinunetr"
+    assert backend.guess_backbone("clip_driven_universal_unet.pth") == "unet"
+    assert backend.guess_backbone("weights.pth") is None
+    run_in_stub("_scenario_import_cancel", tmp_path)
+
+
+def test_closing_the_scene_cancels_the_run(tmp_path):
+    """Item 6."""
+    run_in_stub("_scenario_scene_close", tmp_path)
+
+
+def test_wizard_closed_by_escape_or_title_bar_stops_training(tmp_path):
+    """Item 7."""
+    run_in_stub("_scenario_wizard_escape", tmp_path)
+
+
+def test_result_follows_the_volumes_transform(tmp_path):
+    """Item 8."""
+    run_in_stub("_scenario_transformed_volume", tmp_path)
+
+
+def test_labelmap_export_and_temporary_folders(tmp_path):
+    """Item 10: the wizard's masks on the whole image grid; two jobs never share a temporary folder."""
+    run_in_stub("_scenario_export_and_temp", tmp_path)
 
 
 def _predict_available() -> bool:
@@ -728,6 +826,7 @@ def _scenario_segment_flow():
     UniversalSeg = _load_module()
     logic = UniversalSeg.UniversalSegLogic(runner=runner, installer=FakeInstaller())
     volume, study = _sample_volume_in_study()
+    volume.SetAndObserveTransformNodeID("vtkMRMLGridTransformNode1")  # e.g. DICOM geometry regularization
     events, logs = [], []
     seg = logic.segment(volume, classes=["liver", "liver_tumor"], device="cpu", model="demo",
                         progressCallback=events.append, logCallback=logs.append)
@@ -748,6 +847,7 @@ def _scenario_segment_flow():
     assert seg.masks["liver"].shape == sitk.GetArrayViewFromImage(volume.image).shape
     assert seg.referenceGeometryVolume is volume
     assert seg.GetNodeReferenceID(seg.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
+    assert seg.GetTransformNodeID() == "vtkMRMLGridTransformNode1"  # the volume's grid, shown as the volume is
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
     assert [s.key for s in logic.lastStatistics] == ["liver", "liver_tumor"]
@@ -836,18 +936,35 @@ def _scenario_slicer_installer():
 
     installer = dependencies.SlicerDependencyInstaller()
     assert installer.torch_version() is not None and installer.backend_version() is not None  # the dev venv
-    assert installer.install_torch(">=2.2") and PyTorchUtils.calls == [
-        {"askConfirmation": False, "torchVersionRequirement": ">=2.2"}]
+    # torch: light-the-torch with PyTorchUtils' arguments in a child process; torch is not imported here
+    assert installer.install_torch(">=2.8") and PyTorchUtils.calls == []
+    assert slicer.util._log["launchConsoleProcess"][-1][1:] == ["-m", "light_the_torch", "install", "torch>=2.8",
+                                                                "torchvision"]
+    assert "torch" not in sys.modules, "the install step must not import torch into Slicer's process"
+    slicer.util._process_results.append(1)  # ltt fails: the error reaches the caller
+    try:
+        installer.install_torch(">=2.8")
+        raise AssertionError("expected CalledProcessError")
+    except subprocess.CalledProcessError:
+        pass
+    pip = slicer.util._log["pip_install"]
+    assert pip[0] == "light-the-torch>=0.5"  # PyTorchUtils' own way to get light-the-torch
+    pip.clear()
     # Slicer >= 5.12: the backend itself with --no-deps from a copy, then pip_ensure with skip_packages.
     installer.install_backend(REPO, upgrade=True)
-    pip = slicer.util._log["pip_install"]
     assert slicer.util._log["pip_uninstall"] == ["UniversalSegLib"]
-    assert len(pip) == 1 and pip[0][1:] == ["--no-deps"] and Path(pip[0][0]).name == "src"
+    assert len(pip) == 1 and Path(pip[0][0]).name == "src"
+    assert pip[0][1:] == ["--no-deps", "--no-build-isolation"], "build isolation would download setuptools"
     assert not Path(pip[0][0]).exists(), "the temporary copy must be removed"
     ensure = slicer.packaging.calls[-1]
     assert ensure["requirements"] == dependencies.read_backend_requirements(REPO)
     assert ensure["skip_packages"] == ["SimpleITK", "numpy", "requests", "torch"]
     assert ensure["prompt_install"] is False and ensure["requester"] == "UniversalSeg"
+    assert ensure["skip_in_testing"] is True, "in Slicer's testing mode (ctest) nothing is installed"
+    os.environ[dependencies.FULL_SELFTEST_ENV] = "1"
+    installer.install_backend(REPO, upgrade=False)
+    assert slicer.packaging.calls[-1]["skip_in_testing"] is False, "the full self-test installs"
+    del os.environ[dependencies.FULL_SELFTEST_ENV]
     # Slicer 5.10 (no slicer.packaging): remaining requirements one by one, never the skipped ones.
     source = _tmp() / "backend"
     (source / "UniversalSegLib").mkdir(parents=True)
@@ -861,7 +978,17 @@ def _scenario_slicer_installer():
     del slicer.packaging
     pip.clear()
     installer.install_backend(source, upgrade=False)
-    assert pip[1:] == ["surely-not-installed-xyz>=1"] and pip[0][1:] == ["--no-deps"]
+    assert pip[1:] == ["surely-not-installed-xyz>=1"] and pip[0][1:] == ["--no-deps", "--no-build-isolation"]
+    # a build requirement Slicer's Python lacks: a clear error before pip runs
+    (source / "pyproject.toml").write_text((source / "pyproject.toml").read_text() +
+                                           '[build-system]\nrequires = ["setuptools>=999"]\n')
+    pip.clear()
+    try:
+        installer.install_backend(source, upgrade=False)
+        raise AssertionError("expected DependencyError")
+    except dependencies.DependencyError as e:
+        assert "setuptools>=999" in str(e) and "PythonSlicer -m pip install" in str(e)
+    assert pip == []
 
 
 def _make_widget(runner, installer):
@@ -1178,12 +1305,275 @@ def _scenario_real_backend():
     for row in logic.lastStatistics:
         assert row.voxel_count == int(seg.masks[row.key].sum()), row
     names = {c["key"]: c["name"] for c in listed}
+    import slicer
+    import vtk
+
     for key in ("liver", "liver_tumor"):  # names and terminology travel from the registry into the node
         segment = seg.GetSegmentation().GetSegment(key)
-        assert segment.GetName() == names[key] and segment.GetTag("TerminologyEntry").get("type")
+        entry, parsed = vtk.reference(""), slicer.vtkSlicerTerminologyEntry()
+        assert segment.GetTag(segment.GetTerminologyEntryTagName(), entry), key
+        assert slicer.modules.terminologies.logic().DeserializeTerminologyEntry(entry.get(), parsed), entry.get()
+        assert segment.GetName() == names[key] and parsed.type[2] and parsed.contextName == "UniversalSeg"
+    UniversalSeg.useStandardNames(seg, ["liver", "liver_tumor"])  # the option, on the backend's real tags
+    assert [seg.GetSegmentation().GetSegment(k).GetName() for k in ("liver", "liver_tumor")] == [
+        "Liver", "Neoplasm in Liver"]
 
 
 def test_new_classes_get_distinct_colours():
     colours = [wizard.distinct_color(i) for i in range(len(wizard.NEW_CLASS_COLORS))]
     assert len(set(colours)) == len(colours)
     assert wizard.distinct_color(len(colours)) == colours[0]
+
+
+# --- issue 24 scenarios ---------------------------------------------------------------------------------
+
+
+def _scenario_selftest_smoke():
+    import slicer
+
+    runner, installer = fake_runner(), FakeInstaller(torch=None, backend_version=None)
+    UniversalSeg = _load_module(runner, installer)
+    slicer.app.testing = True  # Slicer --testing, as ctest runs it
+    UniversalSeg.UniversalSegTest().runTest()
+    assert installer.calls == [] and runner.commands == [], (installer.calls, runner.commands)
+    assert slicer.util._log["pip_install"] == [] and "torch" not in sys.modules
+    assert "UniversalSeg" in slicer.modules.terminologies.logic().contexts
+    # asked for: the end-to-end tests run too (recorded here instead of run)
+    ran = []
+    for name in UniversalSeg.UniversalSegTest.FULL_TESTS:
+        setattr(UniversalSeg.UniversalSegTest, name, lambda self, n=name: ran.append(n))
+    os.environ[dependencies.FULL_SELFTEST_ENV] = "1"
+    UniversalSeg.UniversalSegTest().runTest()
+    assert ran == list(UniversalSeg.UniversalSegTest.FULL_TESTS)
+
+
+def _scenario_result_storage_and_update():
+    import numpy as np
+    import slicer
+
+    runner = fake_runner()
+    UniversalSeg = _load_module()
+    logic = UniversalSeg.UniversalSegLogic(runner=runner, installer=FakeInstaller())
+    volume, _study = _sample_volume_in_study()
+    seg = logic.segment(volume, classes=["liver", "liver_tumor"])
+    # Saving the scene: the Save dialog ticks nodes modified since read; a storage node must not point at
+    # the deleted temporary file (the data would be "saved" nowhere).
+    assert seg.GetModifiedSinceRead(), "the result would be left unticked in the Save dialog"
+    storage = seg.GetStorageNode()
+    assert storage is None or Path(storage.GetFileName()).exists(), storage.GetFileName()
+    for node in slicer.mrmlScene.nodes:
+        if node.IsA("vtkMRMLStorageNode"):
+            assert Path(node.GetFileName()).exists(), f"{node.GetID()} points at a deleted file"
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert seg.GetDisplayNode() is not None
+    # Update the previous result: same node, the re-segmented structures replaced, a manual segment kept
+    manual = np.zeros_like(seg.masks["liver"])
+    manual[1:3, 1:3, 1:3] = True
+    seg.addSegmentFromMask("manual", "my drawing", manual, seg.image)
+    old_liver = seg.masks["liver"].copy()
+    seg.masks["liver"][:] = False  # pretend the user erased it
+    again = logic.segment(volume, classes=["liver"], outputSegmentation=seg, standardNames=True)
+    assert again is seg and slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    ids = seg.GetSegmentation().GetSegmentIDs()
+    assert sorted(ids) == ["liver", "liver_tumor", "manual"] and (seg.masks["liver"] == old_liver).all()
+    # the fake backend's file has no terminology: names stay; a removed output node gives a new one
+    slicer.mrmlScene.RemoveNode(seg)
+    third = logic.segment(volume, classes=["aorta"], outputSegmentation=seg)
+    assert third is not seg and third.GetSegmentation().GetSegmentIDs() == ["aorta"]
+
+
+def _scenario_terminology_loaded():
+    import slicer
+    import vtk
+
+    from UniversalSegLib.registry import default_registry
+
+    UniversalSeg = _load_module()
+    parent = type("Parent", (), {"path": str(MODULE_DIR / "UniversalSeg.py")})()
+    UniversalSeg.UniversalSeg(parent)
+    assert ("startupCompleted()", UniversalSeg.loadTerminology) in slicer.app.connections
+    for _signal, slot in slicer.app.connections:  # Slicer has started
+        slot()
+    logic = slicer.modules.terminologies.logic()
+    context = logic.contexts["UniversalSeg"]
+    entry = slicer.vtkSlicerTerminologyEntry()
+    for info in default_registry().classes:  # each entry is read by Slicer and its type is in the context
+        assert logic.DeserializeTerminologyEntry(info.terminology_entry(), entry), info.terminology_entry()
+        category = next(c for c in context["SegmentationCodes"]["Category"] if c["CodeValue"] == entry.category[1])
+        assert any(t["CodeValue"] == entry.type[1] for t in category["Type"]), info.key
+    # standard names come from the segment's own tag (real vtkSegment::GetTag signature)
+    segment = slicer.vtkSegment("Left kidney", (1, 0, 0), {"TerminologyEntry":
+                                                            default_registry()["kidney_left"].terminology_entry()})
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    node.GetSegmentation().segments["kidney_left"] = segment
+    UniversalSeg.useStandardNames(node, ["kidney_left"])
+    assert segment.GetName() == "Kidney Left"
+    value = vtk.reference("")
+    assert segment.GetTag("TerminologyEntry", value) and value.get().startswith("UniversalSeg~")
+
+
+def _scenario_import_cancel():
+    import qt
+    import slicer
+
+    models = list(FAKE_MODELS)
+
+    def import_handler(args, env):
+        models.append({**FAKE_MODELS[0], "name": args[args.index("-o") + 1], "license": "CC BY-NC-ND 4.0"})
+        return FakeProcess([[("stdout", "model written")]])
+
+    runner = fake_runner(models=lambda a, e: FakeProcess([json_lines(models)]), **{"import-checkpoint": import_handler})
+    _sample_volume_in_study()
+    UniversalSeg, widget = _make_widget(runner, FakeInstaller())
+
+    def imports():
+        return [c for c in runner.commands if c[3] == "import-checkpoint"]
+
+    path = "/downloads/clip_driven_universal_swin_unetr.pth"
+    # Cancel on the backbone: the name is never asked, nothing is imported (PythonQt's static getItem would
+    # have returned "unet" and gone on)
+    qt.QFileDialog.answers, qt.QInputDialog.answers = [path], [None, "pub-swin"]
+    widget.ui.importModelButton.click()
+    assert imports() == [] and qt.QInputDialog.answers == ["pub-swin"]
+    qt.QFileDialog.answers, qt.QInputDialog.answers = [path], [True, None]  # Cancel on the name
+    widget.ui.importModelButton.click()
+    assert imports() == []
+    qt.QFileDialog.answers, qt.QInputDialog.answers = [path], [True, "pub-swin"]
+    slicer.util._answers[:] = [False]  # the licence is declined
+    widget.ui.importModelButton.click()
+    assert imports() == []
+    licence, details = slicer.util._log["confirm"][-1]
+    assert "CC BY-NC-ND 4.0" in licence and "non-commercial" in licence and "creativecommons.org" in details
+    qt.QFileDialog.answers, qt.QInputDialog.answers = [path], [True, "pub-swin"]
+    widget.ui.importModelButton.click()
+    assert imports()[-1][3:] == ["import-checkpoint", path, "--format", "clip-driven-universal", "--backbone",
+                                 "swinunetr", "-o", "pub-swin"]  # the backbone guessed from the file name
+    assert widget.currentModel() == "pub-swin"
+
+
+def _scenario_scene_close():
+    import slicer
+
+    runner = fake_runner()
+    _sample_volume_in_study()
+    UniversalSeg, widget = _make_widget(runner, FakeInstaller())
+    widget.ui.applyButton.click()
+    process_ = widget._run.job.process
+    slicer.mrmlScene.Clear(0)  # File > Close Scene while the run is going
+    for _ in range(10):
+        widget._timer.fire()
+    assert process_.killed and widget._run is None and not widget._timer.isActive()
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    assert widget.ui.applyButton.text == "Apply"
+    # from the console (no widget): a result whose volume has gone is not loaded
+    logic = UniversalSeg.UniversalSegLogic(runner=runner, installer=FakeInstaller())
+    volume, _study = _sample_volume_in_study()
+    run = logic.startSegmentation(volume, classes=["liver"])
+    slicer.mrmlScene.RemoveNode(volume)
+    try:
+        run.wait()
+        raise AssertionError("expected BackendError")
+    except UniversalSeg.BackendError as e:
+        assert "removed from the scene" in str(e)
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def _scenario_wizard_escape():
+    UniversalSeg = _load_module()
+    record: dict = {}
+    runner = fake_runner(extend=_extend_handler(record, outcome="hang"))
+    logic = UniversalSeg.UniversalSegLogic(runner=runner, installer=FakeInstaller())
+    import SimpleITK as sitk
+
+    volume, seg, _voxels = _scene_pair()
+    (_tmp() / "case").mkdir()
+    sitk.WriteImage(volume.image, str(_tmp() / "case" / "ct.nrrd"))
+    mask = sitk.GetImageFromArray(seg.masks["Segment_1"].astype("uint8"))
+    mask.CopyInformation(volume.image)
+    sitk.WriteImage(mask, str(_tmp() / "case" / "lumen.nrrd"))
+    case = UniversalSeg.TrainingCase(str(_tmp() / "case" / "ct.nrrd"), {"lumen": str(_tmp() / "case" / "lumen.nrrd")})
+    from UniversalSegModuleLib.wizard_dialog import AddClassesWizard
+
+    for close in ("pressEscape", "close"):  # Esc, and the title-bar X (QDialog::closeEvent)
+        finished = []
+        w = AddClassesWizard(logic, "demo", FAKE_MODELS, device="cpu", finishedCallback=finished.append)
+        w.show()
+        w.addClassRow(UniversalSeg.NewClass("lumen", "Lumen"))
+        w.folderCases.append(case)
+        w.outputNameEdit.setText(f"demo-{close}")
+        w.startButton.click()
+        run = w.run
+        assert run is not None and w.timer.isActive()
+        getattr(w.dialog, close)()
+        assert run.cancelled and run.job.process.killed and w.run is None and not w.timer.isActive()
+        assert finished == [w] and not (logic.modelsFolder() / f"demo-{close}").exists()
+        w.onClose()  # the Close button afterwards: nothing more happens
+        assert finished == [w]
+
+
+def _scenario_transformed_volume():
+    import slicer
+
+    UniversalSeg = _load_module()
+    logic = UniversalSeg.UniversalSegLogic(runner=fake_runner(), installer=FakeInstaller())
+    volume, _study = _sample_volume_in_study()
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    seg = logic.segment(volume, classes=["liver"])
+    assert slicer.util._log["exportNode"][-1]["world"] is False  # the voxels as stored ...
+    assert seg.GetTransformNodeID() == transform.GetID()  # ... and the result under the same transform
+    grid = seg.GetSegmentation().grids["liver"]  # on the volume's local grid: origin, spacing, axes
+    assert grid.GetOrigin() == pytest.approx(volume.image.GetOrigin())
+    assert grid.GetDirection() == pytest.approx(volume.image.GetDirection())
+    assert grid.GetSpacing() == pytest.approx(volume.image.GetSpacing())
+
+
+def _scenario_export_and_temp():
+    import datetime
+
+    import SimpleITK as sitk
+    import slicer
+
+    UniversalSeg = _load_module()
+    logic = UniversalSeg.UniversalSegLogic(runner=fake_runner(), installer=FakeInstaller())
+    volume, seg, voxels = _scene_pair()
+    case = logic.exportTrainingCase(volume, seg, {"Segment_1": "lumen"}, _tmp() / "case")
+    mask = sitk.ReadImage(case.masks["lumen"])
+    assert mask.GetSize() == volume.image.GetSize() and mask.GetOrigin() == volume.image.GetOrigin()
+    assert int(sitk.GetArrayViewFromImage(mask).astype(bool).sum()) == voxels
+    # two runs started within the same millisecond (tempDirectory's name resolution)
+    frozen = datetime.datetime(2026, 1, 2, 3, 4, 5, 6000)
+    slicer.util._now = lambda: frozen
+    first = logic.startSegmentation(volume, classes=["liver"])
+    second = logic.startSegmentation(volume, classes=["aorta"])
+    assert first.tempDir != second.tempDir
+    first.cancel()
+    assert (second.tempDir / "input.nrrd").exists(), "cancelling one run deleted the other's input"
+    second.wait()
+    assert second.segmentationNode.GetSegmentation().GetSegmentIDs() == ["aorta"]
+
+
+def _scenario_widget_output_selector():
+    import slicer
+
+    runner = fake_runner()
+    _sample_volume_in_study()
+    UniversalSeg, widget = _make_widget(runner, FakeInstaller())
+    ui = widget.ui
+    assert ui.outputSegmentationSelector.currentNode() is None  # "Create new segmentation"
+    ui.applyButton.click()
+    _pump(widget._timer)
+    first = ui.outputSegmentationSelector.currentNode()
+    assert first is not None and first.IsA("vtkMRMLSegmentationNode")
+    assert ui.segmentationShow3DButton.segmentationNode() is first and ui.segmentationShow3DButton.enabled
+    ui.useStandardSegmentNamesCheckBox.setChecked(True)
+    assert widget._parameterNode.useStandardSegmentNames is True
+    ui.applyButton.click()  # the next run updates the same node
+    assert widget._run.outputSegmentation is first and widget._run.standardNames is True
+    _pump(widget._timer)
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    ui.outputSegmentationSelector.setCurrentNode(None)  # back to "Create new segmentation"
+    ui.applyButton.click()
+    _pump(widget._timer)
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+    assert ui.outputSegmentationSelector.currentNode() is not first

@@ -19,7 +19,7 @@ from typing import Any
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import parameterNodeWrapper
@@ -31,12 +31,14 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 from UniversalSegModuleLib.backend import (
+    PUBLISHED_CHECKPOINT_LICENSE,
     BackendError,
     BackendJob,
     JobCancelled,
     ProgressEvent,
     SegmentStatistics,
     backend_command,
+    guess_backbone,
     import_checkpoint_args,
     load_statistics,
     output_path,
@@ -44,7 +46,14 @@ from UniversalSegModuleLib.backend import (
     run_json,
     statistics_output,
 )
-from UniversalSegModuleLib.classes import GROUP_TITLES, display_name, group_classes, matches, selection_summary
+from UniversalSegModuleLib.classes import (
+    GROUP_TITLES,
+    display_name,
+    group_classes,
+    matches,
+    selection_summary,
+    standard_segment_name,
+)
 from UniversalSegModuleLib.dependencies import (
     DependencyError,
     DependencyInstaller,
@@ -53,7 +62,9 @@ from UniversalSegModuleLib.dependencies import (
     bundled_backend_dir,
     bundled_backend_version,
     ensure_dependencies,
+    full_selftest_requested,
     plan_installation,
+    unique_temp_dir,
 )
 from UniversalSegModuleLib.process import ProcessRunner, SubprocessRunner
 from UniversalSegModuleLib.wizard import (
@@ -73,6 +84,8 @@ from UniversalSegModuleLib.wizard import (
 SETTINGS_PREFIX = "UniversalSeg/"
 GROUP_DATA_PREFIX = "group:"
 MODULE_DIR = Path(__file__).resolve().parent
+TERMINOLOGY_FILE = MODULE_DIR / "Resources" / "SegmentationCategoryTypeModifier-UniversalSeg.term.json"
+TERMINOLOGY_CONTEXT = "UniversalSeg"  # the context name of every segment's terminology entry
 
 
 #
@@ -105,6 +118,24 @@ data of TotalSegmentator (Wasserthal J. et al., Radiology: AI 2023; Apache-2.0).
 MONAI.
 """)
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", loadTerminology)
+
+
+def loadTerminology() -> str:
+    """Load our terminology context (every class's category, type and modifier codes, including those in
+    neither of Slicer's built-in lists), so the segment editor's terminology selector finds them.
+    Returns the context name ("" when Slicer could not load the file)."""
+    if not hasattr(slicer.modules, "terminologies") or not TERMINOLOGY_FILE.is_file():
+        return ""
+    name = slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(TERMINOLOGY_FILE))
+    if name != TERMINOLOGY_CONTEXT:
+        logging.warning(f"UniversalSeg: could not load the terminology {TERMINOLOGY_FILE}")
+    return name
+
+
+def _short(reason: str, limit: int = 90) -> str:
+    """A refusal reason short enough for a list entry (the tooltip has all of it)."""
+    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
 
 
 def sampleCtPath() -> Path | None:
@@ -136,11 +167,13 @@ def registerSampleData() -> None:
 
 @parameterNodeWrapper
 class UniversalSegParameterNode:
-    """Scene-saved choices. inputVolume and fast are bound to the GUI by connectGui; model and classes
+    """Scene-saved choices. Volume, output, options are bound to the GUI by connectGui; model and classes
     are synced by hand (there is no GUI connector for a checkable class tree)."""
 
     inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode  # None: a new node each run; else that node is updated
     fast: bool = False
+    useStandardSegmentNames: bool = False  # names from the terminology codes instead of the registry's
     model: str = ""
     classes: list[str]
 
@@ -190,6 +223,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelsFolderSelector.setCurrentPath(str(self.logic.modelsFolder()))
         self.ui.resultsTable.setHorizontalHeaderLabels(["Segment", "Volume (ml)", "Mean HU", "Confidence", "Note"])
         self.ui.progressBar.setVisible(False)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                                   self.ui.segmentationShow3DButton.setSegmentationNode)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -229,6 +264,10 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # A run's result belongs to the scene being closed: stop it rather than load it into the next one.
+        if self._run is not None:
+            self.addLog(_("The scene is closing: the running segmentation is cancelled."))
+            self.onCancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -273,7 +312,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.setEnabled(True)
 
     def setRunning(self, running: bool) -> None:
-        for widget in (self.ui.inputVolumeSelector, self.ui.modelSelector, self.ui.classTree,
+        for widget in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.modelSelector,
+                       self.ui.classTree,
                        self.ui.addClassesButton, self.ui.importModelButton, self.ui.updateBackendButton):
             widget.setEnabled(not running)
         self.ui.progressBar.setVisible(running)
@@ -301,13 +341,23 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(str(e))
             return
         wanted = (self._parameterNode.model if self._parameterNode else "") or self.logic.preferredModel()
-        self.ui.modelSelector.blockSignals(True)
-        self.ui.modelSelector.clear()
+        selector = self.ui.modelSelector
+        selector.blockSignals(True)
+        selector.clear()
+        usable = []
         for m in self._models:
-            self.ui.modelSelector.addItem(f"{m['name']} (v{m['version']})", m["name"])
-        index = self.ui.modelSelector.findData(wanted)
-        self.ui.modelSelector.setCurrentIndex(index if index >= 0 else 0)
-        self.ui.modelSelector.blockSignals(False)
+            if m.get("refused"):  # failed the backend's checks (tampered, old, unsafe): listed, greyed out
+                selector.addItem(_("{name} (refused: {reason})").format(name=m["name"], reason=_short(m["refused"])),
+                                 None)
+                index = selector.count - 1
+                selector.setItemData(index, 0, qt.Qt.UserRole - 1)  # the item's flags (QStandardItemModel): disabled
+                selector.setItemData(index, m["refused"], qt.Qt.ToolTipRole)
+            else:
+                selector.addItem(f"{m['name']} (v{m['version']})", m["name"])
+                usable.append(m["name"])
+        index = selector.findData(wanted if wanted in usable else (usable[0] if usable else ""))
+        selector.setCurrentIndex(index)
+        selector.blockSignals(False)
         self.onModelChanged()
 
     def currentModel(self) -> str | None:
@@ -318,7 +368,9 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         name = self.currentModel()
         model = next((m for m in self._models if m["name"] == name), None)
         if model is None:
-            self.ui.modelInfoLabel.setText(_("No model"))
+            refused = sum(1 for m in self._models if m.get("refused"))
+            self.ui.modelInfoLabel.setText(_("No usable model: {count} refused (the list says why)").format(
+                count=refused) if refused else _("No model"))
             self.populateClassTree([])
             return
         self.ui.modelInfoLabel.setText(_("{classes} classes, {backbone} backbone. License: {license}").format(
@@ -451,7 +503,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run = self.logic.startSegmentation(
                 volume, classes=None if len(classes) == len(self._classes) else classes, device=self.currentDevice(),
                 model=self.currentModel(), fast=self._parameterNode.fast, progressCallback=self.onProgress,
-                logCallback=self.addLog)
+                logCallback=self.addLog, outputSegmentation=self._parameterNode.outputSegmentation,
+                standardNames=self._parameterNode.useStandardSegmentNames)
             self.setRunning(True)
             self._timer.start()
 
@@ -480,6 +533,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if run.segmentationNode is not None:
             self.addLog(_("Done: {count} segments in {name}.").format(
                 count=len(run.statistics), name=run.segmentationNode.GetName()))
+            if self._parameterNode:  # the next run updates this node unless "Create new" is chosen
+                self._parameterNode.outputSegmentation = run.segmentationNode
             self.showStatistics(run.statistics)
         elif run.cancelled:
             self.addLog(_("Cancelled; nothing was added to the scene."))
@@ -522,17 +577,25 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.refreshModels()
 
     def onImportModelButton(self) -> None:
+        """File, backbone, name, then the checkpoint's licence: Cancel at any step imports nothing."""
         path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Import a Universal Model checkpoint"), "",
                                               _("PyTorch checkpoints (*.pth *.pt *.ckpt);;All files (*)"))
         if not path:
             return
-        backbone = qt.QInputDialog.getItem(slicer.util.mainWindow(), _("Import model"),
-                                           _("Backbone of this checkpoint:"), ["unet", "swinunetr"], 0, False)
+        backbone = self.askBackbone(path)
         if not backbone:
             return
         name = qt.QInputDialog.getText(slicer.util.mainWindow(), _("Import model"), _("Name of the imported model:"),
                                        qt.QLineEdit.Normal, f"universal-{backbone}")
         if not name:
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+                _("The published Universal Model checkpoints are licensed {license}. Import {file} for your own "
+                  "non-commercial use only, and do not share the imported model.").format(
+                    license=PUBLISHED_CHECKPOINT_LICENSE, file=Path(path).name),
+                _("UniversalSeg - checkpoint licence"),
+                detailedText=_("Creative Commons Attribution-NonCommercial-NoDerivatives 4.0 International: "
+                               "https://creativecommons.org/licenses/by-nc-nd/4.0/")):
             return
         with slicer.util.tryWithErrorDisplay(_("The checkpoint could not be imported."), waitCursor=True):
             self.logic.setupPythonRequirements(askConfirmation=True)
@@ -545,6 +608,20 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.infoDisplay(_("Imported {name}. Mind its license, shown under the model selector.").format(
                 name=imported))
 
+    def askBackbone(self, path: str) -> str | None:
+        """The backbone of a checkpoint (guessed from its file name), or None on Cancel. A dialog object is
+        used because PythonQt's static QInputDialog.getItem returns the current item on Cancel."""
+        backbones = ["unet", "swinunetr"]
+        dialog = qt.QInputDialog(slicer.util.mainWindow())
+        dialog.setWindowTitle(_("Import model"))
+        dialog.setLabelText(_("Backbone of this checkpoint:"))
+        dialog.setComboBoxItems(backbones)
+        dialog.setComboBoxEditable(False)
+        dialog.setTextValue(guess_backbone(path) or backbones[0])
+        if dialog.exec_() != qt.QDialog.Accepted:
+            return None
+        return dialog.textValue() or None
+
     def onAddClassesButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("The add-classes wizard could not start."), waitCursor=True):
             self.logic.setupPythonRequirements(askConfirmation=True)
@@ -552,7 +629,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.refreshModels()
         from UniversalSegModuleLib.wizard_dialog import AddClassesWizard
 
-        self._wizard = AddClassesWizard(self.logic, baseModel=self.currentModel(), models=self._models,
+        usable = [m for m in self._models if not m.get("refused")]
+        self._wizard = AddClassesWizard(self.logic, baseModel=self.currentModel(), models=usable,
                                         device=self.currentDevice(), parent=slicer.util.mainWindow(),
                                         finishedCallback=self.onWizardFinished)
         self._wizard.show()
@@ -647,21 +725,24 @@ class SegmentationRun(_Run):
     """One segmentation in progress; `segmentationNode` is set once the result is in the scene."""
 
     def __init__(self, logic: UniversalSegLogic, job: BackendJob, tempDir: Path, volumeNode, model: str | None,
-                 completedCallback=None):
+                 completedCallback=None, outputSegmentation=None, standardNames: bool = False):
         super().__init__(job, tempDir, completedCallback)
         self.logic = logic
         self.volumeNode = volumeNode
         self.model = model
+        self.outputSegmentation = outputSegmentation
+        self.standardNames = standardNames
         self.segmentationNode = None
         self.statistics: list[SegmentStatistics] = []
 
     def _collect(self, result: dict[str, Any]) -> None:
-        self.segmentationNode, self.statistics = self.logic.loadResults(result, self.volumeNode, self.model)
+        self.segmentationNode, self.statistics = self.logic.loadResults(
+            result, self.volumeNode, self.model, self.outputSegmentation, self.standardNames)
 
     def _discard(self) -> None:
-        if self.segmentationNode is not None:
+        if self.segmentationNode is not None and self.segmentationNode is not self.outputSegmentation:
             slicer.mrmlScene.RemoveNode(self.segmentationNode)
-            self.segmentationNode = None
+        self.segmentationNode = None
 
 
 class AddClassesRun(_Run):
@@ -695,6 +776,45 @@ class AddClassesRun(_Run):
         if self.outputDir.parent.is_dir():
             for leftover in self.outputDir.parent.glob(f".{self.outputDir.name}.*"):
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def copySegments(source, target) -> list[str]:
+    """Put the segments of node `source` into node `target`, overlaps kept; returns their ids. A segment of
+    `target` with the same id (a previous result) is replaced; its other segments are kept."""
+    sourceSegmentation, targetSegmentation = source.GetSegmentation(), target.GetSegmentation()
+    segmentIds = [sourceSegmentation.GetNthSegmentID(i) for i in range(sourceSegmentation.GetNumberOfSegments())]
+    if targetSegmentation.GetNumberOfSegments() == 0:
+        targetSegmentation.DeepCopy(sourceSegmentation)  # keeps the shared layers: no copy per segment
+        return segmentIds
+    for segmentId in segmentIds:
+        if targetSegmentation.GetSegment(segmentId) is not None:
+            targetSegmentation.RemoveSegment(segmentId)
+        targetSegmentation.CopySegmentFromSegmentation(sourceSegmentation, segmentId)
+    targetSegmentation.CollapseBinaryLabelmaps(False)  # repack layers, overlaps kept
+    return segmentIds
+
+
+def useStandardNames(segmentationNode, segmentIds: Sequence[str]) -> None:
+    """Rename segments after their terminology codes (e.g. "Kidney Left"), as TotalSegmentator's option does."""
+    segmentation = segmentationNode.GetSegmentation()
+    for segmentId in segmentIds:
+        segment = segmentation.GetSegment(segmentId)
+        entry = vtk.reference("")
+        if segment is not None and segment.GetTag(segment.GetTerminologyEntryTagName(), entry):
+            name = standard_segment_name(entry.get())
+            if name:
+                segment.SetName(name)
+
+
+def removeWithStorage(node) -> None:
+    """Remove a node with its storage and display nodes."""
+    if node is None:
+        return
+    attached = [node.GetStorageNode(), node.GetDisplayNode()]
+    slicer.mrmlScene.RemoveNode(node)
+    for other in attached:
+        if other is not None:
+            slicer.mrmlScene.RemoveNode(other)
 
 
 class UniversalSegLogic(ScriptedLoadableModuleLogic):
@@ -825,7 +945,8 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
         self._classes = {}
 
     def listModels(self, refresh: bool = False) -> list[dict[str, Any]]:
-        """Installed models (user folder, then bundled): name, version, classes, backbone, license, path."""
+        """Installed models (user folder, then bundled): name, version, classes, backbone, license, path;
+        a model the backend refused has only name, path and "refused" (the reason)."""
         if self._models is None or refresh:
             self.ensureDependencies(interactive=False)
             self._models = list(run_json(self.runner, self.backendCommand("models", "--json"),
@@ -856,60 +977,91 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
                           progressCallback: Callable[[ProgressEvent], None] | None = None,
                           logCallback: Callable[[str], None] | None = None,
                           completedCallback: Callable[[SegmentationRun], None] | None = None,
-                          interactive: bool = False) -> SegmentationRun:
+                          interactive: bool = False, outputSegmentation=None,
+                          standardNames: bool = False) -> SegmentationRun:
         """Start segmenting in the background and return at once; call `run.step()` (e.g. from a
-        QTimer) until it returns True, then read `run.segmentationNode`, or `run.cancel()`."""
+        QTimer) until it returns True, then read `run.segmentationNode`, or `run.cancel()`.
+
+        Args:
+            outputSegmentation: a segmentation node to update (its segments are replaced by the result's,
+                same ids, others kept); None creates a new node.
+            standardNames: name segments from their terminology codes instead of the registry's names.
+        """
         if volumeNode is None:
             raise ValueError("no input volume")
         self.ensureDependencies(interactive)
-        tempDir = Path(slicer.util.tempDirectory("UniversalSeg"))
+        tempDir = unique_temp_dir("UniversalSeg")
         try:
             inputPath = tempDir / "input.nrrd"
-            if not slicer.util.exportNode(volumeNode, str(inputPath)):
+            # Local coordinates: the voxels as stored, not resampled; the result is placed under the
+            # volume's transform (loadResults), so it overlays the volume wherever the transform puts it.
+            if not slicer.util.exportNode(volumeNode, str(inputPath), world=False):
                 raise RuntimeError(f"could not export {volumeNode.GetName()} for the backend")
             args = predict_args(inputPath, tempDir / "output", model=model, classes=classes, device=device, fast=fast)
             job = self._startJob(args, progressCallback, logCallback, cleanup=[tempDir])
         except BaseException:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
-        return SegmentationRun(self, job, tempDir, volumeNode, model, completedCallback)
+        return SegmentationRun(self, job, tempDir, volumeNode, model, completedCallback, outputSegmentation,
+                               standardNames)
 
     def segment(self, volumeNode, classes: str | Sequence[str] | None = None, device: str = "auto",
                 model: str | None = None, fast: bool = False,
                 progressCallback: Callable[[ProgressEvent], None] | None = None,
-                logCallback: Callable[[str], None] | None = None, interactive: bool = False):
-        """Segment `volumeNode` and return the new segmentation node (one segment per class, overlaps kept).
+                logCallback: Callable[[str], None] | None = None, interactive: bool = False,
+                outputSegmentation=None, standardNames: bool = False):
+        """Segment `volumeNode` and return the segmentation node (one segment per class, overlaps kept).
 
-        classes: class keys, names or synonyms, or one such string (None: all the model's classes). The app stays
-        responsive while waiting. Raises BackendError with the backend's message on failure."""
+        classes: class keys, names or synonyms, or one such string (None: all classes of the model).
+        outputSegmentation: a node to update instead of creating one. The application stays responsive
+        while waiting. Raises BackendError with the backend's message on failure."""
         run = self.startSegmentation(volumeNode, classes, device, model, fast, progressCallback, logCallback,
-                                     interactive=interactive)
+                                     interactive=interactive, outputSegmentation=outputSegmentation,
+                                     standardNames=standardNames)
         run.wait(idle=slicer.app.processEvents)
         self.lastStatistics = run.statistics
         return run.segmentationNode
 
-    def loadResults(self, result: Mapping[str, Any], volumeNode, model: str | None):
-        """Load the backend's .seg.nrrd as one segmentation node next to the volume, plus its statistics."""
+    def loadResults(self, result: Mapping[str, Any], volumeNode, model: str | None, outputSegmentation=None,
+                    standardNames: bool = False):
+        """Put the backend's .seg.nrrd into `outputSegmentation` (or a new node next to the volume), plus
+        its statistics. The file is read into a scratch node that is removed with its storage node: the
+        temporary file is deleted after loading, and a node that still pointed at it would look saved
+        ("not modified since read") to the Save dialog and be lost on scene save."""
+        if not slicer.mrmlScene.IsNodePresent(volumeNode):
+            raise BackendError("the input volume was removed from the scene while segmenting")
         segPath = output_path(result, "seg.nrrd")
         statsPath = statistics_output(result)
         statistics = load_statistics(statsPath) if statsPath else []
-        name = slicer.mrmlScene.GenerateUniqueName(f"{volumeNode.GetName()} UniversalSeg")
-        segmentationNode = slicer.util.loadSegmentation(str(segPath), {"name": name})
-        if not segmentationNode:
+        scratchName = slicer.mrmlScene.GenerateUniqueName("UniversalSeg result")
+        loaded = slicer.util.loadSegmentation(str(segPath), {"name": scratchName})
+        if not loaded:
             raise BackendError(f"Slicer could not load {segPath}")
+        created = outputSegmentation is None or not slicer.mrmlScene.IsNodePresent(outputSegmentation)
+        target = outputSegmentation
         try:
-            segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
-                                                volumeNode.GetID())
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+            if created:
+                name = slicer.mrmlScene.GenerateUniqueName(f"{volumeNode.GetName()} UniversalSeg")
+                target = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+                target.CreateDefaultDisplayNodes()
+            segmentIds = copySegments(loaded, target)
+            if standardNames:
+                useStandardNames(target, segmentIds)
+            target.SetNodeReferenceID(target.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID())
+            target.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+            target.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
             shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-            shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode),
+            shNode.SetItemParent(shNode.GetItemByDataNode(target),
                                  shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode)))
-            segmentationNode.SetAttribute("UniversalSeg.Model", model or "")
-            segmentationNode.SetAttribute("UniversalSeg.Statistics", json.dumps([s.__dict__ for s in statistics]))
+            target.SetAttribute("UniversalSeg.Model", model or "")
+            target.SetAttribute("UniversalSeg.Statistics", json.dumps([s.__dict__ for s in statistics]))
         except Exception:
-            slicer.mrmlScene.RemoveNode(segmentationNode)
+            if created and target is not None:
+                slicer.mrmlScene.RemoveNode(target)
             raise
-        return segmentationNode, statistics
+        finally:
+            removeWithStorage(loaded)
+        return target, statistics
 
     # --- models: import and extend ---------------------------------------------------------------
 
@@ -938,8 +1090,9 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
             try:
                 ids = vtk.vtkStringArray()
                 ids.InsertNextValue(segmentId)
+                # the volume's whole grid: by default Slicer crops the labelmap to the segment's extent
                 if not slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(
-                        segmentationNode, ids, labelmap, volumeNode):
+                        segmentationNode, ids, labelmap, volumeNode, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
                     raise RuntimeError(f"could not export segment {segmentId} of {segmentationNode.GetName()}")
                 path = folder / f"{key}.nrrd"
                 if not slicer.util.exportNode(labelmap, str(path)):
@@ -966,7 +1119,7 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
         errors = self.validateAddClasses(newClasses, cases, settings)
         if errors:
             raise ValueError("\n".join(errors))
-        tempDir = Path(tempDir or slicer.util.tempDirectory("UniversalSegExtend"))
+        tempDir = Path(tempDir or unique_temp_dir("UniversalSegExtend"))
         outputDir = self.modelsFolder() / settings.output_name
         try:
             data = write_training_folder(cases, tempDir / "data")
@@ -992,10 +1145,10 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
         Returns the finished AddClassesRun: .modelPath (the new model folder) and .report (Dice, retention).
         """
         classes = [c if isinstance(c, NewClass) else NewClass.from_dict(c) for c in newClasses]
-        baseModel = baseModel or (self.listModels()[0]["name"] if self.listModels() else "")
+        baseModel = baseModel or next((m["name"] for m in self.listModels() if not m.get("refused")), "")
         outputName = outputName or f"{baseModel}-plus-{'-'.join(c.key for c in classes)}"
         settings = TrainingSettings(baseModel, outputName, epochs, timeBudgetMinutes, train, device)
-        tempDir = Path(slicer.util.tempDirectory("UniversalSegExtend"))
+        tempDir = unique_temp_dir("UniversalSegExtend")
         try:
             cases = [item if isinstance(item, TrainingCase)
                      else self.exportTrainingCase(item[0], item[1], item[2], tempDir / f"case{i:03d}")
@@ -1014,11 +1167,39 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
 
 
 class UniversalSegTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (`Slicer --no-main-window --testing --python-code "..."` or the Reload & Test
-    button): segments the bundled sample CT end to end with the installed default model."""
+    """Runs inside Slicer (ctest, `Slicer --no-main-window --testing --python-code "..."` or the Reload &
+    Test button). By default a smoke test: no network, no torch, no install (the extension build machines
+    run it). With UNIVERSALSEG_FULL_SELFTEST=1 it also installs what is missing and segments the bundled
+    sample CT end to end with the installed default model."""
+
+    SMOKE_TESTS = ("test_smoke_module_files", "test_smoke_terminology")
+    FULL_TESTS = ("test_segment_sample_end_to_end", "test_cancel_leaves_nothing", "test_wizard_validation")
+
+    def runTest(self):
+        names = self.SMOKE_TESTS + (self.FULL_TESTS if full_selftest_requested() else ())
+        for name in names:
+            self.setUp()
+            getattr(self, name)()
+        if not full_selftest_requested():
+            logging.info("UniversalSeg: set UNIVERSALSEG_FULL_SELFTEST=1 to run the end-to-end self-test")
 
     def setUp(self):
         slicer.mrmlScene.Clear()
+
+    def test_smoke_module_files(self):
+        for path in (MODULE_DIR / "Resources" / "UI" / "UniversalSeg.ui", MODULE_DIR / "Resources" / "Icons" /
+                     "UniversalSeg.png", TERMINOLOGY_FILE):
+            self.assertTrue(path.is_file(), path)
+        backend = bundled_backend_dir(MODULE_DIR)
+        self.assertIsNotNone(backend, "the bundled backend is missing")
+        self.assertTrue(bundled_backend_version(backend))
+        self.assertIsNotNone(sampleCtPath(), "the bundled sample CT is missing")
+        logic = UniversalSegLogic()
+        self.assertIn("Backend", logic.backendStatus())
+        self.assertIn("--progress-json", logic.backendCommand(*predict_args("in.nrrd", "out")))
+
+    def test_smoke_terminology(self):
+        self.assertEqual(loadTerminology(), TERMINOLOGY_CONTEXT)
 
     def _sampleVolume(self):
         path = sampleCtPath()
@@ -1029,8 +1210,8 @@ class UniversalSegTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Segmenting the bundled sample CT")
         logic = UniversalSegLogic()
         logic.setupPythonRequirements(askConfirmation=False)
-        models = logic.listModels()
-        self.assertTrue(models, "no model installed")
+        models = [m for m in logic.listModels() if not m.get("refused")]
+        self.assertTrue(models, "no usable model installed")
         keys = [c["key"] for c in logic.listClasses(models[0]["name"])]
         wanted = [k for k in ("liver", "spleen", "kidney_left", "kidney_right") if k in keys] or keys[:2]
         volume = self._sampleVolume()

@@ -16,10 +16,12 @@ EXIT_USER_ERROR = 2
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from UniversalSegLib.store import find_model, read_manifest_checked
+    from UniversalSegLib.store import check_model, find_model
+    from UniversalSegLib.store.lineage import summary
 
-    manifest = read_manifest_checked(find_model(args.model))
-    print(json.dumps(manifest.to_dict(), indent=1))
+    manifest = check_model(find_model(args.model))
+    # "lineage" is derived from the manifest for reading (parents, sources), not stored in it
+    print(json.dumps({**manifest.to_dict(), "lineage": summary(manifest)}, indent=1))
     return 0
 
 
@@ -37,15 +39,35 @@ def _cmd_classes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_models(args: argparse.Namespace) -> int:
-    from UniversalSegLib.store import list_models
+def _model_rows() -> list[dict]:
+    """One row per installed model folder, each fully checked; a refused one says why ("refused")."""
+    from UniversalSegLib.store import scan_models
 
-    rows = [{"name": m.name, "version": m.version, "classes": len(m.classes), "backbone": m.backbone,
-             "license": m.license, "path": str(p)} for p, m in list_models()]
+    rows, seen = [], set()
+    for e in scan_models(check_weights=True):
+        m = e.manifest
+        row = {"name": m.name if m else e.path.name, "path": str(e.path)}
+        if m:
+            row.update(version=m.version, classes=len(m.classes), backbone=m.backbone, license=m.license,
+                       integrity_sha256=m.integrity_sha256)
+        else:
+            row["refused"] = str(e.refused).removeprefix(f"{e.path}: ")
+        if row["name"] in seen and "refused" not in row:  # a user model of that name comes first
+            row["refused"] = "shadowed by the user model folder's model of the same name"
+        seen.add(row["name"])
+        rows.append(row)
+    return rows
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    rows = _model_rows()
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     for r in rows:
+        if "refused" in r:
+            print(f"{r['name']:28} REFUSED: {r['refused']}  ({r['path']})")
+            continue
         print(f"{r['name']:28} v{r['version']:8} {r['classes']:4d} classes  {r['backbone']:10} "
               f"license: {r['license']}  ({r['path']})")
     return 0
@@ -56,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Universal CT segmentation (CLIP-driven Universal Model).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="print a model's manifest")
+    p = sub.add_parser("info", help="print a model's manifest (after checking it) and its lineage")
     p.add_argument("model", nargs="?", default=None, help="model name or folder (default: the bundled model)")
     p.set_defaults(func=_cmd_info)
 
@@ -66,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_classes)
 
-    p = sub.add_parser("models", help="list installed models (user folder and bundled)")
+    p = sub.add_parser("models", help="list installed models (user folder and bundled), refused ones with the reason")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_models)
 
@@ -83,6 +105,7 @@ EXTRA_COMMANDS: list[tuple[str, str]] = [
     ("UniversalSegLib.train.cli", "register"),
     ("UniversalSegLib.continual.command", "register_cli"),
     ("UniversalSegLib.importers.command", "register_cli"),
+    ("UniversalSegLib.store.command", "register_cli"),
 ]
 
 

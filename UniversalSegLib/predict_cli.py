@@ -38,23 +38,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fast", action="store_true", help="fewer windows (overlap 0.25) and, on CPUs with native "
                    "bfloat16, a bfloat16 backbone: 2-5x faster, slightly rougher borders")
     p.add_argument("--allow-non-ct", action="store_true", help="segment an image that does not look like CT")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="DICOM folder with several series: the SeriesInstanceUID to segment (default: the CT "
+                        "series with the most slices; a warning names it)")
     p.add_argument("--progress-json", action="store_true",
                    help="print progress as JSON lines on stdout instead of a progress bar")
     p.set_defaults(func=run_predict)
 
 
-def dicom_source(input_path: Path) -> bool:
-    from UniversalSegLib.io import dicom_source_files
+def _formats(arg: str | None, image) -> list[str]:
+    """The formats to write; dicom-seg is checked against the source now, before the model runs.
 
-    return bool(dicom_source_files(input_path))
+    Asked for (--formats) and impossible: refused. Only a default: dropped with a one-line warning.
+    """
+    from UniversalSegLib.errors import InputError
+    from UniversalSegLib.io import dicom_source_files, parse_formats
+    from UniversalSegLib.io.writers import dicom_seg_refusal
 
-
-def _formats(arg: str | None, input_path: Path) -> list[str]:
-    from UniversalSegLib.io import parse_formats
-
+    sources = dicom_source_files(image)
     if arg is not None:
-        return parse_formats(arg)
-    return [*CLI_DEFAULT_FORMATS, *(["dicom-seg"] if dicom_source(input_path) else [])]
+        formats = parse_formats(arg)
+        refusal = dicom_seg_refusal(sources) if "dicom-seg" in formats else None
+        if refusal:
+            raise InputError(refusal)
+        return formats
+    if not sources:
+        return list(CLI_DEFAULT_FORMATS)
+    refusal = dicom_seg_refusal(sources)
+    if refusal:
+        _warn(f"{refusal}; writing {', '.join(CLI_DEFAULT_FORMATS)} without it")
+        return list(CLI_DEFAULT_FORMATS)
+    return [*CLI_DEFAULT_FORMATS, "dicom-seg"]
+
+
+def _warn(message: str) -> None:
+    print(f"universalseg: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _read_with_one_line_warnings(path: Path, allow_non_ct: bool, series_uid: str | None):
+    """read_image, its warnings (which series was used, a filled slice, non-CT) each on one line."""
+    from UniversalSegLib.io import read_image
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        image = read_image(path, allow_non_ct=allow_non_ct, series_uid=series_uid)
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            _warn(str(w.message))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return image
 
 
 def _json_progress(fraction: float, message: str) -> None:
@@ -90,27 +123,26 @@ def _remove_new(outdir: Path, existed: bool, before: set[str]) -> None:
 
 
 def _check_model_and_classes(model: str | None, classes: list[str] | None) -> None:
-    """Unknown model or class names fail here, before the (slow) run starts."""
+    """Unknown model or class names, and a refused model (store.check_model), fail here, before the run starts."""
     from UniversalSegLib.inference.predict import needed_classes
-    from UniversalSegLib.store import find_model, read_manifest
+    from UniversalSegLib.store import check_model, find_model
 
-    needed_classes(read_manifest(find_model(model)), classes)
+    needed_classes(check_model(find_model(model)), classes)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     from UniversalSegLib.errors import InputError
     from UniversalSegLib.inference.predict import predict, resolve_device
-    from UniversalSegLib.io import NonCTWarning, read_image, write_outputs
+    from UniversalSegLib.io import NonCTWarning, write_outputs
     from UniversalSegLib.io.destination import check_destination, output_size_bound
 
     input_path, outdir = Path(args.input).expanduser(), Path(args.output).expanduser()
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"output {outdir} exists and is not a folder")
-    image = read_image(input_path, allow_non_ct=args.allow_non_ct)  # every input check, before any output
+    # every input check, before any output
+    image = _read_with_one_line_warnings(input_path, args.allow_non_ct, args.series)
     check_destination(outdir, output_size_bound(image))  # writable, room enough: before the model runs
-    formats = _formats(args.formats, input_path)
-    if "dicom-seg" in formats and not dicom_source(input_path):
-        raise InputError("DICOM SEG output (dicom-seg) needs a DICOM series as input; choose other formats")
+    formats = _formats(args.formats, image)
     resolve_device(args.device)
     _check_model_and_classes(args.model, args.classes)
     existed = outdir.exists()

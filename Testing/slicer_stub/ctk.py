@@ -6,6 +6,8 @@ import qt
 
 
 class ctkCollapsibleButton(qt.QWidget):
+    """Mimics CTK Libs/Widgets/ctkCollapsibleButton (text, collapsed)."""
+
     def __init__(self, parent=None):
         super().__init__(parent)
         self.text = ""
@@ -13,6 +15,8 @@ class ctkCollapsibleButton(qt.QWidget):
 
 
 class ctkPathLineEdit(qt.QWidget):
+    """Mimics CTK Libs/Widgets/ctkPathLineEdit (currentPath, currentPathChanged)."""
+
     SIGNALS = ("currentPathChanged(QString)",)
 
     def __init__(self, parent=None):
@@ -29,6 +33,8 @@ class ctkPathLineEdit(qt.QWidget):
 
 
 class ctkColorPickerButton(qt.QWidget):
+    """Mimics CTK Libs/Widgets/ctkColorPickerButton (color, colorChanged)."""
+
     SIGNALS = ("colorChanged(QColor)",)
 
     def __init__(self, parent=None):

@@ -30,6 +30,8 @@ class Signal:
 
 
 class QObject:
+    """Mimics Qt 5's QObject as PythonQt wraps it (qt.QObject)."""
+
     SIGNALS: tuple[str, ...] = ()
 
     def __init__(self, *args, **kwargs):
@@ -61,6 +63,8 @@ class QObject:
 
 
 class QWidget(QObject):
+    """Mimics Qt 5's QWidget as PythonQt wraps it (qt.QWidget)."""
+
     def __init__(self, parent=None, *args):
         super().__init__()
         self._enabled = True
@@ -112,6 +116,8 @@ class QWidget(QObject):
 
 
 class QLabel(QWidget):
+    """Mimics Qt 5's QLabel as PythonQt wraps it (qt.QLabel)."""
+
     def __init__(self, text: str = "", parent=None):
         super().__init__(parent)
         self._text = str(text)
@@ -130,6 +136,8 @@ class QLabel(QWidget):
 
 
 class QPushButton(QWidget):
+    """Mimics Qt 5's QPushButton as PythonQt wraps it (qt.QPushButton)."""
+
     SIGNALS = ("clicked(bool)", "clicked()", "toggled(bool)")
 
     def __init__(self, text: str = "", parent=None):
@@ -148,6 +156,8 @@ class QPushButton(QWidget):
 
 
 class QCheckBox(QPushButton):
+    """Mimics Qt 5's QCheckBox as PythonQt wraps it (qt.QCheckBox)."""
+
     def __init__(self, text: str = "", parent=None):
         super().__init__(text, parent)
         self._checked = False
@@ -161,6 +171,8 @@ class QCheckBox(QPushButton):
 
 
 class QLineEdit(QWidget):
+    """Mimics Qt 5's QLineEdit as PythonQt wraps it (qt.QLineEdit)."""
+
     SIGNALS = ("textChanged(QString)", "textEdited(QString)")
     Normal = 0
 
@@ -192,11 +204,14 @@ class QLineEdit(QWidget):
 
 
 class QComboBox(QWidget):
+    """Mimics Qt 5's QComboBox as PythonQt wraps it (qt.QComboBox)."""
+
     SIGNALS = ("currentIndexChanged(int)", "currentTextChanged(QString)")
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self._items: list[tuple[str, object]] = []
+        self._roles: dict[tuple[int, int], object] = {}
         self._index = -1
 
     count = property(lambda self: len(self._items))
@@ -209,11 +224,24 @@ class QComboBox(QWidget):
             self.setCurrentIndex(0)
 
     def clear(self) -> None:
-        self._items = []
+        self._items, self._roles = [], {}
         self.setCurrentIndex(-1)
 
-    def itemData(self, index: int):
-        return self._items[index][1] if 0 <= index < len(self._items) else None
+    def itemData(self, index: int, role: int = 256):  # Qt.UserRole
+        if not 0 <= index < len(self._items):
+            return None
+        return self._items[index][1] if role == Qt.UserRole else self._roles.get((index, role))
+
+    def setItemData(self, index: int, value, role: int = 256) -> None:
+        if role == Qt.UserRole:
+            self._items[index] = (self._items[index][0], value)
+        else:  # e.g. Qt.ToolTipRole, or Qt.UserRole - 1: the item's flags in Qt's QStandardItemModel
+            self._roles[(index, role)] = value
+
+    def isItemEnabled(self, index: int) -> bool:
+        """Stub-only: what Qt shows greyed out (flags without ItemIsEnabled set through role UserRole - 1)."""
+        flags = self._roles.get((index, Qt.UserRole - 1))
+        return flags is None or bool(flags & Qt.ItemIsEnabled)
 
     def itemText(self, index: int) -> str:
         return self._items[index][0] if 0 <= index < len(self._items) else ""
@@ -230,6 +258,8 @@ class QComboBox(QWidget):
 
 
 class QSpinBox(QWidget):
+    """Mimics Qt 5's QSpinBox as PythonQt wraps it (qt.QSpinBox)."""
+
     SIGNALS = ("valueChanged(int)",)
 
     def __init__(self, parent=None):
@@ -250,12 +280,16 @@ class QSpinBox(QWidget):
 
 
 class QDoubleSpinBox(QSpinBox):
+    """Mimics Qt 5's QDoubleSpinBox as PythonQt wraps it (qt.QDoubleSpinBox)."""
+
     def __init__(self, parent=None):
         super().__init__(parent)
         self._value = 0.0
 
 
 class QProgressBar(QWidget):
+    """Mimics Qt 5's QProgressBar as PythonQt wraps it (qt.QProgressBar)."""
+
     def __init__(self, parent=None):
         super().__init__(parent)
         self._value = 0
@@ -276,6 +310,8 @@ class QProgressBar(QWidget):
 
 
 class QPlainTextEdit(QWidget):
+    """Mimics Qt 5's QPlainTextEdit as PythonQt wraps it (qt.QPlainTextEdit)."""
+
     def __init__(self, parent=None):
         super().__init__(parent)
         self.lines: list[str] = []
@@ -294,14 +330,19 @@ class QPlainTextEdit(QWidget):
 
 
 class Qt:
+    """Mimics the Qt namespace enums PythonQt exposes as qt.Qt."""
+
     Unchecked, PartiallyChecked, Checked = 0, 1, 2
     UserRole = 256
+    ToolTipRole = 3
     ItemIsUserCheckable = 16
     ItemIsEnabled = 32
     WaitCursor = 16
 
 
 class QTreeWidgetItem:
+    """Mimics Qt 5's QTreeWidgetItem as PythonQt wraps it (qt.QTreeWidgetItem)."""
+
     def __init__(self, parent=None):
         self._text: dict[int, str] = {}
         self._data: dict[tuple[int, int], object] = {}
@@ -366,6 +407,8 @@ class QTreeWidgetItem:
 
 
 class QTreeWidget(QWidget):
+    """Mimics Qt 5's QTreeWidget as PythonQt wraps it (qt.QTreeWidget)."""
+
     SIGNALS = ("itemChanged(QTreeWidgetItem*,int)",)
 
     def __init__(self, parent=None):
@@ -386,15 +429,21 @@ class QTreeWidget(QWidget):
 
 
 class QIcon:
+    """Mimics Qt 5's QIcon as PythonQt wraps it (qt.QIcon)."""
+
     def __init__(self, path: str = ""):
         self.path = path
 
 
 class QStyle:
+    """Mimics Qt 5's QStyle as PythonQt wraps it (qt.QStyle)."""
+
     SP_MessageBoxWarning = 10
 
 
 class QTableWidgetItem:
+    """Mimics Qt 5's QTableWidgetItem as PythonQt wraps it (qt.QTableWidgetItem)."""
+
     def __init__(self, text: str = ""):
         self._text = str(text)
         self._icon = None
@@ -417,6 +466,8 @@ class QTableWidgetItem:
 
 
 class QTableWidget(QWidget):
+    """Mimics Qt 5's QTableWidget as PythonQt wraps it (qt.QTableWidget)."""
+
     def __init__(self, rows: int = 0, columns: int = 0, parent=None):
         super().__init__(parent)
         self._rows = rows
@@ -479,6 +530,8 @@ class QTableWidget(QWidget):
 
 
 class QStackedWidget(QWidget):
+    """Mimics Qt 5's QStackedWidget as PythonQt wraps it (qt.QStackedWidget)."""
+
     def __init__(self, parent=None):
         super().__init__(parent)
         self._pages: list = []
@@ -500,14 +553,40 @@ class QStackedWidget(QWidget):
 
 
 class QDialog(QWidget):
+    """qdialog.cpp: accept()/reject() end in done(r), which hides the dialog and emits finished(int)
+    (and accepted()/rejected()); the title-bar X (closeEvent) and Esc (keyPressEvent) call reject()."""
+
     Accepted, Rejected = 1, 0
+    SIGNALS = ("finished(int)", "accepted()", "rejected()")
 
     def exec_(self) -> int:
         self._visible = True
         return self.Accepted
 
+    def done(self, result: int) -> None:
+        self._visible = False
+        self._signals["finished"].emit(result)
+        self._signals["accepted" if result == self.Accepted else "rejected"].emit()
+
+    def accept(self) -> None:
+        self.done(self.Accepted)
+
+    def reject(self) -> None:
+        self.done(self.Rejected)
+
+    def close(self) -> bool:
+        if self._visible:  # QDialog::closeEvent rejects a visible dialog
+            self.reject()
+        return True
+
+    def pressEscape(self) -> None:
+        """Test helper: the user presses Esc (QDialog::keyPressEvent -> reject())."""
+        self.reject()
+
 
 class _Layout:
+    """Mimics QLayout (qlayout.cpp): widgets and layouts in order."""
+
     def __init__(self, parent=None):
         self.items: list = []
         if parent is not None:
@@ -521,19 +600,23 @@ class _Layout:
 
 
 class QVBoxLayout(_Layout):
-    pass
+    """Mimics Qt 5's QVBoxLayout as PythonQt wraps it (qt.QVBoxLayout)."""
 
 
 class QHBoxLayout(_Layout):
-    pass
+    """Mimics Qt 5's QHBoxLayout as PythonQt wraps it (qt.QHBoxLayout)."""
 
 
 class QFormLayout(_Layout):
+    """Mimics Qt 5's QFormLayout as PythonQt wraps it (qt.QFormLayout)."""
+
     def addRow(self, label, field) -> None:
         self.items.append((label, field))
 
 
 class QColor:
+    """Mimics Qt 5's QColor as PythonQt wraps it (qt.QColor)."""
+
     def __init__(self, r: int = 0, g: int = 0, b: int = 0, a: int = 255):
         for v in (r, g, b):
             if not isinstance(v, int):
@@ -551,6 +634,8 @@ class QColor:
 
 
 class QPixmap:
+    """Mimics Qt 5's QPixmap as PythonQt wraps it (qt.QPixmap)."""
+
     def __init__(self, width: int, height: int):
         self.size = (width, height)
 
@@ -559,11 +644,15 @@ class QPixmap:
 
 
 class QPen:
+    """Mimics Qt 5's QPen as PythonQt wraps it (qt.QPen)."""
+
     def __init__(self, color: QColor, width: int = 1):
         self.color = color
 
 
 class QPainter:
+    """Mimics Qt 5's QPainter as PythonQt wraps it (qt.QPainter)."""
+
     def __init__(self, device: QPixmap):
         self.device = device
         self.lines: list = []
@@ -582,6 +671,8 @@ class QPainter:
 
 
 class QTimer(QObject):
+    """Mimics Qt 5's QTimer as PythonQt wraps it (qt.QTimer)."""
+
     SIGNALS = ("timeout()",)
     pending: list = []  # singleShot callbacks
 
@@ -641,13 +732,57 @@ class QFileDialog:
         return QFileDialog.answers.pop(0) if QFileDialog.answers else ""
 
 
-class QInputDialog:
+class QInputDialog(QDialog):
+    """Test helper attribute `answers`: what the user picks in the next dialogs; None is Cancel (and True,
+    for a dialog object, OK on the preset value).
+
+    The static getItem is PythonQt's: no `ok` flag, and on Cancel it returns the current item, as
+    QInputDialog::getItem (qinputdialog.cpp) returns `items.value(current)` when the dialog is rejected.
+    getText returns "" on Cancel (a null QString)."""
+
     answers: list = []
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._items: list[str] = []
+        self._text = ""
+        self.labelText = ""
+
+    @staticmethod
+    def _answer():
+        return QInputDialog.answers.pop(0) if QInputDialog.answers else None
 
     @staticmethod
     def getItem(parent, title, label, items, current=0, editable=False) -> str:
-        return QInputDialog.answers.pop(0) if QInputDialog.answers else ""
+        answer = QInputDialog._answer()
+        return items[current] if answer is None else answer
 
     @staticmethod
     def getText(parent, title, label, mode=0, text="") -> str:
-        return QInputDialog.answers.pop(0) if QInputDialog.answers else ""
+        answer = QInputDialog._answer()
+        return "" if answer is None else answer
+
+    def setLabelText(self, text: str) -> None:
+        self.labelText = text
+
+    def setComboBoxItems(self, items) -> None:
+        self._items = list(items)
+        self._text = self._items[0] if self._items else ""
+
+    def setComboBoxEditable(self, editable: bool) -> None:
+        pass
+
+    def setTextValue(self, text: str) -> None:
+        self._text = text
+
+    def textValue(self) -> str:
+        return self._text
+
+    def exec_(self) -> int:
+        """The next answer: None is Cancel, True is OK on the preset value, a string is picked then OK."""
+        answer = self._answer()
+        if answer is None:
+            return self.Rejected
+        if answer is not True:
+            self._text = answer
+        return self.Accepted

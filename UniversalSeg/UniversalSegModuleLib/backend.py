@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,6 +60,21 @@ def predict_args(input_path: str | Path, output_dir: str | Path, model: str | No
     if fast:
         args.append("--fast")
     return [*args, "--formats", ",".join(formats), "--progress-json"]
+
+
+# The licence of the published checkpoints (UniversalSegLib/importers/clip_driven_universal.py LICENSE,
+# which this process cannot import); shown before an import.
+PUBLISHED_CHECKPOINT_LICENSE = "CC BY-NC-ND 4.0 (non-commercial; not redistributable)"
+
+
+def guess_backbone(path: str | Path) -> str | None:
+    """The backbone a published checkpoint's file name suggests (clip_driven_universal_swin_unetr.pth)."""
+    name = re.sub(r"[^a-z]", "", Path(path).name.lower())
+    if "swin" in name:
+        return "swinunetr"
+    if "unet" in name:
+        return "unet"
+    return None
 
 
 def import_checkpoint_args(path: str | Path, backbone: str, name: str,

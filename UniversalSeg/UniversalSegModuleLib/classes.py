@@ -45,3 +45,25 @@ def selection_summary(selected: Sequence[str], total: int) -> str:
     if len(selected) == total:
         return f"All {total} structures selected"
     return f"{len(selected)} of {total} structures selected"
+
+
+def _split_like_slicer(text: str, separator: str) -> list[str]:
+    """vtksys::SystemTools::Split as Slicer's DeserializeTerminologyEntry uses it: no field after a
+    trailing separator (so "a~b~" has two fields)."""
+    parts = text.split(separator)
+    return parts[:-1] if text.endswith(separator) else parts
+
+
+def standard_segment_name(entry: str) -> str | None:
+    """A segment name made of its terminology codes' meanings, e.g. "Kidney Left" or "Neoplasm in Liver"
+    (type, modifier, anatomic region), as TotalSegmentator's "use standard segment names" assembles
+    them; None when `entry` is not a terminology entry Slicer would accept."""
+    fields = _split_like_slicer(entry or "", "~")
+    if len(fields) != 7:
+        return None
+    meanings = [part.split("^")[2] if len(part.split("^")) == 3 else "" for part in fields]
+    kind, modifier, region = meanings[2], meanings[3], meanings[5]
+    if not kind:
+        return None
+    name = f"{kind} {modifier}" if modifier else kind
+    return f"{name} in {region}" if region else name

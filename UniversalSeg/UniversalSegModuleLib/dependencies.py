@@ -2,17 +2,22 @@
 
 torch comes only from the PyTorch extension (PyTorchUtils picks the CUDA build that matches the
 driver). The backend `UniversalSegLib` ships inside the extension and is pip-installed from there,
-with `--no-deps` for itself and its remaining requirements installed without ever replacing
-Slicer's SimpleITK, numpy or requests (nor torch). An installed backend older than the bundled one is
-"stale" and the user is offered the update. The `DependencyInstaller` protocol is the seam tests fake;
-`SlicerDependencyInstaller` is the real one (it imports slicer only inside its methods).
+with `--no-deps --no-build-isolation` for itself (no download: Slicer's Python has setuptools)
+and its remaining requirements installed without ever replacing Slicer's SimpleITK, numpy or
+requests (nor torch). torch is installed by light-the-torch in a child process, as PyTorchUtils
+would, so that the install step never imports torch into Slicer's process. An installed backend
+older than the bundled one is "stale" and the user is offered the update. The `DependencyInstaller`
+protocol is the seam tests fake; `SlicerDependencyInstaller` is the real one (it imports slicer only
+inside its methods).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import shutil
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +27,32 @@ BACKEND_DISTRIBUTION = "UniversalSegLib"
 BUNDLED_BACKEND_FOLDER = "UniversalSegBackend"  # next to UniversalSeg.py in an installed extension
 SKIP_PACKAGES = ("SimpleITK", "numpy", "requests", "torch")
 BACKEND_PROJECT_FILES = ("pyproject.toml", "README.md", "LICENSE", "setup.cfg", "MANIFEST.in")
-DEFAULT_TORCH_REQUIREMENT = ">=2.2"
+# MONAI 1.6 (the newest the backend allows, so the one pip installs) requires torch >= 2.8; an older
+# torch would be replaced by a PyPI build (losing the CUDA build PyTorchUtils chose) or run unsupported.
+DEFAULT_TORCH_REQUIREMENT = ">=2.8"
 REQUESTER = "UniversalSeg"
+# Set to 1 to run the full self-test (installs packages, runs torch on the CPU); ctest runs a smoke test.
+FULL_SELFTEST_ENV = "UNIVERSALSEG_FULL_SELFTEST"
+
+
+def full_selftest_requested() -> bool:
+    """Whether the environment asks for the full self-test (see FULL_SELFTEST_ENV)."""
+    return os.environ.get(FULL_SELFTEST_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class DependencyError(RuntimeError):
     """Dependencies are missing and could not (or may not) be installed."""
+
+
+def unique_temp_dir(key: str) -> Path:
+    """A new, empty folder of our own in Slicer's temporary folder. `slicer.util.tempDirectory(key)` names
+    its folder by time to the millisecond and reuses an existing one, so two jobs started in the same
+    millisecond would share (and delete) each other's files."""
+    import tempfile
+
+    import slicer
+
+    return Path(tempfile.mkdtemp(prefix=f"{key}-", dir=slicer.app.temporaryPath))
 
 
 class DependencyInstaller(Protocol):
@@ -107,6 +132,22 @@ def read_backend_requirements(source_dir: str | Path) -> list[str]:
         return re.findall(r"""["']([^"']+)["']""", re.sub(r"#.*", "", block.group(1))) if block else []
     with open(path, "rb") as f:
         return list(tomllib.load(f).get("project", {}).get("dependencies", []))
+
+
+def read_build_requirements(source_dir: str | Path) -> list[str]:
+    """The `[build-system] requires` of the bundled backend's pyproject.toml."""
+    text = (Path(source_dir) / "pyproject.toml").read_text(encoding="utf-8")
+    block = re.search(r"^\[build-system\](.*?)(^\[|\Z)", text, re.S | re.M)
+    requires = re.search(r"requires\s*=\s*\[(.*?)\]", block.group(1), re.S) if block else None
+    return re.findall(r"""["']([^"']+)["']""", requires.group(1)) if requires else []
+
+
+def missing_build_requirements(source_dir: str | Path) -> list[str]:
+    """Build requirements not installed here; `wheel` is not needed by setuptools >= 70.1 (it has bdist_wheel)."""
+    missing = [r for r in read_build_requirements(source_dir) if not is_satisfied(r)]
+    if is_satisfied("setuptools>=70.1"):
+        missing = [r for r in missing if requirement_name(r) != "wheel"]
+    return missing
 
 
 def requirement_name(requirement: str) -> str:
@@ -225,14 +266,29 @@ class SlicerDependencyInstaller:
             return None
 
     def install_torch(self, requirement: str) -> bool:
+        """light-the-torch with PyTorchUtils' own arguments, in a child process: `installTorch` would end
+        with `import torch`, loading torch (GBs with CUDA) into Slicer for nothing, since the backend runs
+        in its own process, and locking its files against a later update on Windows."""
+        import slicer
+
         try:
             import PyTorchUtils
         except ModuleNotFoundError:
             raise DependencyError("UniversalSeg needs the PyTorch extension: install it from the Extensions "
                                   "Manager and restart Slicer") from None
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                               torchVersionRequirement=requirement)
-        return torch is not None
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic
+        pipArguments = getattr(torchLogic, "_getPipInstallArguments", None)
+        installLtt = getattr(torchLogic, "_installLightTheTorch", None)
+        if pipArguments is None or installLtt is None:  # another PyTorchUtils: its own install (imports torch)
+            return torchLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement) is not None
+        if not is_satisfied("light-the-torch>=0.5"):
+            installLtt()
+        python = shutil.which("PythonSlicer") or sys.executable
+        process = slicer.util.launchConsoleProcess([python, "-m", "light_the_torch",
+                                                    *pipArguments(None, requirement, None)])
+        slicer.util.logProcessOutput(process)  # raises CalledProcessError when ltt fails
+        importlib.invalidate_caches()
+        return self.torch_version() is not None
 
     def backend_version(self) -> str | None:
         importlib.invalidate_caches()
@@ -244,12 +300,18 @@ class SlicerDependencyInstaller:
     def install_backend(self, source_dir: Path, upgrade: bool) -> None:
         import slicer
 
+        # Without build isolation pip builds with Slicer's own setuptools instead of downloading one
+        # (installs work offline); Slicer's Python ships setuptools (SuperBuild/External_python-setuptools).
+        missing = missing_build_requirements(source_dir)
+        if missing:
+            raise DependencyError(f"Slicer's Python lacks {', '.join(missing)}, needed to install the bundled "
+                                  f"backend; install it with `PythonSlicer -m pip install {' '.join(missing)}`")
         # pip builds in the source folder, which may be read-only in an installed Slicer: use a copy.
-        work = copy_backend_source(source_dir, Path(slicer.util.tempDirectory("UniversalSegBackend")) / "src")
+        work = copy_backend_source(source_dir, unique_temp_dir("UniversalSegBackend") / "src")
         try:
             if upgrade:
                 slicer.util.pip_uninstall(BACKEND_DISTRIBUTION)
-            slicer.util.pip_install([str(work), "--no-deps"])
+            slicer.util.pip_install([str(work), "--no-deps", "--no-build-isolation"])
             requirements = read_backend_requirements(work)
         finally:
             shutil.rmtree(work.parent, ignore_errors=True)
@@ -258,8 +320,9 @@ class SlicerDependencyInstaller:
         except ImportError:
             packaging = None
         if packaging is not None and hasattr(packaging, "pip_ensure"):
+            # In Slicer's testing mode (ctest) pip_ensure installs nothing unless the full self-test asks.
             packaging.pip_ensure(requirements, skip_packages=list(SKIP_PACKAGES), prompt_install=False,
-                                 requester=REQUESTER, skip_in_testing=False)
+                                 requester=REQUESTER, skip_in_testing=not full_selftest_requested())
             return
         # Slicer 5.10: install the remaining requirements one by one; pip keeps the satisfied ones.
         for requirement in without_skipped(requirements):

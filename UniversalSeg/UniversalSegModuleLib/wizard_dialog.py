@@ -17,6 +17,7 @@ import slicer
 from slicer.i18n import tr as _
 
 from UniversalSegModuleLib.backend import DEVICES, ProgressEvent
+from UniversalSegModuleLib.dependencies import unique_temp_dir
 from UniversalSegModuleLib.wizard import (
     GROUPS,
     TRAIN_MODES,
@@ -85,6 +86,9 @@ class AddClassesWizard:
         self.backButton.connect("clicked(bool)", self.onBack)
         self.nextButton.connect("clicked(bool)", self.onNext)
         self.closeButton.connect("clicked(bool)", self.onClose)
+        # The title-bar X and Esc reject the dialog without passing through onClose: finish there too.
+        self.dialog.connect("finished(int)", self.onDialogFinished)
+        self._finished = False
         self.showPage(0)
 
     def show(self) -> None:
@@ -337,7 +341,7 @@ class AddClassesWizard:
         self.errorLabel.setText("")
         tempDir = None
         try:
-            tempDir = Path(slicer.util.tempDirectory("UniversalSegExtend"))
+            tempDir = unique_temp_dir("UniversalSegExtend")
             cases = [self.logic.exportTrainingCase(volume, segmentation, mapping, tempDir / f"scene{i:03d}")
                      for i, (volume, segmentation, mapping) in enumerate(self.sceneCases)] + self.folderCases
             self.run = self.logic.startAddClasses(self.newClasses(), cases, self.settings(), tempDir=tempDir,
@@ -463,12 +467,22 @@ class AddClassesWizard:
         self.showPage(max(self.stack.currentIndex - 1, 0))
 
     def onClose(self) -> None:
+        """The Close button: asks before cancelling a running training."""
+        if self.run is not None and not slicer.util.confirmYesNoDisplay(
+                _("Training is running. Cancel it and close?")):
+            return
+        self.dialog.close()  # rejects the dialog: onDialogFinished does the rest
+        self.onDialogFinished()
+
+    def onDialogFinished(self, result: int | None = None) -> None:
+        """However the dialog closes (Close, X, Esc): cancel a running training (no model is written),
+        stop polling, and tell the panel once."""
+        if self._finished:
+            return
+        self._finished = True
         if self.run is not None:
-            if not slicer.util.confirmYesNoDisplay(_("Training is running. Cancel it and close?")):
-                return
             self.run.cancel()
             self.run = None
         self.timer.stop()
-        self.dialog.close()
         if self.finishedCallback:
             self.finishedCallback(self)

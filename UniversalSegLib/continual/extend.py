@@ -285,7 +285,7 @@ def _lineage(run: _Run, new: list[ClassInfo], data: ExtensionData, settings: dic
              sha: str, inits: list[str]) -> dict[str, Any]:
     parent = run.manifest
     entry = {"parent": {"name": parent.name, "version": parent.version, "weights_sha256": sha,
-                        "classes": len(parent.classes)},
+                        "integrity_sha256": parent.integrity_sha256, "classes": len(parent.classes)},
              "classes_added": [c.key for c in new],
              "init": {c.key: (f"similar:{s.key}" if i == "similar" else "fresh") for c, i, s in
                       zip(new, inits, run.similar)},
@@ -293,7 +293,7 @@ def _lineage(run: _Run, new: list[ClassInfo], data: ExtensionData, settings: dic
                       "train_cases": [c.source or c.case_id for c in data.train],
                       "heldout_cases": [c.source or c.case_id for c in data.heldout]},
              "settings": settings,
-             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
              "software": f"UniversalSeg {__version__}"}
     provenance = dict(parent.provenance)
     provenance["extended_from"] = entry["parent"]

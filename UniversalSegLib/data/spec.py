@@ -91,6 +91,21 @@ class DatasetSpec:
         held = set(self.holdout)
         return [c for c in self.cases if c.case_id in held]
 
+    def content_sha256(self) -> str:
+        """SHA-256 over every case's files (each file's name and SHA-256, cases in id order): the
+        data a model was trained on, recorded in its provenance. Reads each file once."""
+        import hashlib
+
+        total = hashlib.sha256()
+        for case in sorted(self.cases, key=lambda c: c.case_id):
+            for path in case.files():
+                one = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while block := f.read(1 << 20):
+                        one.update(block)
+                total.update(f"{case.case_id}\0{Path(path).name}\0{one.hexdigest()}\n".encode())
+        return total.hexdigest()
+
 
 def _words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9]+", " ", str(text).lower()).split()

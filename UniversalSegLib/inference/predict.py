@@ -78,13 +78,15 @@ def _load(model: str | os.PathLike | LoadedModel | None, device: torch.device) -
     return loaded
 
 
-def _read(image: str | os.PathLike | sitk.Image, allow_non_ct: bool) -> sitk.Image:
+def _read(image: str | os.PathLike | sitk.Image, allow_non_ct: bool, series_uid: str | None = None) -> sitk.Image:
     from UniversalSegLib.io import check_image, read_image
 
     if isinstance(image, sitk.Image):
+        if series_uid:
+            raise InputError("series_uid selects a series of a DICOM folder; the image is already read")
         check_image(image, allow_non_ct=allow_non_ct)
         return image
-    return read_image(Path(image), allow_non_ct=allow_non_ct)
+    return read_image(Path(image), allow_non_ct=allow_non_ct, series_uid=series_uid)
 
 
 def needed_classes(manifest: Manifest,
@@ -161,7 +163,8 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
             classes: str | Sequence[str] | None = None, device: str | torch.device = "auto", fast: bool = False,
             progress: ProgressFn | None = None, keep_probabilities: bool = False, allow_non_ct: bool = False,
             *, postprocess: bool = True, include_helper_classes: bool = False, sw_batch_size: int | None = None,
-            class_chunk: int = 32, cache_features: bool | None = None) -> SegmentationResult:
+            class_chunk: int = 32, cache_features: bool | None = None,
+            series_uid: str | None = None) -> SegmentationResult:
     """Segment `image` and return every requested class as its own mask on the input's exact grid.
 
     image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU.
@@ -182,13 +185,15 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     cache_features: keep the windows' backbone features between class chunks (None: only when cheap;
         see `sliding_window`); True is faster for many classes on CPU, at some memory.
     postprocess: apply the registry's rules (largest component, left/right split, within parents).
+    series_uid: for a DICOM folder holding several series, the SeriesInstanceUID to segment (default:
+        the CT series with the most slices, named in a `DicomSeriesWarning`).
     """
     return_large_blocks()  # fixed 32 MB mmap threshold; lower ones save memory but cost time (runtime.py)
     report = _Progress(progress)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     report(0.0, "reading image")
-    reference = _read(image, allow_non_ct)
+    reference = _read(image, allow_non_ct, series_uid)
     dev = resolve_device(device)
     loaded = _load(model, dev)
     manifest, net = loaded.manifest, loaded.model

@@ -1,8 +1,10 @@
 """DICOM SEG output (binary, one segment per class, overlaps allowed) referencing the source CT series.
 
 Only possible when the input was a DICOM series: a SEG must name the study, series, frame of
-reference and instances it was derived from. Frames are matched to the reference grid by each
-source slice's position, so the SEG lines up with the scan whatever the file order.
+reference and instances it was derived from (`dicom_input.dicom_seg_problem` says what is lacking,
+before any model runs). Frames are matched to the reference grid by each source slice's position,
+so the SEG lines up with the scan whatever the file order; a slice the reader filled (no source
+instance) gets no frame. An empty dataset SOP Class UID is taken from the file meta header.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from UniversalSegLib import __version__
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.io.atomic import atomic_write
+from UniversalSegLib.io.dicom_input import dicom_seg_problem, read_header, sop_class_uid
 from UniversalSegLib.io.geometry import check_masks, grid_shape, mask_parts
 
 ALGORITHM_NAME = "UniversalSeg"
@@ -62,22 +65,33 @@ def _description(number: int, c: ClassResult,
     return description
 
 
-def _sorted_sources(reference: sitk.Image, files: Sequence[Path]) -> list[pydicom.Dataset]:
-    """Source datasets (headers only) ordered by the reference's slice index k; checks they tile the grid."""
-    import pydicom
+def _sources_by_slice(reference: sitk.Image, files: Sequence[Path]) -> dict[int, pydicom.Dataset]:
+    """Source datasets (headers only) by the reference's slice index k; checks each lies on the grid once.
+
+    Grid slices without a source are allowed: a missing slice the reader filled by interpolation
+    (io/dicom_input.py) has no instance to reference, so the SEG has no frame there.
+    """
     by_slice: dict[int, pydicom.Dataset] = {}
     for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        ds = read_header(f)
         position = [float(v) for v in ds.ImagePositionPatient]
         i, j, k = reference.TransformPhysicalPointToContinuousIndex(position)
-        if max(abs(i), abs(j), abs(k - round(k))) > _POSITION_TOLERANCE:
+        if max(abs(i), abs(j), abs(k - round(k))) > _POSITION_TOLERANCE or not 0 <= round(k) < reference.GetSize()[2]:
             raise InputError(f"DICOM file {f} does not lie on the segmented image's grid; pass the series the "
                              "image was read from")
+        if int(round(k)) in by_slice:
+            raise InputError(f"the {len(files)} DICOM source files do not cover the image's slices once each "
+                             f"({f} repeats slice {int(round(k))})")
+        if not str(getattr(ds, "SOPClassUID", "") or "").strip():
+            ds.SOPClassUID = sop_class_uid(ds)  # anonymisers often leave only the file meta's copy
         by_slice[int(round(k))] = ds
-    depth = reference.GetSize()[2]
-    if sorted(by_slice) != list(range(depth)):
-        raise InputError(f"the {len(files)} DICOM source files do not cover the image's {depth} slices once each")
-    return [by_slice[k] for k in range(depth)]
+    return by_slice
+
+
+def _sorted_sources(reference: sitk.Image, files: Sequence[Path]) -> list[pydicom.Dataset]:
+    """Source datasets (headers only) ordered by the reference's slice index k."""
+    by_slice = _sources_by_slice(reference, files)
+    return [by_slice[k] for k in sorted(by_slice)]
 
 
 def write_dicom_seg(result: SegmentationResult, path: str | os.PathLike, source_files: Sequence[str | os.PathLike],
@@ -87,9 +101,11 @@ def write_dicom_seg(result: SegmentationResult, path: str | os.PathLike, source_
     from pydicom.sr.codedict import codes
 
     check_masks(result)
-    if not source_files:
-        raise InputError("DICOM SEG output needs a DICOM series as input; this image was not read from DICOM")
-    sources = _sorted_sources(result.reference, [Path(f) for f in source_files])
+    problem = dicom_seg_problem(source_files)
+    if problem:
+        raise InputError(f"cannot write a DICOM SEG: {problem}")
+    by_slice = _sources_by_slice(result.reference, [Path(f) for f in source_files])
+    covered = sorted(by_slice)
     algorithm = hd.AlgorithmIdentificationSequence(name=ALGORITHM_NAME, family=codes.cid7162.ArtificialIntelligence,
                                                    version=f"{__version__} ({result.model_name})"[:64])
     descriptions = [_description(n, c, algorithm) for n, c in enumerate(result.classes, start=1)]
@@ -99,8 +115,8 @@ def write_dicom_seg(result: SegmentationResult, path: str | os.PathLike, source_
         slices, crop = mask_parts(c)
         pixels[(*slices, n)] = crop
     seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=pixels,
+        source_images=[by_slice[k] for k in covered],
+        pixel_array=pixels if len(covered) == len(pixels) else pixels[covered],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),

@@ -6,16 +6,17 @@ Images keep SimpleITK's physical geometry (LPS); nothing is resampled or reorien
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from UniversalSegLib.errors import InputError, UniversalSegWarning
+from UniversalSegLib.io.dicom_input import DicomSeriesWarning, find_series, is_dicom_file, read_stack
 from UniversalSegLib.io.header_checks import check_file_header
 from UniversalSegLib.io.itk_log import capture_itk_output
 
@@ -32,6 +33,7 @@ MAX_P99_HU = 4000.0  # above this the 99.5th percentile is no tissue in HU (raw 
 # Metadata keys read_image sets on an image that came from a DICOM series (see dicom_source_files).
 DICOM_FOLDER_KEY = "UniversalSeg.DicomFolder"
 DICOM_SERIES_KEY = "UniversalSeg.DicomSeriesUID"
+DICOM_FILES_KEY = "UniversalSeg.DicomFiles"  # JSON list of the source files, in slice order
 _SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
 _AXES = "xyz"
 _ITK_PREFIX = re.compile(r"^(ITK ERROR: )?\w+\(0x[0-9a-fA-F]+\): ")  # "ITK ERROR: NiftiImageIO(0x55d...): "
@@ -45,19 +47,23 @@ class ThinScanWarning(UniversalSegWarning):
     """The image has fewer than MIN_SIZE slices along one axis: structures are cut off at its faces."""
 
 
-def read_image(path: str | os.PathLike, allow_non_ct: bool = False) -> sitk.Image:
+def read_image(path: str | os.PathLike, allow_non_ct: bool = False, series_uid: str | None = None) -> sitk.Image:
     """Read a 3D CT in Hounsfield units with its geometry, and check it (see `check_image`).
 
-    `path` is a NIfTI, NRRD or MetaImage file, a DICOM series folder (the largest series is read) or
-    one file of a DICOM series. Integer images keep their type; float64 becomes float32.
-    Raises InputError for anything we cannot segment; `allow_non_ct` turns the CT-likeness check
-    into a `NonCTWarning`.
+    Args:
+        path: a NIfTI, NRRD or MetaImage file, a DICOM folder or one file of a DICOM series.
+        allow_non_ct: turn the CT-likeness check into a `NonCTWarning`.
+        series_uid: for DICOM, the SeriesInstanceUID to read; by default the CT series with the most
+            slices, with a `DicomSeriesWarning` naming it when the folder holds several (see io/dicom_input.py).
+    Integer images keep their type; float64 becomes float32. Raises InputError for anything we cannot segment.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"input image {path} does not exist")
+    if series_uid and not (path.is_dir() or is_dicom_file(path)):
+        raise InputError(f"a series UID ({series_uid}) selects a series of a DICOM folder; {path} is not DICOM")
     with capture_itk_output():  # ITK's log lines become ITKWarnings (see itk_log)
-        image = _read_dicom_folder(path) if path.is_dir() else _read_file(path)
+        image = _read_dicom(path, series_uid) if path.is_dir() or is_dicom_file(path) else _read_file(path)
     if image.GetPixelID() == sitk.sitkFloat64:
         image = _cast_keep_metadata(image, sitk.sitkFloat32)
     check_image(image, name=str(path), allow_non_ct=allow_non_ct)
@@ -99,36 +105,33 @@ def check_image(image: sitk.Image, name: str = "input image", allow_non_ct: bool
                   NonCTWarning, stacklevel=3)
 
 
-def dicom_source_files(image_or_path: sitk.Image | str | os.PathLike) -> list[Path] | None:
+def dicom_source_files(image_or_path: sitk.Image | str | os.PathLike,
+                       series_uid: str | None = None) -> list[Path] | None:
     """The DICOM files (in slice order) an image was read from, or None when it did not come from DICOM.
 
-    Accepts the image returned by `read_image` (it remembers its series) or a folder / file path.
+    Args:
+        image_or_path: the image returned by `read_image` (it remembers its files), or a folder / file path.
+        series_uid: for a folder, the series `read_image` was given.
     """
     if isinstance(image_or_path, sitk.Image):
-        if not image_or_path.HasMetaDataKey(DICOM_FOLDER_KEY):
+        if not image_or_path.HasMetaDataKey(DICOM_FILES_KEY):
             return None
-        folder = image_or_path.GetMetaData(DICOM_FOLDER_KEY)
-        uid = image_or_path.GetMetaData(DICOM_SERIES_KEY)
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid)
-        return [Path(f) for f in files] or None
+        return [Path(f) for f in json.loads(image_or_path.GetMetaData(DICOM_FILES_KEY))] or None
     path = Path(image_or_path)
-    if path.is_file():
-        if not _is_dicom_file(path):
-            return None
-        uid = _series_uid_of(path)
-        return [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path.parent), uid)] or None
-    if path.is_dir():
-        found = _largest_series(path)
-        return [Path(f) for f in found[1]] if found else None
-    return None
+    if not (path.is_dir() or (path.is_file() and is_dicom_file(path))):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DicomSeriesWarning)  # read_image says which series it used
+            return find_series(path, series_uid).files
+    except InputError:
+        return None
 
 
 # --- reading ---------------------------------------------------------------------------------------------
 
 
 def _read_file(path: Path) -> sitk.Image:
-    if _is_dicom_file(path):
-        return _read_series(path.parent, _series_uid_of(path))
     check_file_header(path)  # declared size, voxel type and spacing, before ITK allocates anything
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -168,50 +171,13 @@ def read_error(path: Path, error: RuntimeError, log: str = "") -> str:
     return f"cannot read {path}: {_ITK_PREFIX.sub('', last)}"
 
 
-def _is_dicom_file(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(132)
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def _series_uid_of(path: Path) -> str:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-        return reader.GetMetaData("0020|000e").strip()
-    except RuntimeError as e:
-        raise InputError(read_error(path, e)) from None
-
-
-def _largest_series(folder: Path) -> tuple[str, Sequence[str]] | None:
-    series = [(uid, sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
-              for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
-    return max(series, key=lambda s: len(s[1]), default=None)
-
-
-def _read_dicom_folder(folder: Path) -> sitk.Image:
-    found = _largest_series(folder)
-    if found is None:
-        raise InputError(f"{folder} is a folder without a DICOM series; give a DICOM series folder or an image file "
-                         f"({_SUPPORTED})")
-    return _read_series(folder, found[0])
-
-
-def _read_series(folder: Path, series_uid: str) -> sitk.Image:
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
-    if len(files) < MIN_SLICES:
-        raise InputError(f"{folder}: the DICOM series has only {len(files)} slices; a 3D CT needs at least "
-                         f"{MIN_SLICES}")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as e:
-        raise InputError(read_error(folder, e)) from None
-    # Remember the series so the DICOM SEG writer can reference the source instances.
-    image.SetMetaData(DICOM_FOLDER_KEY, str(folder.resolve()))
-    image.SetMetaData(DICOM_SERIES_KEY, series_uid)
+def _read_dicom(path: Path, series_uid: str | None) -> sitk.Image:
+    stack = find_series(path, series_uid, supported=_SUPPORTED)
+    image = read_stack(stack)
+    # Remember the source files so the DICOM SEG writer can reference the instances.
+    image.SetMetaData(DICOM_FOLDER_KEY, str(stack.files[0].parent.resolve()))
+    image.SetMetaData(DICOM_SERIES_KEY, stack.series_uid)
+    image.SetMetaData(DICOM_FILES_KEY, json.dumps([str(f.resolve()) for f in stack.files]))
     return image
 
 

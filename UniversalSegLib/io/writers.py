@@ -15,6 +15,7 @@ from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.result import SegmentationResult
 from UniversalSegLib.io.atomic import replace_dir
 from UniversalSegLib.io.destination import check_destination, destination_error, remove_stale_staging, staging_folder
+from UniversalSegLib.io.dicom_input import dicom_seg_problem
 from UniversalSegLib.io.dicomseg import write_dicom_seg
 from UniversalSegLib.io.image import dicom_source_files
 from UniversalSegLib.io.itk_log import capture_itk_output
@@ -42,6 +43,19 @@ def parse_formats(formats: str | Sequence[str]) -> list[str]:
     if not names:
         raise InputError(f"no output format given; choose from {', '.join(FORMATS)}")
     return list(dict.fromkeys(names))  # drop repeats, keep order
+
+
+def dicom_seg_refusal(sources: Sequence[str | os.PathLike] | None) -> str | None:
+    """Why "dicom-seg" cannot be written for an input read from `sources` (its DICOM files), or None.
+
+    Cheap (headers only), so callers check it before the model runs: an explicit request is refused,
+    a default one dropped with a warning.
+    """
+    if not sources:
+        return ("DICOM SEG output (dicom-seg) needs a DICOM series as input; the input was not DICOM, "
+                "choose other formats")
+    problem = dicom_seg_problem(sources)
+    return f"DICOM SEG output (dicom-seg) is impossible for this input: {problem}" if problem else None
 
 
 def _writers(result: SegmentationResult, stage: Path,
@@ -79,16 +93,17 @@ def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats
     `labelmap-colors.csv`), `segmentation.dcm`, `statistics.csv` + `statistics.json`, `preview.png`.
 
     "dicom-seg" needs the source DICOM files: `dicom_source`, or else the series `result.reference`
-    was read from by `read_image`. Asking for it without a DICOM input raises InputError before
-    anything is written (it is not silently skipped: the user asked for a file they would not get).
+    was read from by `read_image`. Asking for it without a DICOM input, or with one lacking what a SEG
+    must reference (`dicom_seg_refusal`), raises InputError before anything is written (it is not
+    silently skipped: the user asked for a file they would not get).
     """
     names = parse_formats(formats)
     sources = None
     if "dicom-seg" in names:
         sources = [Path(f) for f in dicom_source] if dicom_source else dicom_source_files(result.reference)
-    if "dicom-seg" in names and not sources:
-        raise InputError("DICOM SEG output (dicom-seg) needs a DICOM series as input; the input was not DICOM, "
-                         "choose other formats")
+        refusal = dicom_seg_refusal(sources)
+        if refusal:
+            raise InputError(refusal)
     outdir = Path(outdir)
     check_destination(outdir)
     created = not outdir.exists()

@@ -53,7 +53,7 @@ add("pancreas_tumor", "Pancreas tumor", "tumour", *NEO, [255, 120, 0], 28, paren
 add("hepatic_vessel_tumor", "Hepatic vessel tumor", "tumour", *NEO, [255, 40, 80], 29, parents=["liver"], post=WP, cat=MAS, region=["SCT", "8993003", "Hepatic vein"], syn=["hepatic vessel tumour"])
 add("lung_tumor", "Lung tumor", "tumour", *NEO, [255, 100, 100], 30, parents=["lung_left", "lung_right"], post=WP, cat=MAS, region=["SCT", "39607008", "Lung"], syn=["lung tumour", "lung nodule"])
 add("colon_tumor", "Colon tumor", "tumour", *NEO, [255, 140, 60], 31, parents=["colon"], post=WP, cat=MAS, region=["SCT", "71854001", "Colon"], syn=["colon tumour", "colon cancer"])
-add("kidney_cyst", "Kidney cyst", "tumour", "441457006", "Cyst", [255, 220, 90], 32, parents=["kidney_left", "kidney_right"], post=WP, cat=MAS, region=["SCT", "64033007", "Kidney"], syn=["renal cyst"])
+add("kidney_cyst", "Kidney cyst", "tumour", "367643001", "Cyst", [255, 220, 90], 32, parents=["kidney_left", "kidney_right"], post=WP, cat=MAS, region=["SCT", "64033007", "Kidney"], syn=["renal cyst"])
 # --- further structures labelled in ../shared/data (TotalSegmentator silver standard) ---
 add("heart", "Heart", "organ", "80891009", "Heart", [206, 110, 84], post=LC)
 add("pulmonary_artery", "Pulmonary artery", "vessel", "81040000", "Pulmonary artery", [0, 122, 171], post=LC, syn=["pulmonary trunk"])

@@ -63,15 +63,18 @@ class ClassInfo:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def terminology_entry(self, context: str = "UniversalSeg") -> str:
-        """The terminology tag value 3D Slicer stores per segment (see Slicer's vtkSlicerTerminologyEntry)."""
+        """The terminology tag value 3D Slicer stores per segment, serialised as Slicer does
+        (vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry): an absent code is "^^", never
+        empty, since Slicer's reader splits on "~" dropping a trailing empty field and then refuses an
+        entry with fewer than 7 fields."""
 
         def triplet(name: str) -> str:
             value = self.terminology.get(name)
-            return "^".join(value) if value else ""
+            return "^".join(value) if value else "^^"
 
         region = triplet("region")
         return "~".join([context, triplet("category"), triplet("type"), triplet("modifier"),
-                         "Anatomic codes - DICOM master list" if region else "", region, ""])
+                         "Anatomic codes - DICOM master list" if region != "^^" else "", region, "^^"])
 
 
 def _normalise(text: str) -> str:

@@ -56,6 +56,12 @@ class Manifest:
     weights_sha256: str = ""
     weights_dtype: str = "float32"  # float16 halves small bundled models; loading always gives float32
     format_version: int = FORMAT_VERSION
+    integrity: dict[str, Any] = field(default_factory=dict)  # written by save_model; see store/integrity.py
+
+    @property
+    def integrity_sha256(self) -> str:
+        """The model's integrity hash as recorded ("" before the model is saved)."""
+        return str(self.integrity.get("sha256", ""))
 
     @property
     def class_keys(self) -> list[str]:

@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -375,7 +375,7 @@ class Trainer:
         return path
 
     def _save_final(self) -> Path:
-        self.manifest.provenance.update({"steps": self.step, "trained_at": datetime.now(timezone.utc).isoformat(
+        self.manifest.provenance.update({"steps": self.step, "trained_at": datetime.now(UTC).isoformat(
             timespec="seconds"), "world_size": self.dist.world_size, "batch_size": self.settings.batch_size})
         return save_model(self.model, self.manifest, self.output / FINAL_MODEL_DIR, overwrite=True)
 

@@ -96,13 +96,20 @@ def build_model(config: RunConfig):
     return model, manifest
 
 
-def provenance(config: RunConfig, specs: list) -> dict[str, Any]:
-    """What the model was trained on and how, recorded in its manifest."""
+def provenance(config: RunConfig, specs: list, data_hashes: bool = True) -> dict[str, Any]:
+    """What the model was trained on and how, recorded in its manifest.
+
+    Args:
+        data_hashes: record each dataset's SHA-256 (reads every file once; only the rank that writes
+            the model needs it).
+    """
     return {
         "recipe": config.name,
         "config_sha256": config.config_hash(),
         "datasets": [{"name": s.name, "format": s.format, "classes": list(s.classes),
-                      "training_cases": len(s.train_cases()), "held_out_cases": len(s.val_cases())} for s in specs],
+                      "training_cases": len(s.train_cases()), "held_out_cases": len(s.val_cases()),
+                      **({"sha256": s.content_sha256()} if data_hashes else {})}  # `universalseg info` shows it
+                     for s in specs],
         "train": {k: v for k, v in asdict(config.train).items() if k not in ("device", "progress", "cache_dir")},
     }
 
@@ -119,7 +126,7 @@ def run_training(config: RunConfig, resume: bool = False) -> Path:
         _say(info, f"training {config.name} on {device} x {info.world_size} process(es); run folder {config.output}")
         train_data, val_cases, specs = build_data(config, info)
         model, manifest = build_model(config)
-        manifest.provenance = provenance(config, specs)
+        manifest.provenance = provenance(config, specs, data_hashes=info.is_main)
         if info.is_main:
             config.output.mkdir(parents=True, exist_ok=True)
             (config.output / "config.resolved.json").write_text(_json(config.to_dict()))

@@ -35,6 +35,10 @@ def average(refined: str, parent: str, parent_weight: float, version: str, out: 
     provenance["stages"] = [*provenance.get("stages", []), {
         "stage": "average", "version": version, "refined": f"{refined} ({manifest.version})",
         "parent": f"{parent} ({old.manifest.version})", "parent_weight": parent_weight}]
+    provenance["averaged_from"] = [  # store/lineage.py: `universalseg verify` compares them with installed models
+        {"name": m.manifest.name, "version": m.manifest.version, "integrity_sha256": m.manifest.integrity_sha256,
+         "weights_sha256": m.manifest.weights_sha256, "weight": w}
+        for m, w in ((new, 1 - parent_weight), (old, parent_weight))]
     provenance["created"] = datetime.date.today().isoformat()
     manifest.version = version
     save_model(new.model, manifest, out, overwrite=True, weights_dtype="float16")

@@ -60,6 +60,21 @@ def source_labels(source: dict, root: Path, spacing, shape) -> dict[str, np.ndar
     return masks
 
 
+def source_sha256(source: dict, root: Path, hashes: dict[str, str]) -> str:
+    """SHA-256 naming a source's data: over its files' names and SHA-256s (image, label map, masks),
+    or over the hashes of the sources a stacked one is made of (`hashes`, by source name). The model's
+    provenance records it (`universalseg info` shows it)."""
+    import hashlib
+
+    if "stack" in source:
+        parts = [f"{role}\0{hashes[source['stack'][role]]}" for role in ("below", "above")]
+    else:
+        files = [source["image"], *([source["label_map"]] if "label_map" in source else []),
+                 *sorted(source.get("masks", {}).values())]
+        parts = [f"{rel}\0{hashlib.sha256((root / rel).read_bytes()).hexdigest()}" for rel in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def stacked_source(source: dict, done: dict[str, dict], arrays: dict, spacing) -> dict[str, np.ndarray]:
     """A chest-over-abdomen composite (stacking.py): image, structure map and the two sources' masks."""
     from UniversalSegLib.data.synth import structure_id
@@ -89,7 +104,7 @@ def main() -> None:
             registry.resolve(key)
             if key not in class_keys:
                 class_keys.append(key)
-    arrays, scans, sources, done = {}, {}, [], {}
+    arrays, scans, sources, done, hashes = {}, {}, [], {}, {}
     for source in recipe["sources"]:
         if "stack" in source:
             composite = stacked_source(source, done, arrays, spacing)
@@ -111,7 +126,9 @@ def main() -> None:
         shape = arrays[f"image_{scans[scan]}"].shape
         keys = [k for k in class_keys if k in masks]
         arrays[f"labels_{len(sources)}"] = np.stack([masks[k] for k in keys]).astype(np.uint8)
-        sources.append({"name": source["name"], "scan": scans[scan], "classes": keys})
+        hashes[source["name"]] = source_sha256(source, root, hashes)
+        sources.append({"name": source["name"], "scan": scans[scan], "classes": keys,
+                        "sha256": hashes[source["name"]]})
         print(f"{source['name']}: scan {scan} {shape}, {len(keys)} classes, "
               f"{int(arrays[f'labels_{len(sources) - 1}'].sum())} labelled voxels")
     encoder = get_text_encoder()

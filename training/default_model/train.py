@@ -185,7 +185,9 @@ def make_manifest(recipe: dict, bundle: Bundle, steps: int) -> Manifest:
         license="Apache-2.0 (weights); trained on TotalSegmentator test data (Apache-2.0, CC BY 4.0)",
         description="Demonstration model trained on three real CT scans; NOT a clinical tool.",
         provenance={"recipe": "training/default_model/recipe.yaml", "steps": steps,
-                    "training_data": [{"name": s["name"], "classes": s["classes"]} for s in bundle.meta["sources"]],
+                    "training_data": [{"name": s["name"], "classes": s["classes"],
+                                       **({"sha256": s["sha256"]} if "sha256" in s else {})}
+                                      for s in bundle.meta["sources"]],
                     "created": time.strftime("%Y-%m-%d")})
 
 

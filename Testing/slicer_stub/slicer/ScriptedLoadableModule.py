@@ -12,6 +12,8 @@ import slicer
 
 
 class ScriptedLoadableModule:
+    """Mimics Base/Python/slicer/ScriptedLoadableModule.py ScriptedLoadableModule."""
+
     def __init__(self, parent):
         super().__init__()
         self.parent = parent
@@ -28,6 +30,8 @@ class ScriptedLoadableModule:
 
 
 class ScriptedLoadableModuleWidget:
+    """Mimics Base/Python/slicer/ScriptedLoadableModule.py ScriptedLoadableModuleWidget."""
+
     def __init__(self, parent=None):
         super().__init__()
         self.moduleName = self.__class__.__name__.removesuffix("Widget")
@@ -53,6 +57,8 @@ class ScriptedLoadableModuleWidget:
 
 
 class ScriptedLoadableModuleLogic:
+    """Mimics Base/Python/slicer/ScriptedLoadableModule.py ScriptedLoadableModuleLogic."""
+
     def __init__(self, parent=None):
         super().__init__()
         self.moduleName = self.__class__.__name__.removesuffix("Logic")
@@ -68,5 +74,20 @@ class ScriptedLoadableModuleLogic:
 
 
 class ScriptedLoadableModuleTest(unittest.TestCase):
+    """Base/Python/slicer/ScriptedLoadableModule.py ScriptedLoadableModuleTest: runTest() runs every method
+    whose name contains "test" (moduleTestNames), each after setUp()."""
+
+    def __init__(self, *args, **kwargs):
+        self.moduleTestNames = []
+        super().__init__(*args, **kwargs)
+        if not self.moduleTestNames:
+            self.moduleTestNames = [m for m in dir(self) if "test" in m and callable(getattr(self, m))]
+
+    def runTest(self):
+        for name in self.moduleTestNames:
+            self.setUp()
+            getattr(self, name)()
+            self.tearDown()
+
     def delayDisplay(self, message, requestedDelay=None, msec=None):
         print(message)

@@ -2,8 +2,10 @@
 
 
 def tr(text: str) -> str:
+    """Mimics Base/Python/slicer/i18n.py tr (no translation here)."""
     return text
 
 
 def translate(context: str, text: str) -> str:
+    """Mimics Base/Python/slicer/i18n.py translate."""
     return text

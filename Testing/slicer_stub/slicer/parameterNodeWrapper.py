@@ -9,6 +9,7 @@ import typing
 
 
 def parameterNodeWrapper(cls):
+    """Mimics Base/Python/slicer/parameterNodeWrapper/wrapper.py parameterNodeWrapper (connectGui etc.)."""
     hints = typing.get_type_hints(cls)
     defaults = {}
     for name, hint in hints.items():
