@@ -7,10 +7,8 @@ import argparse
 import importlib
 import json
 import sys
-import warnings
-from collections.abc import Callable
 
-from UniversalSegLib.errors import UniversalSegError, UniversalSegWarning
+from UniversalSegLib.errors import UniversalSegError
 
 EXIT_USER_ERROR = 2
 
@@ -102,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 # the heavy parts (torch, MONAI, SimpleITK) inside their handlers, so `universalseg models` is fast.
 EXTRA_COMMANDS: list[tuple[str, str]] = [
     ("UniversalSegLib.predict_cli", "register"),
+    ("UniversalSegLib.cohort.command", "register_cli"),
     ("UniversalSegLib.train.cli", "register"),
     ("UniversalSegLib.continual.command", "register_cli"),
     ("UniversalSegLib.importers.command", "register_cli"),
@@ -109,21 +108,10 @@ EXTRA_COMMANDS: list[tuple[str, str]] = [
 ]
 
 
-def _one_line_warnings(default: Callable) -> Callable:
-    """warnings.showwarning printing our warnings as `universalseg: warning: ...` (no file or source line)."""
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if not issubclass(category, UniversalSegWarning):
-            return default(message, category, filename, lineno, file, line)
-        print(f"universalseg: warning: {message}", file=file or sys.stderr)
-    return show
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with warnings.catch_warnings():  # restores showwarning afterwards (main may run inside a test)
-            warnings.showwarning = _one_line_warnings(warnings.showwarning)
-            return args.func(args)
+        return args.func(args)
     except UniversalSegError as e:
         print(f"universalseg: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
