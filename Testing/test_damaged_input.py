@@ -253,7 +253,7 @@ def test_absurd_headers_are_refused_before_itk_allocates(name, shape, tmp_path, 
         read_image(_declaring(tmp_path, name, shape))
 
 
-def test_trailer_shortcut_and_full_count_agree_on_the_sample(tmp_path, monkeypatch):
+def test_trailer_shortcut_and_full_count_agree_on_the_sample(tmp_path):
     """The gzip trailer (size mod 2^32) decides for a whole file; a cut file is counted byte by byte."""
     from UniversalSegLib.io import header_checks
 
