@@ -972,7 +972,7 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
 
     # --- segmentation ---------------------------------------------------------------------------
 
-    def startSegmentation(self, volumeNode, classes: Sequence[str] | None = None, device: str = "auto",
+    def startSegmentation(self, volumeNode, classes: str | Sequence[str] | None = None, device: str = "auto",
                           model: str | None = None, fast: bool = False,
                           progressCallback: Callable[[ProgressEvent], None] | None = None,
                           logCallback: Callable[[str], None] | None = None,
@@ -1005,16 +1005,16 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
         return SegmentationRun(self, job, tempDir, volumeNode, model, completedCallback, outputSegmentation,
                                standardNames)
 
-    def segment(self, volumeNode, classes: Sequence[str] | None = None, device: str = "auto",
+    def segment(self, volumeNode, classes: str | Sequence[str] | None = None, device: str = "auto",
                 model: str | None = None, fast: bool = False,
                 progressCallback: Callable[[ProgressEvent], None] | None = None,
                 logCallback: Callable[[str], None] | None = None, interactive: bool = False,
                 outputSegmentation=None, standardNames: bool = False):
         """Segment `volumeNode` and return the segmentation node (one segment per class, overlaps kept).
 
-        classes: class keys, names or synonyms (None: all classes of the model). outputSegmentation: a node
-        to update instead of creating one. The application stays responsive while waiting. Raises
-        BackendError with the backend's message on failure."""
+        classes: class keys, names or synonyms, or one such string (None: all classes of the model).
+        outputSegmentation: a node to update instead of creating one. The application stays responsive
+        while waiting. Raises BackendError with the backend's message on failure."""
         run = self.startSegmentation(volumeNode, classes, device, model, fast, progressCallback, logCallback,
                                      interactive=interactive, outputSegmentation=outputSegmentation,
                                      standardNames=standardNames)

@@ -15,3 +15,11 @@ class ModelFileError(UniversalSegError):
 
 class UnknownClassError(UniversalSegError):
     """A class name matches nothing in the registry or the model."""
+
+
+class ClassNotInModelError(UnknownClassError):
+    """A known class (in the registry or another installed model) that the chosen model cannot segment."""
+
+
+class UniversalSegWarning(UserWarning):
+    """Base class of the warnings we show to a user; the CLI prints them as one `warning:` line."""

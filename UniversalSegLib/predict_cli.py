@@ -16,7 +16,8 @@ import json
 import shutil
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CLI_DEFAULT_FORMATS = ("seg.nrrd", "nifti", "stats")
@@ -90,6 +91,22 @@ def _read_with_one_line_warnings(path: Path, allow_non_ct: bool, series_uid: str
     return image
 
 
+@contextmanager
+def _warnings_on_one_line() -> Iterator[None]:
+    """Our warnings raised inside the block (e.g. the structures a thin scan cuts off, ITK's messages)
+    printed afterwards as `universalseg: warning:` lines; other warnings shown as Python shows them."""
+    from UniversalSegLib.errors import UniversalSegWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UniversalSegWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, UniversalSegWarning):
+            _warn(str(w.message))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def _json_progress(fraction: float, message: str) -> None:
     print(json.dumps({"progress": round(fraction, 4), "message": message}), flush=True)
 
@@ -134,12 +151,14 @@ def run_predict(args: argparse.Namespace) -> int:
     from UniversalSegLib.errors import InputError
     from UniversalSegLib.inference.predict import predict, resolve_device
     from UniversalSegLib.io import NonCTWarning, write_outputs
+    from UniversalSegLib.io.destination import check_destination, output_size_bound
 
     input_path, outdir = Path(args.input).expanduser(), Path(args.output).expanduser()
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"output {outdir} exists and is not a folder")
     # every input check, before any output
     image = _read_with_one_line_warnings(input_path, args.allow_non_ct, args.series)
+    check_destination(outdir, output_size_bound(image))  # writable, room enough: before the model runs
     formats = _formats(args.formats, image)
     resolve_device(args.device)
     _check_model_and_classes(args.model, args.classes)
@@ -148,11 +167,12 @@ def run_predict(args: argparse.Namespace) -> int:
     bar = None if args.progress_json else _Bar()
     progress: Callable[[float, str], None] = _json_progress if args.progress_json else bar
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NonCTWarning)  # read_image has already warned
-            result = predict(image, model=args.model, classes=args.classes, device=args.device, fast=args.fast,
-                             progress=progress, allow_non_ct=args.allow_non_ct)
-        outputs = write_outputs(result, outdir, formats)
+        with _warnings_on_one_line():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NonCTWarning)  # read_image has already warned
+                result = predict(image, model=args.model, classes=args.classes, device=args.device, fast=args.fast,
+                                 progress=progress, allow_non_ct=args.allow_non_ct)
+            outputs = write_outputs(result, outdir, formats)
     except BaseException:
         _remove_new(outdir, existed, before)
         raise

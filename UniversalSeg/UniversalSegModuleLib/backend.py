@@ -44,7 +44,7 @@ def backend_command(python: str, *args: str) -> list[str]:
 
 
 def predict_args(input_path: str | Path, output_dir: str | Path, model: str | None = None,
-                 classes: Sequence[str] | None = None, device: str = "auto", fast: bool = False,
+                 classes: str | Sequence[str] | None = None, device: str = "auto", fast: bool = False,
                  formats: Iterable[str] = DEFAULT_FORMATS) -> list[str]:
     """Arguments of `universalseg predict` as the module runs it (always with --progress-json)."""
     if device not in DEVICES:
@@ -52,6 +52,8 @@ def predict_args(input_path: str | Path, output_dir: str | Path, model: str | No
     args = ["predict", str(input_path), "-o", str(output_dir)]
     if model:
         args += ["--model", str(model)]
+    if isinstance(classes, str):
+        classes = [classes]  # one name, not its letters
     if classes:
         args += ["--classes", *classes]
     args += ["--device", device]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,14 +18,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from UniversalSegLib.errors import InputError
+from UniversalSegLib.errors import ClassNotInModelError, InputError, UnknownClassError
 from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.inference.postprocess import apply_rules, disjoint, disjoint_keys, mean_within, outside_vessel_keys
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.restore import SlabRestorer
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16, probability_slabs
-from UniversalSegLib.registry import ClassInfo
+from UniversalSegLib.registry import ClassInfo, Registry
 from UniversalSegLib.runtime import return_large_blocks
 from UniversalSegLib.store import DEFAULT_MODEL, LoadedModel, Manifest, load_model
 
@@ -99,15 +100,19 @@ def _read(image: str | os.PathLike | sitk.Image, allow_non_ct: bool, series_uid:
     return read_image(Path(image), allow_non_ct=allow_non_ct, series_uid=series_uid)
 
 
-def needed_classes(manifest: Manifest, requested: Sequence[str] | None) -> tuple[list[ClassInfo], list[ClassInfo]]:
+def needed_classes(manifest: Manifest,
+                   requested: str | Sequence[str] | None) -> tuple[list[ClassInfo], list[ClassInfo]]:
     """(requested classes, classes to compute): the request plus pair partners, parents and (for a
     vessel or an organ) the vessels that the rules need, so a class comes out the same however it
     was picked.
 
-    Names are keys, display names or synonyms; unknown names raise UnknownClassError with suggestions.
+    Names are keys, display names or synonyms (one string is one name); unknown names raise
+    UnknownClassError with suggestions, and known classes the model lacks ClassNotInModelError.
     """
     registry = manifest.registry()
-    wanted = list(registry) if requested is None else [registry.resolve(n) for n in requested]
+    if isinstance(requested, str):
+        requested = [requested]  # "liver" is one class, not five letters
+    wanted = list(registry) if requested is None else [_resolve_in_model(manifest, registry, n) for n in requested]
     wanted = list({c.key: c for c in wanted}.values())
     if not wanted:
         raise InputError("no classes requested")
@@ -127,8 +132,46 @@ def needed_classes(manifest: Manifest, requested: Sequence[str] | None) -> tuple
     return wanted, [c for c in registry if c.key in keys]  # model order
 
 
+def _resolve_in_model(manifest: Manifest, registry: Registry, name: str) -> ClassInfo:
+    """The model's class called `name`; a class known elsewhere (registry, other models) names its models."""
+    from UniversalSegLib.registry import default_registry
+    from UniversalSegLib.store import list_models
+
+    try:
+        return registry.resolve(name)
+    except UnknownClassError:
+        installed = list_models()
+        for other in [default_registry(), *(m.registry() for _, m in installed)]:
+            try:
+                known = other.resolve(name)
+            except UnknownClassError:
+                continue
+            holders = sorted({m.name for _, m in installed if known.key in m.class_keys})
+            where = ", ".join(holders) or "none installed; `universalseg extend` teaches a model new classes"
+            raise ClassNotInModelError(f"class {name!r} ({known.key}) is not in model {manifest.name} "
+                                       f"(models that have it: {where})") from None
+        raise
+
+
+def _cut_off_warning(results: Sequence[ClassResult], reference: sitk.Image) -> None:
+    """On a thin scan, name the structures that reach its first or last slice (they go on beyond it)."""
+    from UniversalSegLib.io.geometry import mask_parts
+    from UniversalSegLib.io.image import ThinScanWarning, thin_axis
+
+    thin = thin_axis(reference)
+    if thin is None:
+        return
+    axis = 2 - "xyz".index(thin[0])  # masks are (z, y, x)
+    cut = [c.info.key for c in results
+           if (box := mask_parts(c)[0][axis]).stop > box.start and (box.start == 0 or box.stop == thin[1])]
+    if cut:
+        verb = "reaches" if len(cut) == 1 else "reach"
+        warnings.warn(f"the scan has only {thin[1]} slices along {thin[0]}: {', '.join(cut)} {verb} its first or "
+                      "last slice, probably cut off (statistics: touches_border)", ThinScanWarning, stacklevel=3)
+
+
 def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | LoadedModel | None = None,
-            classes: Sequence[str] | None = None, device: str | torch.device = "auto", fast: bool = False,
+            classes: str | Sequence[str] | None = None, device: str | torch.device = "auto", fast: bool = False,
             progress: ProgressFn | None = None, keep_probabilities: bool = False, allow_non_ct: bool = False,
             *, postprocess: bool = True, include_helper_classes: bool = False, sw_batch_size: int | None = None,
             class_chunk: int = 32, cache_features: bool | None = None,
@@ -137,7 +180,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
 
     image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU.
     model: a model name, folder, or `LoadedModel` (default: the bundled model).
-    classes: names, keys or synonyms (default: all the model's classes). Parents and pair
+    classes: names, keys or synonyms, or one such string (default: all the model's classes). Parents and pair
         partners the post-processing needs are computed too, and returned only with
         `include_helper_classes`.
     device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N". Mixed precision on CUDA.
@@ -231,6 +274,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     shown = computed if include_helper_classes else wanted
     results = [ClassResult(c, masks[c.key], confidence[c.key], probabilities[c.key])
                for c in shown]
+    _cut_off_warning(results, reference)
     metadata = {
         "model_path": str(loaded.path), "model_version": manifest.version, "device": str(dev), "fast": fast,
         "overlap": overlap, "sw_batch_size": batch, "mixed_precision": amp,

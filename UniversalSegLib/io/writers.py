@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.result import SegmentationResult
 from UniversalSegLib.io.atomic import replace_dir
+from UniversalSegLib.io.destination import check_destination, destination_error, remove_stale_staging, staging_folder
 from UniversalSegLib.io.dicom_input import dicom_seg_problem
 from UniversalSegLib.io.dicomseg import write_dicom_seg
 from UniversalSegLib.io.image import dicom_source_files
+from UniversalSegLib.io.itk_log import capture_itk_output
 from UniversalSegLib.io.nifti import write_class_masks, write_label_map
 from UniversalSegLib.io.preview import write_preview
 from UniversalSegLib.io.segnrrd import write_seg_nrrd
@@ -28,6 +29,8 @@ FORMATS = ("seg.nrrd", "nifti", "labelmap", "dicom-seg", "stats", "preview")
 DEFAULT_FORMATS = ("seg.nrrd", "nifti", "labelmap", "stats")
 SEG_NRRD, MASKS_DIR, LABELMAP, DICOM_SEG = "segmentation.seg.nrrd", "masks", "labelmap.nii.gz", "segmentation.dcm"
 STATS_CSV, STATS_JSON, PREVIEW = "statistics.csv", "statistics.json", "preview.png"
+OUTPUT_NAMES = (SEG_NRRD, MASKS_DIR, LABELMAP, "labelmap.labels.json", "labelmap-colors.csv", DICOM_SEG, STATS_CSV,
+                STATS_JSON, PREVIEW)
 
 
 def parse_formats(formats: str | Sequence[str]) -> list[str]:
@@ -102,20 +105,25 @@ def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats
         if refusal:
             raise InputError(refusal)
     outdir = Path(outdir)
+    check_destination(outdir)
     created = not outdir.exists()
-    outdir.mkdir(parents=True, exist_ok=True)
-    stage = outdir / f".universalseg-staging-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
+    stage = staging_folder(outdir)
     try:
+        stage.mkdir(parents=True)
+        remove_stale_staging(outdir, OUTPUT_NAMES)  # left by a killed run
         writers = _writers(result, stage, sources)
         staged: dict[str, Path] = {}
-        for name in names:
-            staged.update(writers[name]())
+        with capture_itk_output():  # ITK writers print warnings from C++: they become ITKWarnings
+            for name in names:
+                staged.update(writers[name]())
         return {name: _publish(path, outdir / path.name) for name, path in staged.items()}
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
-        if created and not any(outdir.iterdir()):
+        if created and outdir.exists() and not any(outdir.iterdir()):
             outdir.rmdir()  # leave no trace of a run that produced nothing
+        problem = destination_error(outdir, e)  # disk full, read-only...: one line, not a traceback
+        if problem is not None:
+            raise problem from None
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)

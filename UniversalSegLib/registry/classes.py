@@ -6,6 +6,7 @@ The built-in classes live in `classes.json` beside this file. A model file carri
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Iterable
@@ -119,10 +120,20 @@ class Registry:
         """Find a class by key, display name or synonym (case and punctuation ignored)."""
         key = self._aliases.get(_normalise(name))
         if key is None:
-            close = [k for k in self.keys if _normalise(name) in _normalise(k)][:5]
+            close = self.suggest(name)
             hint = f" (did you mean: {', '.join(close)}?)" if close else ""
             raise UnknownClassError(f"unknown class {name!r}{hint}; `universalseg classes` lists them")
         return self._by_key[key]
+
+    def suggest(self, name: str, limit: int = 5) -> list[str]:
+        """Keys of classes whose key, name or a synonym is close to `name` (typos) or contains it."""
+        wanted = _normalise(name)
+        if not wanted:
+            return []
+        similar = difflib.get_close_matches(wanted, list(self._aliases), n=limit * 3, cutoff=0.75)
+        containing = [alias for alias in self._aliases if wanted in alias]
+        keys = dict.fromkeys(self._aliases[alias] for alias in [*similar, *containing])
+        return list(keys)[:limit]
 
     def prompt(self, key: str) -> str:
         return self.prompt_template.format(name=self._by_key[key].prompt)

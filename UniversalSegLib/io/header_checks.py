@@ -1,0 +1,238 @@
+"""Check an image file's header against the file itself before any voxel is read.
+
+ITK allocates the whole image the header declares before reading a byte of it, and its NIfTI
+reader fills data that is missing with zeros. So a truncated download segments "fine" (with the
+missing part read as air), and a corrupt header declaring 32767^3 voxels asks the OS for 64 TiB.
+Here the declared size is compared with what the file holds, and the voxel type and spacing are
+checked, from the header alone (nibabel for NIfTI, ITK's ReadImageInformation for the others).
+
+Cost: reading the header, plus for .nii.gz the gzip trailer (4 bytes, the uncompressed size mod
+2^32). Only when that trailer disagrees with the header (truncated file, several gzip members,
+padding) is the file decompressed once, in chunks and without keeping the data, to count its bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from UniversalSegLib.errors import InputError
+
+# Deflate never compresses more than about 1032:1 (RFC 1951 limit), so a compressed file declaring
+# more than that many times its size is a corrupt header or a truncated file, whatever its content.
+MAX_DEFLATE_RATIO = 1032
+_CHUNK = 1 << 20  # bytes decompressed at a time when counting a gzip stream
+_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr")
+_COMPLEX = {sitk.sitkComplexFloat32: "complex64", sitk.sitkComplexFloat64: "complex128"}
+
+
+def check_file_header(path: Path) -> None:
+    """Raise InputError when `path`'s header declares an unsupported voxel type, a zero or non-finite
+    voxel size, or more data than the file holds. Reads the header only (see the module docstring)."""
+    if path.stat().st_size == 0:
+        raise InputError(f"{path} is empty (0 bytes); the copy or download probably failed")
+    if path.name.lower().endswith(_NIFTI_SUFFIXES):
+        _check_nifti(path)
+    else:
+        _check_itk_header(path)
+
+
+# --- NIfTI (nibabel parses the header; nothing else is read) ----------------------------------------------
+
+
+def _nifti_header(path: Path):
+    """The NIfTI-1 or NIfTI-2 header of `path` (parsed without nibabel's checks), or None for other files."""
+    import nibabel
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            block = f.read(nibabel.Nifti2Header.sizeof_hdr)
+    except (OSError, EOFError, zlib.error):
+        return None  # not gzip after all, or cut before the header ends: ITK's own error says so
+    for cls in (nibabel.Nifti1Header, nibabel.Nifti2Header):
+        if len(block) >= cls.sizeof_hdr and cls.may_contain_header(block[:cls.sizeof_hdr]):
+            return cls.from_fileobj(io.BytesIO(block), check=False)
+    return None
+
+
+def _voxel_type(path: Path, code: int) -> np.dtype:
+    """The numpy type of NIfTI datatype `code`, or InputError when it is no CT intensity type."""
+    from nibabel.nifti1 import data_type_codes
+
+    if code not in data_type_codes.code:
+        raise InputError(f"{path}: the NIfTI header's voxel type (datatype {code}) is not one NIfTI defines; the "
+                         "header is corrupt")
+    label, dtype = data_type_codes.label[code], data_type_codes.dtype[code]
+    if dtype.kind == "c":
+        problem = f"complex voxels ({label}), e.g. raw MR or Fourier data"
+    elif dtype.fields is not None:
+        problem = f"colour voxels ({label})"
+    elif code == 1:
+        problem = "1-bit voxels (a binary mask, not a CT)"
+    elif dtype.kind not in "iuf" or dtype.itemsize > 8:
+        problem = f"voxels of type {label}, which we cannot read"
+    else:
+        return dtype
+    raise InputError(f"{path} has {problem}; a CT has one real (integer or float) intensity per voxel")
+
+
+def _check_nifti(path: Path) -> None:
+    single = path.name.lower().endswith((".nii", ".nii.gz"))
+    data_file = path if single else _image_file_of_pair(path)  # also for Analyze headers, read by ITK too
+    header = _nifti_header(path)
+    if header is None:
+        return
+    if header.sizeof_hdr == 540:
+        raise InputError(f"{path} is a NIfTI-2 file, which our reader (ITK) cannot read; save it as NIfTI-1, e.g. "
+                         "nibabel.save(nibabel.Nifti1Image(img.dataobj, img.affine), 'ct.nii.gz')")
+    dtype = _voxel_type(path, int(header["datatype"]))
+    ndim = int(header["dim"][0])
+    if not 1 <= ndim <= 7:
+        raise InputError(f"{path}: the NIfTI header's dimension count is {ndim}; the header is corrupt")
+    shape = [int(n) for n in header["dim"][1:1 + ndim]]
+    if min(shape) < 0:
+        raise InputError(f"{path}: the NIfTI header declares a negative size ({'x'.join(map(str, shape))}); the "
+                         "header is corrupt")
+    spacing = [float(v) for v in header["pixdim"][1:1 + min(ndim, 3)]]
+    _check_spacing(path, spacing, "voxel spacing (NIfTI pixdim)", allow_negative=True)
+    _check_size(path, data_file, shape, dtype.name, math.prod(shape) * dtype.itemsize, int(header["vox_offset"]))
+
+
+def _check_spacing(path: Path, spacing, what: str, allow_negative: bool = False) -> None:
+    """InputError for a zero or non-finite spacing (and a negative one unless allowed: NIfTI's pixdim sign
+    is no geometry). Otherwise-odd spacings are left to the plausibility check after reading."""
+    for axis, value in zip("xyzt", spacing):
+        if math.isfinite(value) and (value > 0 or (allow_negative and value < 0)):
+            continue
+        problem = "zero" if value == 0 else "not a number" if not math.isfinite(value) else f"negative ({value:g})"
+        shown = " x ".join(f"{v:g}" for v in spacing)
+        silently = " (ITK would silently read 1 mm)" if "pixdim" in what and value == 0 else ""
+        raise InputError(f"{path}: the {what} is {problem} along {axis} ({shown} mm); the file's geometry header "
+                         f"is broken{silently}")
+
+
+def _image_file_of_pair(header_file: Path) -> Path:
+    for suffix in (".img", ".img.gz"):
+        candidate = header_file.with_name(header_file.name[: -len(".hdr")] + suffix)
+        if candidate.exists():
+            return candidate
+    raise InputError(f"cannot read {header_file}: its image file {header_file.stem}.img is missing beside it "
+                     "(a .hdr/.img pair needs both)")
+
+
+# --- NRRD, MetaImage (ITK reads the header only) -----------------------------------------------------------
+
+
+def _check_itk_header(path: Path) -> None:
+    from UniversalSegLib.io.image import read_error
+    from UniversalSegLib.io.itk_log import capture_itk_output
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with capture_itk_output() as log:
+            reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(read_error(path, e, log.text)) from None
+    pixel = reader.GetPixelID()
+    if pixel in _COMPLEX:
+        raise InputError(f"{path} has complex voxels ({_COMPLEX[pixel]}), e.g. raw MR or Fourier data; a CT has "
+                         "one real (integer or float) intensity per voxel")
+    if reader.GetNumberOfComponents() != 1:  # as check_image says it, but before the voxels are read
+        raise InputError(f"{path} has {reader.GetNumberOfComponents()} values per voxel (a colour or vector "
+                         "image); a CT has one intensity per voxel")
+    _check_spacing(path, reader.GetSpacing(), "voxel spacing")
+    data_file = _detached_data_file(path) or path
+    if data_file.exists():
+        component = sitk.Image([1] * reader.GetDimension(), pixel).GetSizeOfPixelComponent() if pixel >= 0 else 1
+        declared = math.prod(reader.GetSize()) * reader.GetNumberOfComponents() * component
+        # Only the compression bound: ITK itself reports a short raw file (see read_error).
+        _check_size(path, data_file, list(reader.GetSize()), sitk.GetPixelIDValueAsString(pixel), declared,
+                    compressed_only=True)
+
+
+def _detached_data_file(path: Path) -> Path | None:
+    """The data file a .mhd / .nhdr header names (ElementDataFile / data file), if it names a single one."""
+    if not path.name.lower().endswith((".mhd", ".nhdr")):
+        return None
+    with open(path, "rb") as f:
+        text = f.read(65536).decode("latin-1")
+    found = re.search(r"^\s*(?:ElementDataFile\s*=|data ?file\s*:)\s*(\S.*?)\s*$", text, re.MULTILINE | re.IGNORECASE)
+    if not found or found.group(1).upper() in ("LOCAL", "LIST") or "%" in found.group(1):
+        return None
+    return path.with_name(found.group(1)) if not Path(found.group(1)).is_absolute() else Path(found.group(1))
+
+
+# --- declared size against the file -----------------------------------------------------------------------
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _check_size(name: Path, data_file: Path, shape: list[int], type_name: str, declared: int, offset: int = 0,
+                compressed_only: bool = False) -> None:
+    """InputError when `data_file` cannot hold `declared` bytes of voxels after `offset` header bytes."""
+    stored = data_file.stat().st_size
+    what = f"{'x'.join(map(str, shape))} voxels of {type_name} ({_human(declared)})"
+    if _is_gzip(data_file) or compressed_only:
+        if declared > MAX_DEFLATE_RATIO * stored:
+            raise InputError(f"{name}: the header declares {what} but the file holds only {_human(stored)}, "
+                             "more than any compression can hold; the header is corrupt or the file is cut short")
+        if compressed_only or not _is_gzip(data_file):
+            return
+        available = _gzip_bytes_at_least(data_file, offset + declared) - offset
+    else:
+        available = stored - offset
+    if available < declared and available * 100 < declared:  # nearly nothing there: rather a corrupt header
+        raise InputError(f"{name}: the header declares {what} but the file holds only {_human(stored)}; the header "
+                         "is corrupt or the file is cut short")
+    if available < declared:
+        missing = 100 * (declared - max(available, 0)) / declared
+        raise InputError(f"{name} is truncated: the header declares {what} but only {_human(max(available, 0))} "
+                         f"of voxel data are there (about {missing:.0f}% missing); copy or download the file again")
+
+
+def _gzip_bytes_at_least(path: Path, needed: int) -> int:
+    """The uncompressed size of gzip file `path`, counted up to `needed` bytes (enough to know it suffices)."""
+    with open(path, "rb") as f:
+        f.seek(-4, 2)
+        if int.from_bytes(f.read(4), "little") == needed % 2**32:
+            # The trailer's size matches: a cut file would need its last 4 compressed bytes to equal it by
+            # chance (2^-32), so the whole stream is there and we skip decompressing it.
+            return needed
+    total, stream, pending = 0, zlib.decompressobj(zlib.MAX_WBITS | 16), b""
+    try:
+        with open(path, "rb") as f:
+            while total < needed:
+                if stream.eof:  # a gzip member ended; another one may follow
+                    pending = stream.unused_data or f.read(_CHUNK)
+                    if not pending.startswith(b"\x1f\x8b"):
+                        break  # end of file, or padding after the last member
+                    stream = zlib.decompressobj(zlib.MAX_WBITS | 16)
+                if not pending:
+                    pending = f.read(_CHUNK)
+                    if not pending:
+                        break  # the file ends inside the stream: truncated
+                total += len(stream.decompress(pending, _CHUNK))  # bounded output: the data is never kept
+                pending = stream.unconsumed_tail
+    except zlib.error as e:
+        raise InputError(f"{path}: the gzip data is damaged ({e}); copy or download the file again") from None
+    return total
