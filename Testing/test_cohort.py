@@ -82,7 +82,8 @@ def test_good_cases_succeed_bad_ones_are_recorded_and_the_exit_code_says_so(full
     rows = report(out)
     assert sorted(rows) == sorted([*GOOD, "damaged", "mr"])
     assert all(rows[c]["status"] == "ok" for c in GOOD)
-    assert rows["damaged"]["status"] == "refused" and "damaged.nii.gz" in rows["damaged"]["reason"] and "corrupt" in rows["damaged"]["reason"]
+    damaged = rows["damaged"]
+    assert damaged["status"] == "refused" and "damaged.nii.gz" in damaged["reason"] and "corrupt" in damaged["reason"]
     assert rows["mr"]["status"] == "refused" and "do not look like CT" in rows["mr"]["reason"]
     assert "case mr refused:" in run.stderr and "case damaged refused:" in run.stderr
     for case in GOOD:
