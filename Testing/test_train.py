@@ -323,3 +323,14 @@ def test_config_files(tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(UniversalSegError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_config_yaml_reads_exponent_floats_as_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads `2e-3` as text; users write YAML 1.2/JSON numbers, so it must be a float."""
+    (tmp_path / "c.yaml").write_text("name: m\nmodel: {classes: [liver]}\ndatasets: [{name: x}]\n"
+                                     "train: {steps: 2, lr: 2e-3, weight_decay: 1E-5, min_lr_ratio: 1.0e-2}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.train.lr == 2e-3 and cfg.train.weight_decay == 1e-5 and cfg.train.min_lr_ratio == 0.01
+    import yaml  # the project's loader leaves PyYAML's own SafeLoader unchanged
+
+    assert yaml.safe_load("a: 2e-3") == {"a": "2e-3"}

@@ -13,7 +13,6 @@ for `plain`, lists the cases explicitly); `split` holds cases out for validation
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from UniversalSegLib.config_file import read_config_file
 from UniversalSegLib.errors import InputError, UnknownClassError
 from UniversalSegLib.registry import Registry, default_registry
 
@@ -247,14 +247,8 @@ def load_dataset_file(path: str | Path, registry: Registry | None = None) -> lis
     path = Path(path)
     if not path.is_file():
         raise InputError(f"dataset config not found: {path}")
-    text = path.read_text()
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = read_config_file(path)
     except Exception as exc:  # noqa: BLE001 - a parse error is a user-facing bad file
         raise InputError(f"cannot parse {path}: {exc}") from exc
     entries = data.get("datasets") if isinstance(data, dict) else data

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from UniversalSegLib.config_file import read_config_file
 from UniversalSegLib.errors import UniversalSegError
 from UniversalSegLib.store import Preprocessing
 from UniversalSegLib.text import DEFAULT_ENCODER_ID
@@ -231,8 +232,7 @@ def load_config(path: str | Path, train_overrides: dict[str, Any] | None = None,
     if not path.is_file():
         raise UniversalSegError(f"config file {path} not found")
     try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = read_config_file(path)
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise UniversalSegError(f"{path}: unreadable config ({str(e).splitlines()[0]})") from None
     if isinstance(data, dict):
