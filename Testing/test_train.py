@@ -334,3 +334,30 @@ def test_config_yaml_reads_exponent_floats_as_numbers(tmp_path):
     import yaml  # the project's loader leaves PyYAML's own SafeLoader unchanged
 
     assert yaml.safe_load("a: 2e-3") == {"a": "2e-3"}
+
+
+def test_config_backbone_with_8_filters_builds_and_trains(tmp_path):
+    """SegResNet with init_filters 8 (8 voxel channels) used to end in 'num_channels (8) must be
+    divisible by num_groups (16)' from the heads' GroupNorm; it is a valid, smaller network."""
+    cfg = parse_config({**GOOD, "model": {"classes": ["liver"], "backbone_config": {"init_filters": 8}}}, tmp_path)
+    from UniversalSegLib.model.universal import UniversalModel
+
+    model = UniversalModel("segresnet", cfg.model.backbone_config, torch.randn(1, 16), lpg_hidden=8)
+    assert model.voxel_feature_head[0].num_groups == 8 and model.image_feature_head[0].num_groups == 16
+    logits = model(torch.randn(2, 1, *PATCH))
+    logits.sum().backward()
+    assert logits.shape == (2, 1, *PATCH) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("model, patch, message", [
+    ({"backbone_config": {"init_filters": 4}}, [32, 32, 32],
+     r"^config: model.backbone_config \{'init_filters': 4\} does not build a segresnet: .*divisible"),
+    ({"backbone_config": {"init_filter": 8}}, [32, 32, 32], r"^config: model.backbone_config .*init_filter"),
+    ({}, [32, 32, 20], r"^config: preprocessing.patch_size \[32, 32, 20\] must be divisible by 8"),
+])
+def test_config_refuses_an_architecture_that_cannot_build_in_one_line(tmp_path, model, patch, message):
+    data = {**GOOD, "model": {"classes": ["liver"], **model},
+            "preprocessing": {**GOOD["preprocessing"], "patch_size": patch}}
+    with pytest.raises(UniversalSegError, match=message) as info:
+        parse_config(data, tmp_path)
+    assert "\n" not in str(info.value)

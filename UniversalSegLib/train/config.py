@@ -191,6 +191,33 @@ def _validate_model(m: ModelSection) -> ModelSection:
     return m
 
 
+def _check_architecture(m: ModelSection, patch_size: list[int]) -> None:
+    """Build the model once without weights, so a backbone_config the network refuses (an unknown
+    argument, channels GroupNorm cannot split) or a patch size it cannot take is a one-line error
+    here, before any data is read, instead of a traceback from deep inside MONAI."""
+    import torch
+
+    from UniversalSegLib.model.universal import UniversalModel
+
+    def build(device: str) -> UniversalModel:
+        with torch.device(device):
+            return UniversalModel(m.backbone, m.backbone_config, torch.zeros(len(m.classes), 1), lpg=m.lpg,
+                                  lpg_hidden=m.lpg_hidden)
+
+    try:
+        try:
+            model = build("meta")  # no weights allocated
+        except (RuntimeError, NotImplementedError):  # networks that read values while built (Swin's .item())
+            model = build("cpu")
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise UniversalSegError(f"config: model.backbone_config {m.backbone_config} does not build a "
+                                f"{m.backbone}: {detail}") from None
+    bad = [s for s in patch_size if s % model.patch_multiple]
+    _check(not bad, f"preprocessing.patch_size {list(patch_size)} must be divisible by {model.patch_multiple} "
+                    f"for backbone {m.backbone}")
+
+
 def _validate_preprocessing(p: Preprocessing) -> None:
     _check(len(p.spacing) == 3 and all(float(s) > 0 for s in p.spacing),
            f"preprocessing.spacing must be three positive numbers (mm), got {p.spacing!r}")
@@ -215,6 +242,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".") -> RunConfig:
     preprocessing = _section(Preprocessing, data.get("preprocessing", {}), "preprocessing")
     _validate_preprocessing(preprocessing)
     model = _validate_model(_section(ModelSection, data["model"], "model"))
+    _check_architecture(model, preprocessing.patch_size)
     train = _section(TrainSettings, data.get("train", {}), "train")
     _validate_train(train)
     datasets = data["datasets"]

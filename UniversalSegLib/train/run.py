@@ -89,11 +89,7 @@ def build_model(config: RunConfig):
                                    text_encoder=get_text_encoder(m.text_encoder), lpg=m.lpg, lpg_hidden=m.lpg_hidden,
                                    preprocessing=config.preprocessing, description=m.description,
                                    license=m.license, version=m.version)
-    bad = [s for s in config.preprocessing.patch_size if s % model.patch_multiple]
-    if bad:
-        raise UniversalSegError(f"preprocessing.patch_size {config.preprocessing.patch_size} must be divisible by "
-                                f"{model.patch_multiple} for backbone {m.backbone}")
-    return model, manifest
+    return model, manifest  # parse_config has checked that the architecture builds for the patch size
 
 
 def provenance(config: RunConfig, specs: list, data_hashes: bool = True) -> dict[str, Any]:
