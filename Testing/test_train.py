@@ -361,3 +361,20 @@ def test_config_refuses_an_architecture_that_cannot_build_in_one_line(tmp_path, 
     with pytest.raises(UniversalSegError, match=message) as info:
         parse_config(data, tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_log_shows_the_learning_rate_each_step_used(tmp_path):
+    """The `lr` column is the rate the optimiser applied at that step (warm-up starts at lr/warmup),
+    not the next step's rate read after the scheduler moved on."""
+    data = SyntheticPartialDataset(DATASETS, len(KEYS), PATCH, length=4, seed=1)
+    model, manifest = tiny_model(KEYS, patch_size=PATCH)
+    settings = _settings(steps=3, lr=1e-3, warmup_steps=4, checkpoint_every=0)
+    used = []
+    trainer = Trainer(model, manifest, data, settings, tmp_path, datasets=list(DATASETS))
+    # the rate AdamW reads when it updates the weights
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    trainer.fit()
+    with open(tmp_path / "train_log.csv") as f:
+        logged = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert used == pytest.approx([1e-3 * lr_factor(s, 4, 3) for s in range(3)])
+    assert logged == pytest.approx(used, rel=1e-5)

@@ -158,6 +158,7 @@ class Trainer:
         self.step, self.epoch, self._elapsed0 = 0, 0, 0.0
         self.log = RunLog(self.output, self.datasets) if self.dist.is_main else None
         self.last_scores: list[ClassScore] = []
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate of the last step taken, set by train_step
         self._resume_rng = None  # checkpoint RNG to restore once the data stream is back in place
 
     # ----------------------------------------------------------------------------- data
@@ -239,6 +240,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         if self.settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step (the log shows it)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -327,7 +329,7 @@ class Trainer:
             t = torch.tensor([loss], device=self.device)
             dist.all_reduce(t)
             loss = float(t) / self.dist.world_size
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.last_lr
         if self.log:
             self.log.log_step(self.step, self.epoch, loss, lr, elapsed, parts)
         if bar is not None:
