@@ -378,3 +378,27 @@ def test_log_shows_the_learning_rate_each_step_used(tmp_path):
         logged = [float(r["lr"]) for r in csv.DictReader(f)]
     assert used == pytest.approx([1e-3 * lr_factor(s, 4, 3) for s in range(3)])
     assert logged == pytest.approx(used, rel=1e-5)
+
+
+def test_per_dataset_accumulation_keeps_the_whole_batch_gradient_for_disjoint_datasets(tmp_path):
+    """Two datasets annotating different classes: the loss sums over classes, so accumulating one
+    backward per dataset must give the one-batch loss and gradient, Dice included. Weighting each
+    group by its share of the batch used to halve the gradient (norm 1.64 instead of 3.28)."""
+    data = SyntheticPartialDataset({"A": [0], "B": [1]}, 2, PATCH, length=4)
+    batch = batch_of(data, [0, 1, 2, 3])
+    assert sorted(batch["dataset"]) == ["A", "A", "B", "B"]
+    results = []
+    for per_dataset in (False, True):
+        model, manifest = tiny_model(KEYS[:2], patch_size=PATCH)
+        settings = TrainSettings(steps=1, batch_size=4, num_workers=0, grad_clip=None,
+                                 accumulate_per_dataset=per_dataset, progress=False)
+        trainer = Trainer(model, manifest, data, settings, tmp_path / str(per_dataset))
+        loss, _ = trainer.train_step(batch)
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((loss, torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])),
+                        grads))
+    (loss_one, norm_one, one), (loss_acc, norm_acc, acc) = results
+    assert loss_acc == pytest.approx(loss_one, rel=1e-5)
+    assert float(norm_acc) == pytest.approx(float(norm_one), rel=1e-4)
+    for a, b in zip(one, acc):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

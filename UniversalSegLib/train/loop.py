@@ -223,6 +223,7 @@ class Trainer:
         annotated = torch.as_tensor(batch["annotated"]).bool()
         names = [str(n) for n in batch["dataset"]]
         groups = self._groups(names)
+        class_counts = annotated.sum(0)  # samples of the whole batch that annotate each class
         self.optimizer.zero_grad(set_to_none=True)
         total, sums = 0.0, {}
         for g, idx in enumerate(groups):
@@ -232,7 +233,7 @@ class Trainer:
             rows = slice(None) if len(idx) == len(names) else idx  # no copy for a single group
             with sync:
                 value, parts = self._forward_backward(images[rows], labels[rows], annotated[rows],
-                                                      [names[i] for i in idx], len(idx) / len(names))
+                                                      [names[i] for i in idx], class_counts)
             total += value
             for name, (loss, count) in parts.items():  # sample-weighted mean over micro-batches
                 acc = sums.setdefault(name, [0.0, 0])
@@ -247,7 +248,7 @@ class Trainer:
         return total, {name: acc[0] / acc[1] for name, acc in sums.items()}
 
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor,
-                          names: list[str], weight: float) -> tuple[float, dict[str, tuple[float, int]]]:
+                          names: list[str], class_counts: torch.Tensor) -> tuple[float, dict[str, tuple[float, int]]]:
         # Only the classes some sample of the group annotates need a head; never none, so every
         # parameter stays in the graph (DDP expects the same parameters used on every rank).
         classes = torch.nonzero(annotated.any(0)).flatten()
@@ -256,19 +257,24 @@ class Trainer:
         images = images.to(self.device, non_blocking=True).float()
         target = labels[:, classes].to(self.device, non_blocking=True)
         mask = annotated[:, classes].to(self.device)
+        # Each class's term is weighted by this group's share of the batch's samples that annotate
+        # it, so the accumulated loss is the whole batch's: a class only this group annotates keeps
+        # its full weight (the loss sums over classes: a second dataset must not halve the first's
+        # gradient), and a class split over micro-batches gets the batch mean of its BCE exactly.
+        share = (annotated[:, classes].sum(0) / class_counts[classes].clamp(min=1)).to(self.device)
         classes = classes.to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.net(images, classes)
-        terms = self.loss_fn(logits, target, mask)
-        self.scaler.scale(terms.total * weight).backward()
+        terms = self.loss_fn(logits, target, mask, class_weight=share)
+        self.scaler.scale(terms.total).backward()
         parts: dict[str, tuple[float, int]] = {}
         with torch.no_grad():
             for name in dict.fromkeys(names):
                 rows = [i for i, n in enumerate(names) if n == name]
-                value = terms.total if len(rows) == len(names) else \
-                    self.loss_fn(logits[rows], target[rows], mask[rows]).total
+                one = terms if len(rows) == len(names) else self.loss_fn(logits[rows], target[rows], mask[rows])
+                value = (self.loss_fn.bce_weight * one.bce + self.loss_fn.dice_weight * one.dice).sum()  # unweighted
                 parts[name] = (float(value), len(rows))
-        return float(terms.total.detach()) * weight, parts
+        return float(terms.total.detach()), parts
 
     # ----------------------------------------------------------------------------- the run
     def resume(self, checkpoint: str | Path | None = None) -> bool:
