@@ -158,6 +158,7 @@ class Trainer:
         self.step, self.epoch, self._elapsed0 = 0, 0, 0.0
         self.log = RunLog(self.output, self.datasets) if self.dist.is_main else None
         self.last_scores: list[ClassScore] = []
+        self.last_dataset_counts: dict[str, int] = {}  # samples of each dataset in the last step (this rank)
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate of the last step taken, set by train_step
         self._resume_rng = None  # checkpoint RNG to restore once the data stream is back in place
 
@@ -245,6 +246,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.last_dataset_counts = {name: acc[1] for name, acc in sums.items()}  # samples behind each loss
         return total, {name: acc[0] / acc[1] for name, acc in sums.items()}
 
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor,
@@ -331,10 +333,8 @@ class Trainer:
                     dynamic_ncols=True)
 
     def _after_step(self, loss: float, parts: dict[str, float], elapsed: float, bar) -> None:
-        if self.dist.enabled:  # the logged loss is the mean over ranks
-            t = torch.tensor([loss], device=self.device)
-            dist.all_reduce(t)
-            loss = float(t) / self.dist.world_size
+        if self.dist.enabled:
+            loss, parts = self._reduce_losses(loss, parts)
         lr = self.last_lr
         if self.log:
             self.log.log_step(self.step, self.epoch, loss, lr, elapsed, parts)
@@ -348,6 +348,17 @@ class Trainer:
             self.save_checkpoint(elapsed)
         if self.on_step is not None:
             self.on_step(self.step)
+
+    def _reduce_losses(self, loss: float, parts: dict[str, float]) -> tuple[float, dict[str, float]]:
+        """The step's loss as the mean over ranks, and each logged dataset's loss as the mean over all
+        ranks' samples of that dataset (a rank may have none), in one all-reduce."""
+        names, counts = self.datasets, self.last_dataset_counts
+        values = [loss] + [parts.get(n, 0.0) * counts.get(n, 0) for n in names] + [counts.get(n, 0) for n in names]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        sums, totals = t[1:1 + len(names)].tolist(), t[1 + len(names):].tolist()
+        reduced = {n: v / c for n, v, c in zip(names, sums, totals) if c > 0}
+        return float(t[0]) / self.dist.world_size, reduced
 
     def run_validation(self) -> list[ClassScore]:
         """Dice/NSD on the validation cases (main rank; the others wait at a barrier)."""
