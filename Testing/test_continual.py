@@ -23,7 +23,7 @@ from UniversalSegLib.continual import ExtensionCancelled, extend_model
 from UniversalSegLib.continual import pseudo as pseudo_module
 from UniversalSegLib.continual.classes import embed_new_classes, make_new_classes, most_similar
 from UniversalSegLib.continual.data import load_extension_data
-from UniversalSegLib.continual.extend import _extended_registry
+from UniversalSegLib.continual.extend import _extended_registry, extended_version
 from UniversalSegLib.continual.trainer import _sampled_logits
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.model import UniversalModel
@@ -157,6 +157,17 @@ def test_heads_only_keeps_everything_old_bit_identical(base_model, crops, tmp_pa
     assert loaded.manifest.provenance["extended_from"]["integrity_sha256"] == parent.integrity_sha256
     assert lineage["init"] == {"aorta_true_lumen": "similar:aorta", "aorta_false_lumen": "similar:aorta"}
     assert lineage["settings"]["train"] == "heads" and lineage["date"] and "folder" in lineage["data"]["description"]
+    # an extended model is a new model: its own version, the parent's kept in the lineage record
+    assert parent.version == "0.1.0" and loaded.manifest.version == "0.1.0+ext.1"
+    assert lineage["parent"]["version"] == loaded.manifest.provenance["extended_from"]["version"] == "0.1.0"
+
+
+@pytest.mark.parametrize("parent, extensions, version", [
+    ("0.1.0", 1, "0.1.0+ext.1"), ("0.1.0+ext.1", 2, "0.1.0+ext.2"), ("2.0+cu", 1, "2.0+cu.ext.1"),
+    ("2.0+cu.ext.3", 4, "2.0+cu.ext.4"),
+])
+def test_extended_version_rule(parent, extensions, version):
+    assert extended_version(parent, extensions) == version
 
 
 def test_heads_decoder_with_pseudo_labels_and_report(base_model, crops, tmp_path, monkeypatch):
