@@ -296,16 +296,16 @@ def test_config_defaults_and_resolution(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"model": {"classes": ["liver", "no_such_organ"]}}, "unknown class 'no_such_organ'"),
     ({"model": {"classes": ["liver", "liver"]}}, "more than once"),
-    ({"model": {"classes": ["liver"], "backbone": "resnet9000"}}, "unknown model.backbone"),
-    ({"train": {"stpes": 5}}, "unknown key.*stpes"),
-    ({"train": {"amp": "fp8"}}, "train.amp must be one of"),
-    ({"train": {"batch_size": 0}}, "batch_size must be a positive integer"),
+    ({"model": {"classes": ["liver"], "backbone": "resnet9000"}}, "model.backbone: must be one of"),
+    ({"train": {"stpes": 5}}, "train.stpes: unknown key"),
+    ({"train": {"amp": "fp8"}}, "train.amp: must be one of"),
+    ({"train": {"batch_size": 0}}, "train.batch_size: must be a positive integer, got 0"),
     ({"train": {"lr": -1}}, "train.lr"),
-    ({"preprocessing": {"spacing": [1, 1]}}, "spacing must be three"),
-    ({"preprocessing": {"patch_sise": [1, 1, 1]}}, "unknown key.*patch_sise"),
-    ({"datasets": []}, "datasets must be a non-empty list"),
+    ({"preprocessing": {"spacing": [1, 1]}}, "preprocessing.spacing: must be three"),
+    ({"preprocessing": {"patch_sise": [1, 1, 1]}}, "preprocessing.patch_sise: unknown key"),
+    ({"datasets": []}, "datasets: must be a non-empty list"),
     ({"name": "a/b"}, "without slashes"),
-    ({"extra": 1}, "unknown top-level key"),
+    ({"extra": 1}, "extra: unknown key"),
 ])
 def test_config_errors_are_clear(tmp_path, change, message):
     with pytest.raises(UniversalSegError, match=message):
@@ -351,9 +351,10 @@ def test_config_backbone_with_8_filters_builds_and_trains(tmp_path):
 
 @pytest.mark.parametrize("model, patch, message", [
     ({"backbone_config": {"init_filters": 4}}, [32, 32, 32],
-     r"^config: model.backbone_config \{'init_filters': 4\} does not build a segresnet: .*divisible"),
-    ({"backbone_config": {"init_filter": 8}}, [32, 32, 32], r"^config: model.backbone_config .*init_filter"),
-    ({}, [32, 32, 20], r"^config: preprocessing.patch_size \[32, 32, 20\] must be divisible by 8"),
+     r"^config: model.backbone_config: does not build a segresnet \(.*divisible.*\), got \{'init_filters': 4\}"),
+    ({"backbone_config": {"init_filter": 8}}, [32, 32, 32], r"^config: model.backbone_config: .*init_filter"),
+    ({}, [32, 32, 20],
+     r"^config: preprocessing.patch_size: must be divisible by 8 for backbone segresnet, got \[32, 32, 20\]"),
 ])
 def test_config_refuses_an_architecture_that_cannot_build_in_one_line(tmp_path, model, patch, message):
     data = {**GOOD, "model": {"classes": ["liver"], **model},
@@ -402,3 +403,33 @@ def test_per_dataset_accumulation_keeps_the_whole_batch_gradient_for_disjoint_da
     assert float(norm_acc) == pytest.approx(float(norm_one), rel=1e-4)
     for a, b in zip(one, acc):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"lr": "abc"}}, "config: train.lr: must be a positive number, got 'abc'"),
+    ({"train": {"steps": 2.5}}, "config: train.steps: must be a positive integer, got 2.5"),
+    ({"train": {"progress": "no"}}, "config: train.progress: must be true or false, got 'no'"),
+    ({"train": {"grad_clip": -1}}, "config: train.grad_clip: must be a positive number, got -1"),
+    ({"train": {"device": "gpu"}}, "config: train.device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ({"train": [1]}, "config: train: must be a mapping, got [1]"),
+    ({"model": {"classes": []}}, "config: model.classes: must be a non-empty list of class keys, got []"),
+    ({"preprocessing": {"hu_window": [250, -175]}},
+     "config: preprocessing.hu_window: must be [low, high] with low < high, got [250, -175]"),
+    ({"preprocessing": {"patch_size": [32.0, 32, 32]}},
+     "config: preprocessing.patch_size: must be three positive integers, got [32.0, 32, 32]"),
+    ({"name": None}, "config: name: must be a non-empty name without slashes, got None"),
+])
+def test_config_errors_name_the_field_in_one_line(tmp_path, change, message):
+    with pytest.raises(UniversalSegError) as info:
+        parse_config({**GOOD, **change}, tmp_path)
+    assert str(info.value) == message
+
+
+def test_config_preprocessing_section_mirrors_the_model_file():
+    """The config's typed `preprocessing` section has exactly the model file's fields and defaults."""
+    from dataclasses import asdict
+
+    from UniversalSegLib.store import Preprocessing
+    from UniversalSegLib.train.config import PreprocessingSection
+
+    assert PreprocessingSection().model_dump() == asdict(Preprocessing())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +105,7 @@ def provenance(config: RunConfig, specs: list, data_hashes: bool = True) -> dict
                       "training_cases": len(s.train_cases()), "held_out_cases": len(s.val_cases()),
                       **({"sha256": s.content_sha256()} if data_hashes else {})}  # `universalseg info` shows it
                      for s in specs],
-        "train": {k: v for k, v in asdict(config.train).items() if k not in ("device", "progress", "cache_dir")},
+        "train": {k: v for k, v in config.train.model_dump().items() if k not in ("device", "progress", "cache_dir")},
     }
 
 
