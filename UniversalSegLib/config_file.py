@@ -88,7 +88,7 @@ def validate_section(model: type[BaseModelT], data: Any, where: str, error: type
         prefix: put before the message ("config: ").
     """
     if not isinstance(data, dict):
-        raise error(f"{prefix}{where or 'the top level'}: must be a mapping, got {_shown(data)}")
+        raise error(f"{prefix}{where + ': ' if where else ''}must be a mapping, got {_shown(data)}")
     try:
         return model.model_validate(data)
     except ValidationError as e:
