@@ -311,11 +311,11 @@ def test_cli_classes_file_gives_each_class_its_own_fields(base_model, tmp_path, 
     ("[{key: a", (), "cannot parse classes file"),
     ({"a": 1}, (), "expected a non-empty list"),
     (["aorta_true_lumen", 42], (), "entry 2 must be an object"),
-    ([{"name": "No key"}], (), "has no key"),
-    ([{"key": "k", "colour": [1, 2, 300]}], (), "colour must be three whole numbers 0-255"),
-    ([{"key": "k", "colour": "red"}], (), "colour must be three whole numbers 0-255"),
+    ([{"name": "No key"}], (), "key: missing (required)"),
+    ([{"key": "k", "colour": [1, 2, 300]}], (), "colour: must be three whole numbers 0-255, got [1, 2, 300]"),
+    ([{"key": "k", "colour": "red"}], (), "colour: must be three whole numbers 0-255, got 'red'"),
     ([{"key": "k", "colour": [1, 2, 3], "color": [3, 2, 1]}], (), "colour or color, not both"),
-    ([{"key": "k", "colr": [1, 2, 3]}], (), "unknown field(s) colr"),
+    ([{"key": "k", "colr": [1, 2, 3]}], (), "colr: unknown key (known: key, name,"),
     ([{"key": "k", "parents": ["no_such"]}], (), "parent(s) no_such"),
     ([{"key": "k", "group": "blob"}], (), "group 'blob'"),
     ([{"key": "k"}], ("--new-class", "k"), "given twice"),
@@ -343,7 +343,7 @@ def test_cli_extend_bad_classes_file_fails_before_training(base_model, tmp_path,
     assert main([*args, "--classes-file", str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == [
-        "universalseg: error: new class 'aorta_true_lumen': colour must be three whole numbers 0-255, not [0, 0, 256]"]
+        "universalseg: error: new class 'aorta_true_lumen': colour: must be three whole numbers 0-255, got [0, 0, 256]"]
     assert json.loads(captured.out.splitlines()[-1]) == {"done": False, "error": captured.err.split("error: ")[1]
                                                          .strip()}
     assert main(args) == 2 and "give the classes to add" in capsys.readouterr().err

@@ -108,6 +108,8 @@ def describe_error(model: type[BaseModel], data: Any, err: dict, where: str) -> 
     if err["type"] == "extra_forbidden" and loc:
         known = ", ".join(cls.model_fields) if isinstance(cls, type) else ""
         return f"{'.'.join([*path, str(loc[0])])}: unknown key (known: {known})"
+    if err["type"] == "value_error" and not loc and info is None:  # a rule across fields (model_validator)
+        return err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         return f"{name}: missing (required)"
     if err["type"] in ("model_type", "model_attributes_type", "dict_type"):

@@ -251,7 +251,7 @@ def load_dataset_specs(entries: list[dict], base_dir: Path, registry: Registry |
             raise InputError(f"dataset name {name!r} is used twice")
         root = resolve_path(entry.root, base_dir)
         if not root.is_dir():
-            raise InputError(f"dataset {name}: root: folder {root} does not exist")
+            raise InputError(f"dataset {name}: root folder {root} does not exist")
         spec = FORMATS[fmt](name, root, entry.adapter_fields(), registry)
         spec.format = fmt
         if entry.cases is not None and fmt != "plain":
