@@ -23,7 +23,7 @@ from UniversalSegLib.continual import ExtensionCancelled, extend_model
 from UniversalSegLib.continual import pseudo as pseudo_module
 from UniversalSegLib.continual.classes import embed_new_classes, make_new_classes, most_similar
 from UniversalSegLib.continual.data import load_extension_data
-from UniversalSegLib.continual.extend import _extended_registry
+from UniversalSegLib.continual.extend import _extended_registry, extended_version
 from UniversalSegLib.continual.trainer import _sampled_logits
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.model import UniversalModel
@@ -157,6 +157,17 @@ def test_heads_only_keeps_everything_old_bit_identical(base_model, crops, tmp_pa
     assert loaded.manifest.provenance["extended_from"]["integrity_sha256"] == parent.integrity_sha256
     assert lineage["init"] == {"aorta_true_lumen": "similar:aorta", "aorta_false_lumen": "similar:aorta"}
     assert lineage["settings"]["train"] == "heads" and lineage["date"] and "folder" in lineage["data"]["description"]
+    # an extended model is a new model: its own version, the parent's kept in the lineage record
+    assert parent.version == "0.1.0" and loaded.manifest.version == "0.1.0+ext.1"
+    assert lineage["parent"]["version"] == loaded.manifest.provenance["extended_from"]["version"] == "0.1.0"
+
+
+@pytest.mark.parametrize("parent, extensions, version", [
+    ("0.1.0", 1, "0.1.0+ext.1"), ("0.1.0+ext.1", 2, "0.1.0+ext.2"), ("2.0+cu", 1, "2.0+cu.ext.1"),
+    ("2.0+cu.ext.3", 4, "2.0+cu.ext.4"),
+])
+def test_extended_version_rule(parent, extensions, version):
+    assert extended_version(parent, extensions) == version
 
 
 def test_heads_decoder_with_pseudo_labels_and_report(base_model, crops, tmp_path, monkeypatch):
@@ -300,11 +311,11 @@ def test_cli_classes_file_gives_each_class_its_own_fields(base_model, tmp_path, 
     ("[{key: a", (), "cannot parse classes file"),
     ({"a": 1}, (), "expected a non-empty list"),
     (["aorta_true_lumen", 42], (), "entry 2 must be an object"),
-    ([{"name": "No key"}], (), "has no key"),
-    ([{"key": "k", "colour": [1, 2, 300]}], (), "colour must be three whole numbers 0-255"),
-    ([{"key": "k", "colour": "red"}], (), "colour must be three whole numbers 0-255"),
+    ([{"name": "No key"}], (), "key: missing (required)"),
+    ([{"key": "k", "colour": [1, 2, 300]}], (), "colour: must be three whole numbers 0-255, got [1, 2, 300]"),
+    ([{"key": "k", "colour": "red"}], (), "colour: must be three whole numbers 0-255, got 'red'"),
     ([{"key": "k", "colour": [1, 2, 3], "color": [3, 2, 1]}], (), "colour or color, not both"),
-    ([{"key": "k", "colr": [1, 2, 3]}], (), "unknown field(s) colr"),
+    ([{"key": "k", "colr": [1, 2, 3]}], (), "colr: unknown key (known: key, name,"),
     ([{"key": "k", "parents": ["no_such"]}], (), "parent(s) no_such"),
     ([{"key": "k", "group": "blob"}], (), "group 'blob'"),
     ([{"key": "k"}], ("--new-class", "k"), "given twice"),
@@ -332,7 +343,7 @@ def test_cli_extend_bad_classes_file_fails_before_training(base_model, tmp_path,
     assert main([*args, "--classes-file", str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == [
-        "universalseg: error: new class 'aorta_true_lumen': colour must be three whole numbers 0-255, not [0, 0, 256]"]
+        "universalseg: error: new class 'aorta_true_lumen': colour: must be three whole numbers 0-255, got [0, 0, 256]"]
     assert json.loads(captured.out.splitlines()[-1]) == {"done": False, "error": captured.err.split("error: ")[1]
                                                          .strip()}
     assert main(args) == 2 and "give the classes to add" in capsys.readouterr().err

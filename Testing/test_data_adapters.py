@@ -393,6 +393,20 @@ def test_config_errors(tmp_path):
         load_dataset_specs([{"name": "x", **base}, {"name": "x", **base}], tmp_path)
 
 
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "x", "labl_map": {1: "liver"}}, "dataset x: labl_map: unknown key (known: name, format, root, "),
+    ({"name": "x", "split": {"val_fraction": 2}}, "dataset x: split: must be none, meta, {val: [ids]} or "
+                                                  "{val_fraction: f, seed: n}, got {'val_fraction': 2}"),
+    ({"name": "x", "classes": "liver"}, "dataset x: classes: must be a list of class names, got 'liver'"),
+    ({"format": "plain"}, "dataset entry 1: name: missing (required)"),
+    ("x", "dataset entry 1: must be a mapping, got 'x'"),
+])
+def test_dataset_entry_errors_name_the_field_in_one_line(tmp_path, entry, message):
+    with pytest.raises(InputError) as info:
+        load_dataset_specs([entry], tmp_path)
+    assert str(info.value).startswith(message)
+
+
 def test_demo_spec_files_and_classes(tmp_path):
     registry = default_registry()
     specs = load_dataset_file(demo_spec(tmp_path))

@@ -296,16 +296,16 @@ def test_config_defaults_and_resolution(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"model": {"classes": ["liver", "no_such_organ"]}}, "unknown class 'no_such_organ'"),
     ({"model": {"classes": ["liver", "liver"]}}, "more than once"),
-    ({"model": {"classes": ["liver"], "backbone": "resnet9000"}}, "unknown model.backbone"),
-    ({"train": {"stpes": 5}}, "unknown key.*stpes"),
-    ({"train": {"amp": "fp8"}}, "train.amp must be one of"),
-    ({"train": {"batch_size": 0}}, "batch_size must be a positive integer"),
+    ({"model": {"classes": ["liver"], "backbone": "resnet9000"}}, "model.backbone: must be one of"),
+    ({"train": {"stpes": 5}}, "train.stpes: unknown key"),
+    ({"train": {"amp": "fp8"}}, "train.amp: must be one of"),
+    ({"train": {"batch_size": 0}}, "train.batch_size: must be a positive integer, got 0"),
     ({"train": {"lr": -1}}, "train.lr"),
-    ({"preprocessing": {"spacing": [1, 1]}}, "spacing must be three"),
-    ({"preprocessing": {"patch_sise": [1, 1, 1]}}, "unknown key.*patch_sise"),
-    ({"datasets": []}, "datasets must be a non-empty list"),
+    ({"preprocessing": {"spacing": [1, 1]}}, "preprocessing.spacing: must be three"),
+    ({"preprocessing": {"patch_sise": [1, 1, 1]}}, "preprocessing.patch_sise: unknown key"),
+    ({"datasets": []}, "datasets: must be a non-empty list"),
     ({"name": "a/b"}, "without slashes"),
-    ({"extra": 1}, "unknown top-level key"),
+    ({"extra": 1}, "extra: unknown key"),
 ])
 def test_config_errors_are_clear(tmp_path, change, message):
     with pytest.raises(UniversalSegError, match=message):
@@ -323,3 +323,113 @@ def test_config_files(tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(UniversalSegError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_config_yaml_reads_exponent_floats_as_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads `2e-3` as text; users write YAML 1.2/JSON numbers, so it must be a float."""
+    (tmp_path / "c.yaml").write_text("name: m\nmodel: {classes: [liver]}\ndatasets: [{name: x}]\n"
+                                     "train: {steps: 2, lr: 2e-3, weight_decay: 1E-5, min_lr_ratio: 1.0e-2}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.train.lr == 2e-3 and cfg.train.weight_decay == 1e-5 and cfg.train.min_lr_ratio == 0.01
+    import yaml  # the project's loader leaves PyYAML's own SafeLoader unchanged
+
+    assert yaml.safe_load("a: 2e-3") == {"a": "2e-3"}
+
+
+def test_config_backbone_with_8_filters_builds_and_trains(tmp_path):
+    """SegResNet with init_filters 8 (8 voxel channels) used to end in 'num_channels (8) must be
+    divisible by num_groups (16)' from the heads' GroupNorm; it is a valid, smaller network."""
+    cfg = parse_config({**GOOD, "model": {"classes": ["liver"], "backbone_config": {"init_filters": 8}}}, tmp_path)
+    from UniversalSegLib.model.universal import UniversalModel
+
+    model = UniversalModel("segresnet", cfg.model.backbone_config, torch.randn(1, 16), lpg_hidden=8)
+    assert model.voxel_feature_head[0].num_groups == 8 and model.image_feature_head[0].num_groups == 16
+    logits = model(torch.randn(2, 1, *PATCH))
+    logits.sum().backward()
+    assert logits.shape == (2, 1, *PATCH) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("model, patch, message", [
+    ({"backbone_config": {"init_filters": 4}}, [32, 32, 32],
+     r"^config: model.backbone_config: does not build a segresnet \(.*divisible.*\), got \{'init_filters': 4\}"),
+    ({"backbone_config": {"init_filter": 8}}, [32, 32, 32], r"^config: model.backbone_config: .*init_filter"),
+    ({}, [32, 32, 20],
+     r"^config: preprocessing.patch_size: must be divisible by 8 for backbone segresnet, got \[32, 32, 20\]"),
+])
+def test_config_refuses_an_architecture_that_cannot_build_in_one_line(tmp_path, model, patch, message):
+    data = {**GOOD, "model": {"classes": ["liver"], **model},
+            "preprocessing": {**GOOD["preprocessing"], "patch_size": patch}}
+    with pytest.raises(UniversalSegError, match=message) as info:
+        parse_config(data, tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_log_shows_the_learning_rate_each_step_used(tmp_path):
+    """The `lr` column is the rate the optimiser applied at that step (warm-up starts at lr/warmup),
+    not the next step's rate read after the scheduler moved on."""
+    data = SyntheticPartialDataset(DATASETS, len(KEYS), PATCH, length=4, seed=1)
+    model, manifest = tiny_model(KEYS, patch_size=PATCH)
+    settings = _settings(steps=3, lr=1e-3, warmup_steps=4, checkpoint_every=0)
+    used = []
+    trainer = Trainer(model, manifest, data, settings, tmp_path, datasets=list(DATASETS))
+    # the rate AdamW reads when it updates the weights
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    trainer.fit()
+    with open(tmp_path / "train_log.csv") as f:
+        logged = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert used == pytest.approx([1e-3 * lr_factor(s, 4, 3) for s in range(3)])
+    assert logged == pytest.approx(used, rel=1e-5)
+
+
+def test_per_dataset_accumulation_keeps_the_whole_batch_gradient_for_disjoint_datasets(tmp_path):
+    """Two datasets annotating different classes: the loss sums over classes, so accumulating one
+    backward per dataset must give the one-batch loss and gradient, Dice included. Weighting each
+    group by its share of the batch used to halve the gradient (norm 1.64 instead of 3.28)."""
+    data = SyntheticPartialDataset({"A": [0], "B": [1]}, 2, PATCH, length=4)
+    batch = batch_of(data, [0, 1, 2, 3])
+    assert sorted(batch["dataset"]) == ["A", "A", "B", "B"]
+    results = []
+    for per_dataset in (False, True):
+        model, manifest = tiny_model(KEYS[:2], patch_size=PATCH)
+        settings = TrainSettings(steps=1, batch_size=4, num_workers=0, grad_clip=None,
+                                 accumulate_per_dataset=per_dataset, progress=False)
+        trainer = Trainer(model, manifest, data, settings, tmp_path / str(per_dataset))
+        loss, _ = trainer.train_step(batch)
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((loss, torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])),
+                        grads))
+    (loss_one, norm_one, one), (loss_acc, norm_acc, acc) = results
+    assert loss_acc == pytest.approx(loss_one, rel=1e-5)
+    assert float(norm_acc) == pytest.approx(float(norm_one), rel=1e-4)
+    for a, b in zip(one, acc):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"lr": "abc"}}, "config: train.lr: must be a positive number, got 'abc'"),
+    ({"train": {"steps": 2.5}}, "config: train.steps: must be a positive integer, got 2.5"),
+    ({"train": {"progress": "no"}}, "config: train.progress: must be true or false, got 'no'"),
+    ({"train": {"grad_clip": -1}}, "config: train.grad_clip: must be a positive number, got -1"),
+    ({"train": {"device": "gpu"}}, "config: train.device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ({"train": [1]}, "config: train: must be a mapping, got [1]"),
+    ({"model": {"classes": []}}, "config: model.classes: must be a non-empty list of class keys, got []"),
+    ({"preprocessing": {"hu_window": [250, -175]}},
+     "config: preprocessing.hu_window: must be [low, high] with low < high, got [250, -175]"),
+    ({"preprocessing": {"patch_size": [32.0, 32, 32]}},
+     "config: preprocessing.patch_size: must be three positive integers, got [32.0, 32, 32]"),
+    ({"name": None}, "config: name: must be a non-empty name without slashes, got None"),
+])
+def test_config_errors_name_the_field_in_one_line(tmp_path, change, message):
+    with pytest.raises(UniversalSegError) as info:
+        parse_config({**GOOD, **change}, tmp_path)
+    assert str(info.value) == message
+
+
+def test_config_preprocessing_section_mirrors_the_model_file():
+    """The config's typed `preprocessing` section has exactly the model file's fields and defaults."""
+    from dataclasses import asdict
+
+    from UniversalSegLib.store import Preprocessing
+    from UniversalSegLib.train.config import PreprocessingSection
+
+    assert PreprocessingSection().model_dump() == asdict(Preprocessing())

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,10 +34,15 @@ data = SyntheticPartialDataset({"A": [0, 1], "B": [1, 2]}, 3, (16, 16, 16), leng
 settings = TrainSettings(steps=3, batch_size=2, lr=1e-3, checkpoint_every=2, num_workers=0, progress=False)
 seen = []
 
+steps = []
+
 class Recording(Trainer):
     def train_step(self, batch):
         seen.extend(batch["case"])
-        return super().train_step(batch)
+        loss, parts = super().train_step(batch)
+        names = [str(n) for n in batch["dataset"]]
+        steps.append({"parts": parts, "counts": {n: names.count(n) for n in names}})
+        return loss, parts
 
 trainer = Recording(model, manifest, data, settings, out, device=device, dist_info=info, datasets=["A", "B"])
 trainer.fit()
@@ -43,7 +51,8 @@ for k, v in sorted(model.state_dict().items()):
     digest.update(k.encode()); digest.update(v.detach().cpu().numpy().tobytes())
 changed = any(not torch.equal(v, initial[k]) for k, v in model.state_dict().items())
 with open(f"{out}/rank{info.rank}.json", "w") as f:
-    json.dump({"hash": digest.hexdigest(), "seen": seen, "world": info.world_size, "changed": changed}, f)
+    json.dump({"hash": digest.hexdigest(), "seen": seen, "world": info.world_size, "changed": changed,
+               "steps": steps}, f)
 shutdown_distributed()
 '''
 
@@ -66,3 +75,15 @@ def test_two_cpu_ranks_hold_identical_weights(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.json", "step_00000002",
                                                                              "step_00000003"]
     assert (tmp_path / "model" / "manifest.json").is_file()
+    # each dataset's loss column: the mean over both ranks' samples of that dataset, not rank 0's
+    with open(tmp_path / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    differs = False
+    for i, row in enumerate(rows):
+        for name in ("A", "B"):
+            own = [(r["steps"][i]["parts"][name], r["steps"][i]["counts"][name]) for r in ranks
+                   if name in r["steps"][i]["parts"]]
+            expected = sum(v * c for v, c in own) / sum(c for _, c in own)
+            assert float(row[f"loss/{name}"]) == pytest.approx(expected, rel=1e-4), (i, name)
+            differs |= len(own) == 2 and abs(own[0][0] - own[1][0]) > 1e-3 * abs(expected)
+    assert differs  # the ranks' own losses differ somewhere, so rank 0's alone would not pass

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from UniversalSegLib.config_file import Rule, typed, validate_section
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.registry import ClassInfo, default_registry
 from UniversalSegLib.store import Manifest
@@ -27,56 +29,75 @@ def _default_colour(key: str) -> list[int]:
     return [64 + digest[i] % 176 for i in range(3)]
 
 
-_FIELDS = frozenset(ClassInfo.__dataclass_fields__) | {"colour"}
+def _rgb_text(value: Any) -> Any:
+    """"R,G,B" text (as a CLI or YAML user might write it) as a list; anything else as given."""
+    if isinstance(value, str):
+        try:
+            return [int(v.strip()) for v in value.split(",")]
+        except ValueError:
+            return value
+    return value
 
 
-def _colour(key: str, value: Any) -> list[int]:
-    """Three whole numbers 0-255 (a list, or "R,G,B" text as a CLI or YAML user might write it)."""
-    parts = value.split(",") if isinstance(value, str) else value
-    try:
-        rgb = [int(str(v).strip()) for v in parts] if isinstance(parts, (list, tuple)) else []
-    except ValueError:
-        rgb = []
-    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-        raise InputError(f"new class {key!r}: colour must be three whole numbers 0-255, not {value!r}")
-    return rgb
+def _one_or_more(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
 
 
-def _text_list(key: str, name: str, value: Any) -> list[str]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
-        raise InputError(f"new class {key!r}: {name} must be a name or a list of names, not {value!r}")
-    return list(items)
+RGB = Annotated[list[Annotated[int, Field(strict=True, ge=0, le=255)]], Field(min_length=3, max_length=3),
+                BeforeValidator(_rgb_text), Rule("three whole numbers 0-255")]
+Names = Annotated[list[Annotated[str, Field(strict=True)]], BeforeValidator(_one_or_more),
+                  Rule("a name or a list of names")]
+Text = typed(str, "text")
 
 
-def _checked_fields(key: str, spec: dict[str, Any]) -> dict[str, Any]:
+class NewClassSpec(BaseModel):
+    """A new class as a user gives it (a classes file, the CLI, the Slicer wizard); unset fields are None.
+
+    Any `ClassInfo` field may be given; `colour` is the docs' spelling of `color`.
+    """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field would otherwise be dropped without a word
+
+    key: typed(str, "letters, digits and _", pattern=r"^[A-Za-z0-9_]+$")
+    name: Text | None = None
+    prompt: Text | None = None
+    group: Text | None = None
+    parents: Names | None = None
+    synonyms: Names | None = None
+    color: RGB | None = None
+    colour: RGB | None = None
+    laterality: Text | None = None
+    pair: Text | None = None
+    terminology: typed(dict[str, list[str]], "a mapping of coded triplets") | None = None
+    postprocess: Text | None = None
+    template_id: typed(int, "a whole number") | None = None
+
+    @model_validator(mode="after")
+    def _one_spelling(self) -> NewClassSpec:
+        if self.colour is not None and self.color is not None and self.colour != self.color:
+            raise ValueError("give colour or color, not both")
+        return self
+
+    def class_fields(self) -> dict[str, Any]:
+        """The fields that were given, as `ClassInfo` names them."""
+        data = self.model_dump(exclude_none=True, exclude={"colour"})
+        if self.colour is not None:
+            data["color"] = list(self.colour)
+        return data
+
+
+def _checked_fields(spec: dict[str, Any]) -> dict[str, Any]:
     """The user's fields with their types checked (ClassInfo itself checks only key and group)."""
-    data = dict(spec)
-    unknown = sorted(set(data) - _FIELDS)
-    if unknown:  # a misspelt field would otherwise be dropped without a word
-        raise InputError(f"new class {key!r}: unknown field(s) {', '.join(map(str, unknown))}")
-    if "colour" in data:  # accept British spelling, as the docs use it
-        if data.get("color") is not None and data["color"] != data["colour"]:
-            raise InputError(f"new class {key!r}: give colour or color, not both")
-        data["color"] = data.pop("colour")
-    if data.get("color") is not None:
-        data["color"] = _colour(key, data["color"])
-    for name in ("parents", "synonyms"):
-        if data.get(name) is not None:
-            data[name] = _text_list(key, name, data[name])
-    for name in ("name", "prompt", "group"):
-        if data.get(name) is not None and not isinstance(data[name], str):
-            raise InputError(f"new class {key!r}: {name} must be text, not {data[name]!r}")
-    return data
+    key = spec.get("key")
+    prefix = f"new class {key!r}: " if isinstance(key, str) and key else f"new class {spec!r}: "
+    return validate_section(NewClassSpec, spec, "", InputError, prefix=prefix).class_fields()
 
 
 def _from_dict(spec: dict[str, Any]) -> ClassInfo:
-    key = spec.get("key")
-    if not key or not isinstance(key, str):
-        raise InputError(f"new class {spec!r} has no key")
-    data = _checked_fields(key, spec)
+    data = _checked_fields(spec)
+    key = data["key"]
     base = default_registry()[key].to_dict() if key in default_registry() else {}
-    merged = {**base, **{k: v for k, v in data.items() if v is not None}}
+    merged = {**base, **data}
     merged.setdefault("name", key.replace("_", " ").capitalize())
     merged.setdefault("group", "other")
     merged.setdefault("color", _default_colour(key))

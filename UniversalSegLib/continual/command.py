@@ -42,6 +42,7 @@ def parse_new_class(text: str, group: str | None, parents: list[str], synonyms: 
 def load_classes_file(path: str | Path) -> list[dict]:
     """The new classes of a JSON/YAML file: a list (or {classes: [...]}) of objects {key, name, prompt,
     group, parents, colour, synonyms} or bare keys. Fields are checked later, by `make_new_classes`."""
+    from UniversalSegLib.config_file import parse_config_text
     from UniversalSegLib.errors import InputError
 
     path = Path(path)
@@ -50,12 +51,7 @@ def load_classes_file(path: str | Path) -> list[dict]:
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read classes file {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = parse_config_text(text, path.suffix)
     except Exception as e:  # noqa: BLE001 - any parse error is a bad file, said in one line
         raise InputError(f"cannot parse classes file {path}: {' '.join(str(e).split())}") from None
     entries = data.get("classes") if isinstance(data, dict) else data

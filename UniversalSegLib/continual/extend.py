@@ -18,6 +18,7 @@ import copy
 import datetime as _dt
 import math
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -281,6 +282,24 @@ def _evaluate(run: _Run, model: UniversalModel, naive: UniversalModel | None, da
     return heldout, kept, summary
 
 
+_EXTENSION_SUFFIX = re.compile(r"[+.]ext\.\d+$")
+
+
+def extended_version(parent_version: str, extensions: int) -> str:
+    """The version of a model made by the `extensions`-th extension in its lineage.
+
+    Rule: the parent's release version plus a local label `ext.N` (PEP 440 / SemVer build
+    metadata), N counting the extensions since that release: 0.1.0 -> 0.1.0+ext.1, and extending
+    that -> 0.1.0+ext.2. A version with another local label keeps it: 1.0+cu -> 1.0+cu.ext.1.
+
+    Args:
+        parent_version: the base model's version.
+        extensions: the number of extensions in the new model's lineage (1 for a first extension).
+    """
+    release = _EXTENSION_SUFFIX.sub("", str(parent_version))
+    return f"{release}{'.' if '+' in release else '+'}ext.{extensions}"
+
+
 def _lineage(run: _Run, new: list[ClassInfo], data: ExtensionData, settings: dict[str, Any],
              sha: str, inits: list[str]) -> dict[str, Any]:
     parent = run.manifest
@@ -386,6 +405,7 @@ def extend_model(base: str | Path | LoadedModel, new_classes: Sequence[ClassSpec
     manifest.description = (f"{loaded.manifest.name} extended with {', '.join(c.key for c in new)}. "
                             + loaded.manifest.description).strip()
     manifest.provenance = _lineage(run, new, ext, settings, sha_before, inits)
+    manifest.version = extended_version(loaded.manifest.version, len(manifest.provenance["lineage"]))
     reporter.check()  # last chance to cancel: after this the model exists
     path = save_model(model.cpu().eval(), manifest, out_dir, overwrite=overwrite,
                       weights_dtype=getattr(loaded.manifest, "weights_dtype", "float32"))

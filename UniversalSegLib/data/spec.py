@@ -13,15 +13,16 @@ for `plain`, lists the cases explicitly); `split` holds cases out for validation
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, model_validator
 
+from UniversalSegLib.config_file import Rule, read_config_file, typed, validate_section
 from UniversalSegLib.errors import InputError, UnknownClassError
 from UniversalSegLib.registry import Registry, default_registry
 
@@ -107,6 +108,44 @@ class DatasetSpec:
         return total.hexdigest()
 
 
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key would otherwise be ignored
+
+
+class SplitSection(_Section):
+    """`split: {val: [ids]}` or `{val_fraction: 0.2, seed: 0}`."""
+
+    val: typed(list[Any], "a list of case ids") | None = None
+    val_fraction: typed(float, "a number in [0, 1)", ge=0, lt=1) | None = None
+    seed: typed(int, "a non-negative integer", ge=0) = 0
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SplitSection:
+        if (self.val is None) == (self.val_fraction is None):
+            raise ValueError("give val or val_fraction")
+        return self
+
+
+class DatasetEntry(_Section):
+    """One dataset entry of a training config or dataset file, checked (see the module docstring)."""
+
+    name: typed(str, "a non-empty name", min_length=1)
+    format: typed(str, "a format name") = "plain"
+    root: typed(str, "a folder") = "."
+    label_map: typed(dict[Any, Any], "a mapping {label value: class}") | None = None
+    classes: typed(list[Any], "a list of class names") | None = None
+    cases: typed(list[Any], "a list of case ids (plain: of case objects)") | None = None
+    split: Annotated[Literal["none", "meta"] | SplitSection | None,
+                     Rule("none, meta, {val: [ids]} or {val_fraction: f, seed: n}")] = None
+    images: typed(str, "a sub-folder of root") = "images"  # plain: images/ and labels/ sub-folders
+    labels: typed(str, "a sub-folder of root") = "labels"
+    version: Annotated[str | int, Rule("a version such as 19, 21 or 23")] = ""  # KiTS release
+
+    def adapter_fields(self) -> dict[str, Any]:
+        """The entry as the format adapters read it."""
+        return {**self.model_dump(exclude={"split"}), "split": self.split if isinstance(self.split, str) else None}
+
+
 def _words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9]+", " ", str(text).lower()).split()
 
@@ -164,29 +203,22 @@ def resolve_path(path: str | Path, base: Path) -> Path:
     return (p if p.is_absolute() else base / p).resolve()
 
 
-def _apply_split(spec: DatasetSpec, split: Any) -> None:
+def _apply_split(spec: DatasetSpec, split: SplitSection | str | None) -> None:
     ids = [c.case_id for c in spec.cases]
     if split is None or split == "meta":  # "meta" is read by the TotalSegmentator adapter
         return
     if split == "none":
         spec.holdout = []
         return
-    if not isinstance(split, dict):
-        raise InputError(f"dataset {spec.name}: split must be a mapping like {{val: [ids]}} or {{val_fraction: 0.2}}")
-    if "val" in split:
-        unknown = sorted(set(map(str, split["val"])) - set(ids))
+    if split.val is not None:
+        unknown = sorted(set(map(str, split.val)) - set(ids))
         if unknown:
-            raise InputError(f"dataset {spec.name}: split lists unknown case ids {unknown[:5]}")
-        spec.holdout = [str(i) for i in split["val"]]
-    elif "val_fraction" in split:
-        frac = float(split["val_fraction"])
-        if not 0.0 <= frac < 1.0:
-            raise InputError(f"dataset {spec.name}: val_fraction must be in [0, 1)")
-        order = np.random.default_rng(int(split.get("seed", 0))).permutation(sorted(ids))
-        n_val = min(len(ids) - 1, round(frac * len(ids))) if len(ids) > 1 else 0
-        spec.holdout = sorted(str(i) for i in order[:n_val])
+            raise InputError(f"dataset {spec.name}: split.val: lists unknown case ids {unknown[:5]}")
+        spec.holdout = [str(i) for i in split.val]
     else:
-        raise InputError(f"dataset {spec.name}: split needs 'val' or 'val_fraction'")
+        order = np.random.default_rng(split.seed).permutation(sorted(ids))
+        n_val = min(len(ids) - 1, round(split.val_fraction * len(ids))) if len(ids) > 1 else 0
+        spec.holdout = sorted(str(i) for i in order[:n_val])
 
 
 def _check_classes(name: str, wanted: list[Any], provided: list[str], registry: Registry) -> list[str]:
@@ -208,26 +240,27 @@ def load_dataset_specs(entries: list[dict], base_dir: Path, registry: Registry |
     registry = registry or default_registry()
     base_dir = Path(base_dir)
     specs: list[DatasetSpec] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise InputError(f"dataset entry {i + 1}: needs at least 'name' and 'format'")
-        name, fmt = str(entry["name"]), str(entry.get("format", "plain")).lower()
+    for i, raw in enumerate(entries):
+        label = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) else None
+        entry = validate_section(DatasetEntry, raw, "", InputError,
+                                 prefix=f"dataset {label}: " if label else f"dataset entry {i + 1}: ")
+        name, fmt = entry.name, entry.format.lower()
         if fmt not in FORMATS:
-            raise InputError(f"dataset {name}: unknown format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
+            raise InputError(f"dataset {name}: format: unknown format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
         if any(s.name == name for s in specs):
             raise InputError(f"dataset name {name!r} is used twice")
-        root = resolve_path(entry.get("root", "."), base_dir)
+        root = resolve_path(entry.root, base_dir)
         if not root.is_dir():
             raise InputError(f"dataset {name}: root folder {root} does not exist")
-        spec = FORMATS[fmt](name, root, entry, registry)
+        spec = FORMATS[fmt](name, root, entry.adapter_fields(), registry)
         spec.format = fmt
-        if entry.get("cases") is not None and fmt != "plain":
-            keep = {str(c) for c in entry["cases"]}
+        if entry.cases is not None and fmt != "plain":
+            keep = {str(c) for c in entry.cases}
             spec.cases = [c for c in spec.cases if c.case_id in keep]
             spec.holdout = [h for h in spec.holdout if h in keep]
-        if entry.get("classes") is not None:
-            spec.classes = _check_classes(name, list(entry["classes"]), spec.classes, registry)
-        _apply_split(spec, entry.get("split"))
+        if entry.classes is not None:
+            spec.classes = _check_classes(name, list(entry.classes), spec.classes, registry)
+        _apply_split(spec, entry.split)
         if not spec.cases:
             raise InputError(f"dataset {name}: no cases found under {root} for format {fmt!r}")
         if not spec.classes:
@@ -247,14 +280,8 @@ def load_dataset_file(path: str | Path, registry: Registry | None = None) -> lis
     path = Path(path)
     if not path.is_file():
         raise InputError(f"dataset config not found: {path}")
-    text = path.read_text()
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = read_config_file(path)
     except Exception as exc:  # noqa: BLE001 - a parse error is a user-facing bad file
         raise InputError(f"cannot parse {path}: {exc}") from exc
     entries = data.get("datasets") if isinstance(data, dict) else data

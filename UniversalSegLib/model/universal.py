@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,9 +21,18 @@ from UniversalSegLib.model.heads import (
 LPG_VARIANTS = {"per_class": PerClassLPG, "shared": SharedControllerLPG}
 
 
+HEAD_NORM_GROUPS = 16  # the published heads' GroupNorm
+
+
 def _norm_relu_conv(channels: int, out: int, pool: bool = False) -> nn.Sequential:
-    """GroupNorm(16) -> ReLU -> [global average pool] -> Conv1x1, indexed like the published heads."""
-    layers: list[nn.Module] = [nn.GroupNorm(16, channels), nn.ReLU(inplace=True)]
+    """GroupNorm(16) -> ReLU -> [global average pool] -> Conv1x1, indexed like the published heads.
+
+    A backbone with fewer or other channels than a multiple of 16 (SegResNet `init_filters: 8`)
+    gets gcd(16, channels) groups instead: GroupNorm has no per-group parameters, so the weights'
+    shapes and every model whose channels are a multiple of 16 are unchanged.
+    """
+    groups = math.gcd(HEAD_NORM_GROUPS, channels)
+    layers: list[nn.Module] = [nn.GroupNorm(groups, channels), nn.ReLU(inplace=True)]
     if pool:
         layers.append(nn.AdaptiveAvgPool3d(1))
     layers.append(nn.Conv3d(channels, out, kernel_size=1))

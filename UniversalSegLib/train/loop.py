@@ -158,6 +158,8 @@ class Trainer:
         self.step, self.epoch, self._elapsed0 = 0, 0, 0.0
         self.log = RunLog(self.output, self.datasets) if self.dist.is_main else None
         self.last_scores: list[ClassScore] = []
+        self.last_dataset_counts: dict[str, int] = {}  # samples of each dataset in the last step (this rank)
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate of the last step taken, set by train_step
         self._resume_rng = None  # checkpoint RNG to restore once the data stream is back in place
 
     # ----------------------------------------------------------------------------- data
@@ -222,6 +224,7 @@ class Trainer:
         annotated = torch.as_tensor(batch["annotated"]).bool()
         names = [str(n) for n in batch["dataset"]]
         groups = self._groups(names)
+        class_counts = annotated.sum(0)  # samples of the whole batch that annotate each class
         self.optimizer.zero_grad(set_to_none=True)
         total, sums = 0.0, {}
         for g, idx in enumerate(groups):
@@ -231,7 +234,7 @@ class Trainer:
             rows = slice(None) if len(idx) == len(names) else idx  # no copy for a single group
             with sync:
                 value, parts = self._forward_backward(images[rows], labels[rows], annotated[rows],
-                                                      [names[i] for i in idx], len(idx) / len(names))
+                                                      [names[i] for i in idx], class_counts)
             total += value
             for name, (loss, count) in parts.items():  # sample-weighted mean over micro-batches
                 acc = sums.setdefault(name, [0.0, 0])
@@ -239,13 +242,15 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         if self.settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step (the log shows it)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.last_dataset_counts = {name: acc[1] for name, acc in sums.items()}  # samples behind each loss
         return total, {name: acc[0] / acc[1] for name, acc in sums.items()}
 
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor,
-                          names: list[str], weight: float) -> tuple[float, dict[str, tuple[float, int]]]:
+                          names: list[str], class_counts: torch.Tensor) -> tuple[float, dict[str, tuple[float, int]]]:
         # Only the classes some sample of the group annotates need a head; never none, so every
         # parameter stays in the graph (DDP expects the same parameters used on every rank).
         classes = torch.nonzero(annotated.any(0)).flatten()
@@ -254,19 +259,24 @@ class Trainer:
         images = images.to(self.device, non_blocking=True).float()
         target = labels[:, classes].to(self.device, non_blocking=True)
         mask = annotated[:, classes].to(self.device)
+        # Each class's term is weighted by this group's share of the batch's samples that annotate
+        # it, so the accumulated loss is the whole batch's: a class only this group annotates keeps
+        # its full weight (the loss sums over classes: a second dataset must not halve the first's
+        # gradient), and a class split over micro-batches gets the batch mean of its BCE exactly.
+        share = (annotated[:, classes].sum(0) / class_counts[classes].clamp(min=1)).to(self.device)
         classes = classes.to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.net(images, classes)
-        terms = self.loss_fn(logits, target, mask)
-        self.scaler.scale(terms.total * weight).backward()
+        terms = self.loss_fn(logits, target, mask, class_weight=share)
+        self.scaler.scale(terms.total).backward()
         parts: dict[str, tuple[float, int]] = {}
         with torch.no_grad():
             for name in dict.fromkeys(names):
                 rows = [i for i, n in enumerate(names) if n == name]
-                value = terms.total if len(rows) == len(names) else \
-                    self.loss_fn(logits[rows], target[rows], mask[rows]).total
+                one = terms if len(rows) == len(names) else self.loss_fn(logits[rows], target[rows], mask[rows])
+                value = (self.loss_fn.bce_weight * one.bce + self.loss_fn.dice_weight * one.dice).sum()  # unweighted
                 parts[name] = (float(value), len(rows))
-        return float(terms.total.detach()) * weight, parts
+        return float(terms.total.detach()), parts
 
     # ----------------------------------------------------------------------------- the run
     def resume(self, checkpoint: str | Path | None = None) -> bool:
@@ -323,11 +333,9 @@ class Trainer:
                     dynamic_ncols=True)
 
     def _after_step(self, loss: float, parts: dict[str, float], elapsed: float, bar) -> None:
-        if self.dist.enabled:  # the logged loss is the mean over ranks
-            t = torch.tensor([loss], device=self.device)
-            dist.all_reduce(t)
-            loss = float(t) / self.dist.world_size
-        lr = self.optimizer.param_groups[0]["lr"]
+        if self.dist.enabled:
+            loss, parts = self._reduce_losses(loss, parts)
+        lr = self.last_lr
         if self.log:
             self.log.log_step(self.step, self.epoch, loss, lr, elapsed, parts)
         if bar is not None:
@@ -340,6 +348,17 @@ class Trainer:
             self.save_checkpoint(elapsed)
         if self.on_step is not None:
             self.on_step(self.step)
+
+    def _reduce_losses(self, loss: float, parts: dict[str, float]) -> tuple[float, dict[str, float]]:
+        """The step's loss as the mean over ranks, and each logged dataset's loss as the mean over all
+        ranks' samples of that dataset (a rank may have none), in one all-reduce."""
+        names, counts = self.datasets, self.last_dataset_counts
+        values = [loss] + [parts.get(n, 0.0) * counts.get(n, 0) for n in names] + [counts.get(n, 0) for n in names]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        sums, totals = t[1:1 + len(names)].tolist(), t[1 + len(names):].tolist()
+        reduced = {n: v / c for n, v, c in zip(names, sums, totals) if c > 0}
+        return float(t[0]) / self.dist.world_size, reduced
 
     def run_validation(self) -> list[ClassScore]:
         """Dice/NSD on the validation cases (main rank; the others wait at a barrier)."""

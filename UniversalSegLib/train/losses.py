@@ -45,7 +45,17 @@ class PartialLabelLoss(nn.Module):
         # the batch sums; a class nobody annotates gives 1 - smooth/smooth = 0 with zero gradient.
         self.dice = DiceLoss(sigmoid=False, batch=True, reduction="none", smooth_nr=smooth, smooth_dr=smooth)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> LossTerms:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
+                class_weight: torch.Tensor | None = None) -> LossTerms:
+        """The loss of a batch.
+
+        Args:
+            logits, target: (B, K, *spatial).
+            annotated: (B, K) bool, the pairs that count.
+            class_weight: optional (K,) factors on each class's term in `total` (a part of a batch
+                accumulated separately passes its share of each class's samples); `bce` and `dice`
+                stay unweighted.
+        """
         if logits.shape != target.shape or annotated.shape != logits.shape[:2]:
             raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
                              f"annotated {tuple(annotated.shape)}")
@@ -63,7 +73,10 @@ class PartialLabelLoss(nn.Module):
         dice = self.dice(torch.sigmoid(logits) * weight, target * weight).reshape(-1)
         supervised = per_class_count > 0
         dice = dice * supervised  # exactly 0 (and no gradient) for classes nobody annotates
-        total = (self.bce_weight * bce + self.dice_weight * dice).sum()
+        per_class = self.bce_weight * bce + self.dice_weight * dice
+        if class_weight is not None:
+            per_class = per_class * class_weight.to(per_class)
+        total = per_class.sum()
         return LossTerms(total=total, bce=bce.detach(), dice=dice.detach(), supervised=supervised)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +88,7 @@ def build_model(config: RunConfig):
                                    text_encoder=get_text_encoder(m.text_encoder), lpg=m.lpg, lpg_hidden=m.lpg_hidden,
                                    preprocessing=config.preprocessing, description=m.description,
                                    license=m.license, version=m.version)
-    bad = [s for s in config.preprocessing.patch_size if s % model.patch_multiple]
-    if bad:
-        raise UniversalSegError(f"preprocessing.patch_size {config.preprocessing.patch_size} must be divisible by "
-                                f"{model.patch_multiple} for backbone {m.backbone}")
-    return model, manifest
+    return model, manifest  # parse_config has checked that the architecture builds for the patch size
 
 
 def provenance(config: RunConfig, specs: list, data_hashes: bool = True) -> dict[str, Any]:
@@ -110,7 +105,7 @@ def provenance(config: RunConfig, specs: list, data_hashes: bool = True) -> dict
                       "training_cases": len(s.train_cases()), "held_out_cases": len(s.val_cases()),
                       **({"sha256": s.content_sha256()} if data_hashes else {})}  # `universalseg info` shows it
                      for s in specs],
-        "train": {k: v for k, v in asdict(config.train).items() if k not in ("device", "progress", "cache_dir")},
+        "train": {k: v for k, v in config.train.model_dump().items() if k not in ("device", "progress", "cache_dir")},
     }
 
 
