@@ -213,36 +213,49 @@ def _voxel_counts(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def _without_swallowed(mask: BoxMask, own: tuple[BoxMask, np.ndarray] | float,
-                       other: tuple[BoxMask, np.ndarray]) -> BoxMask:
+                       others: Sequence[tuple[BoxMask, np.ndarray]]) -> BoxMask:
     """`mask` less its components that lie mostly (`SWALLOWED_SHARE`) inside the predicted mask of
-    `other`, where `other` is the more probable of the two on the shared voxels.
+    one of `others`, where that one is the more probable of the two on the shared voxels.
 
-    `own` and `other` are (predicted mask, uint8 values of its voxels); `mask` is part of `own[0]`.
-    `own` may instead be the class's mean probability (organs keep no voxel values: they are large).
-    Temporaries stay at a few bytes per voxel of `mask`'s box: probabilities are read only for
-    the (rare) components that lie mostly inside `other`.
+    `own` and each of `others` are (predicted mask, uint8 values of its voxels); `mask` is `own[0]`
+    or part of it. `own` may instead be the class's mean probability (organs keep no voxel values:
+    they are large). Linear in the voxels whatever the mask looks like: the components are labelled
+    once, and per other mask every component's overlap and probability sums come from one
+    `np.bincount` over the shared voxels' labels (a loop comparing the whole box per component was
+    quadratic: hours on a fragmented clinical-size mask). Removing whole components leaves the
+    others' components unchanged, so one labelling serves every other mask in turn. Probabilities
+    are read only where some component lies mostly inside the other mask.
     """
-    if not mask.overlaps(other[0]):
+    if not any(mask.overlaps(other) for other, _ in others):
         return mask
     crop = mask.crop()
-    shared = crop & other[0].region(mask.start, mask.stop)
-    if not shared.any():
-        return mask
     labels, n = connected_components(crop, connectivity=26, return_N=True)
-    overlap, size = _voxel_counts(np.where(shared, labels, 0), n), _voxel_counts(labels, n)
-    candidates = np.flatnonzero(overlap[1:] >= SWALLOWED_SHARE * size[1:]) + 1  # label 0: outside
-    if candidates.size == 0:
+    size = _voxel_counts(labels, n)
+    alive = np.ones(n + 1, dtype=bool)
+    alive[0] = False  # background
+    mine = None
+    for other, other_values in others:
+        if not mask.overlaps(other):
+            continue
+        shared = crop & other.region(mask.start, mask.stop)
+        shared_labels = labels[shared]  # in C order, as `shared`'s True voxels
+        overlap = np.bincount(shared_labels, minlength=n + 1)
+        candidates = alive & (overlap >= SWALLOWED_SHARE * size)
+        if not candidates.any():
+            continue
+        picked = candidates[shared_labels]
+        theirs = np.bincount(shared_labels[picked], minlength=n + 1,
+                             weights=other.region(mask.start, mask.stop, other_values)[shared][picked])
+        if isinstance(own, tuple):
+            if mine is None:
+                mine = own[0].region(mask.start, mask.stop, own[1])
+            own_sums = np.bincount(shared_labels[picked], weights=mine[shared][picked], minlength=n + 1)
+        else:
+            own_sums = own * 255 * overlap
+        alive &= ~(candidates & (theirs > own_sums))
+    if alive[1:].all():
         return mask
-    theirs = other[0].region(mask.start, mask.stop, other[1])
-    mine = own[0].region(mask.start, mask.stop, own[1]) if isinstance(own, tuple) else None
-    changed = False
-    for label in candidates:
-        here = shared & (labels == label)
-        own_sum = int(mine[here].sum(dtype=np.int64)) if mine is not None else own * 255 * np.count_nonzero(here)
-        if int(theirs[here].sum(dtype=np.int64)) > own_sum:
-            crop &= labels != label
-            changed = True
-    return BoxMask(mask.shape, mask.start, crop) if changed else mask
+    return BoxMask(mask.shape, mask.start, alive[labels])
 
 
 def disjoint(masks: Mapping[str, BoxMask], values: Mapping[str, np.ndarray], keys: Sequence[str],
@@ -254,15 +267,14 @@ def disjoint(masks: Mapping[str, BoxMask], values: Mapping[str, np.ndarray], key
 
     `values[k]` holds the uint8 probabilities of `masks[k]`'s voxels (C order). Borders two vessels
     share are left alone: cutting them by probability cost the left iliac vein of scan A 0.05 Dice.
+    Each class is compared with the others' predicted masks (not with what is left of them).
     """
     out = dict(masks)
     for a in keys:
-        for b in keys:
-            if a != b:
-                out[a] = _without_swallowed(out[a], (masks[a], values[a]), (masks[b], values[b]))
+        others = [(masks[b], values[b]) for b in keys if b != a]
+        out[a] = _without_swallowed(masks[a], (masks[a], values[a]), others)
     for a, mean in (outside or {}).items():
-        for b in keys:
-            out[a] = _without_swallowed(out[a], mean, (masks[b], values[b]))
+        out[a] = _without_swallowed(masks[a], mean, [(masks[b], values[b]) for b in keys])
     return out
 
 
