@@ -14,7 +14,8 @@ Stages (exclusive times, summed over the run; measured by wrapping the functions
 The bundled model (46 classes) runs through `predict` for 1 (vertebrae_L3), 14 (`--classes liver`
 brings 13 vessels) and 46 classes. "256" grows the model to 256 heads (copies of its own) and runs
 the sliding window and restoration only (no registry holds 256 classes; rules and writers are
-skipped). Each case runs in a fresh process (peak RSS is that process's VmHWM). `--baseline DIR`
+skipped). Each case runs in a fresh process (peak RSS is that process's VmHWM; peak RssAnon is
+sampled, see `AnonymousPeak`). `--baseline DIR`
 runs the same cases with the code of another checkout (e.g. main) interleaved with ours, so ratios
 come from one run on the same (possibly busy) machine.
 
@@ -101,11 +102,35 @@ def _instrument(clock: StageClock) -> None:
         clock.wrap(predict_module, name, "rules")
 
 
-def _peak_rss_mb() -> float:
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+class AnonymousPeak:
+    """Peak of the process's anonymous memory (RssAnon), sampled every 10 ms by a thread.
+
+    VmHWM also counts the shared libraries' resident pages, which the kernel evicts or not depending
+    on what else runs (+-50 MB between identical runs on the shared machine); RssAnon is what the
+    pipeline itself allocates."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _status_mb("RssAnon"))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _status_mb("RssAnon"))
 
 
 def _grown(classes: int):
@@ -130,6 +155,7 @@ def worker(case: str, image_path: str) -> dict:
 
     clock = StageClock()
     _instrument(clock)
+    anonymous = AnonymousPeak()
     t0 = time.perf_counter()
     if case == "256":
         counts = _window_and_restore_only(_grown(256), image_path)
@@ -138,13 +164,16 @@ def worker(case: str, image_path: str) -> dict:
         from UniversalSegLib.io import write_outputs
 
         result = predict(image_path, classes=CASES[case], device="cpu")
-        with tempfile.TemporaryDirectory() as out:
-            clock._run("writers", write_outputs, result, out, ["nifti", "stats"])
+        keep = os.environ.get("BENCH_STAGES_KEEP")  # the driver's --keep: outputs stay there
+        with tempfile.TemporaryDirectory() as tmp:
+            clock._run("writers", write_outputs, result, keep or tmp, ["nifti", "stats"])
         counts = {c.info.key: c.voxel_count for c in result.classes}
     total = time.perf_counter() - t0
+    anon = anonymous.stop()
     stages = {s: round(clock.seconds.get(s, 0.0), 2) for s in STAGES}
     stages["other"] = round(total - sum(clock.seconds.values()), 2)
-    return {"case": case, "total_s": round(total, 2), "stages": stages, "peak_rss_mb": round(_peak_rss_mb()),
+    return {"case": case, "total_s": round(total, 2), "stages": stages, "peak_rss_mb": round(_status_mb("VmHWM")),
+            "peak_anon_mb": round(anon),
             "threads": torch.get_num_threads(), "counts": counts}
 
 
@@ -183,8 +212,10 @@ def make_clinical(folder: Path) -> Path:
     return out
 
 
-def run_case(code: Path, case: str, image: Path) -> dict:
+def run_case(code: Path, case: str, image: Path, keep: Path | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1"}
+    if keep:
+        env["BENCH_STAGES_KEEP"] = str(keep)
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", case, str(image)],
                           env=env, capture_output=True, text=True, cwd=str(code))
     if proc.returncode:
@@ -199,6 +230,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another checkout (e.g. main's) run interleaved with ours")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument("--keep", type=Path, help="write each case's outputs (masks, statistics) under this folder")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -208,19 +240,21 @@ def main() -> None:
     rows = []
     print(f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset)')} "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}")
-    print("| input | classes | code | total (s) | " + " | ".join(STAGES) + " | other | peak RSS (MB) |")
-    print("|---" * (len(STAGES) + 6) + "|")
+    print("| input | classes | code | total (s) | " + " | ".join(STAGES)
+          + " | other | peak RSS (MB) | peak RssAnon (MB) |")
+    print("|---" * (len(STAGES) + 7) + "|")
     with tempfile.TemporaryDirectory() as tmp:
         images = {"sample": SAMPLE} | ({"fine": make_clinical(Path(tmp))} if "fine" in args.inputs else {})
         for name in args.inputs:
             for case in args.cases:
                 for _ in range(args.repeat):
                     for label, code in codes.items():
-                        r = run_case(code, case, images[name]) | {"input": name, "code": label}
+                        keep = args.keep / f"{label}-{name}-{case}" if args.keep else None
+                        r = run_case(code, case, images[name], keep) | {"input": name, "code": label}
                         rows.append(r)
                         stages = " | ".join(f"{r['stages'][s]:.2f}" for s in (*STAGES, "other"))
-                        print(f"| {name} | {case} | {label} | {r['total_s']:.2f} | {stages} | {r['peak_rss_mb']} |",
-                              flush=True)
+                        memory = f"{r['peak_rss_mb']} | {r['peak_anon_mb']}"
+                        print(f"| {name} | {case} | {label} | {r['total_s']:.2f} | {stages} | {memory} |", flush=True)
     if args.baseline:
         for name in args.inputs:
             for case in args.cases:
