@@ -212,6 +212,20 @@ def _voxel_counts(labels: np.ndarray, n: int) -> np.ndarray:
     return np.pad(counts, (0, n + 1 - len(counts)))
 
 
+def _label_sums(labels: np.ndarray, where: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Sum of `values` over the `where` voxels, per label 0..n (three arrays of one box shape).
+
+    A few planes at a time: `np.bincount` wants 1D labels and widens its weights to float64, which
+    for the whole box would add 12 bytes a voxel at once. Sums of uint8 values are exact in float64.
+    """
+    sums = np.zeros(n + 1)
+    step = max(1, (1 << 16) // max(1, labels[0].size))
+    for s in range(0, len(labels), step):
+        here = where[s:s + step]
+        sums += np.bincount(labels[s:s + step][here], weights=values[s:s + step][here], minlength=n + 1)
+    return sums
+
+
 def _without_swallowed(mask: BoxMask, own: tuple[BoxMask, np.ndarray] | float,
                        others: Sequence[tuple[BoxMask, np.ndarray]]) -> BoxMask:
     """`mask` less its components that lie mostly (`SWALLOWED_SHARE`) inside the predicted mask of
@@ -237,19 +251,18 @@ def _without_swallowed(mask: BoxMask, own: tuple[BoxMask, np.ndarray] | float,
     for other, other_values in others:
         if not mask.overlaps(other):
             continue
-        shared = crop & other.region(mask.start, mask.stop)
-        shared_labels = labels[shared]  # in C order, as `shared`'s True voxels
-        overlap = np.bincount(shared_labels, minlength=n + 1)
+        shared = other.region(mask.start, mask.stop)
+        shared &= crop
+        overlap = _voxel_counts(np.where(shared, labels, 0), n)  # counted in place: no int64 copy
         candidates = alive & (overlap >= SWALLOWED_SHARE * size)
-        if not candidates.any():
+        if not candidates[1:].any():
             continue
-        picked = candidates[shared_labels]
-        theirs = np.bincount(shared_labels[picked], minlength=n + 1,
-                             weights=other.region(mask.start, mask.stop, other_values)[shared][picked])
+        shared &= candidates[labels]  # only the candidates' shared voxels are read from here on
+        theirs = _label_sums(labels, shared, other.region(mask.start, mask.stop, other_values), n)
         if isinstance(own, tuple):
             if mine is None:
                 mine = own[0].region(mask.start, mask.stop, own[1])
-            own_sums = np.bincount(shared_labels[picked], weights=mine[shared][picked], minlength=n + 1)
+            own_sums = _label_sums(labels, shared, mine, n)
         else:
             own_sums = own * 255 * overlap
         alive &= ~(candidates & (theirs > own_sums))
