@@ -71,6 +71,8 @@ def test_disjoint_on_fragmented_masks_equals_the_per_component_reference():
     vessels, organs = ["aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein"], ["liver"]
     masks, probabilities = _fragmented(rng, (36, 40, 44), vessels + organs, density=0.08)
     assert connected_components(masks["aorta"], return_N=True)[1] > 500  # fragmented indeed
+    masks["portal_vein_and_splenic_vein"][:, :, 30:] = False  # boxes that only partly overlap
+    masks["liver"][:12] = False
     outside = {"liver": 0.75}
     expected = _reference_disjoint(masks, probabilities, vessels, outside)
     boxes, values = _boxed(masks, probabilities)

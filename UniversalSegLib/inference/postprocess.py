@@ -240,33 +240,37 @@ def _without_swallowed(mask: BoxMask, own: tuple[BoxMask, np.ndarray] | float,
     others' components unchanged, so one labelling serves every other mask in turn. Probabilities
     are read only where some component lies mostly inside the other mask.
     """
-    if not any(mask.overlaps(other) for other, _ in others):
-        return mask
-    crop = mask.crop()
-    labels, n = connected_components(crop, connectivity=26, return_N=True)
-    size = _voxel_counts(labels, n)
-    alive = np.ones(n + 1, dtype=bool)
-    alive[0] = False  # background
-    mine = None
+    crop, labels, n, alive, mine = mask.crop(), None, 0, None, None
     for other, other_values in others:
         if not mask.overlaps(other):
             continue
-        shared = other.region(mask.start, mask.stop)
-        shared &= crop
-        overlap = _voxel_counts(np.where(shared, labels, 0), n)  # counted in place: no int64 copy
+        lo = [max(a, b) for a, b in zip(mask.start, other.start)]  # work on the two boxes' intersection
+        hi = [min(a, b) for a, b in zip(mask.stop, other.stop)]
+        inner = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, mask.start))
+        shared = other.region(lo, hi)
+        shared &= crop[inner]
+        if not shared.any():
+            continue
+        if labels is None:  # labelled once, at the first overlap
+            labels, n = connected_components(crop, connectivity=26, return_N=True)
+            size = _voxel_counts(labels, n)
+            alive = np.ones(n + 1, dtype=bool)
+            alive[0] = False  # background
+        local = labels[inner]
+        overlap = _voxel_counts(np.where(shared, local, 0), n)  # counted in place: no int64 copy
         candidates = alive & (overlap >= SWALLOWED_SHARE * size)
         if not candidates[1:].any():
             continue
-        shared &= candidates[labels]  # only the candidates' shared voxels are read from here on
-        theirs = _label_sums(labels, shared, other.region(mask.start, mask.stop, other_values), n)
+        shared &= candidates[local]  # only the candidates' shared voxels are read from here on
+        theirs = _label_sums(local, shared, other.region(lo, hi, other_values), n)
         if isinstance(own, tuple):
             if mine is None:
                 mine = own[0].region(mask.start, mask.stop, own[1])
-            own_sums = _label_sums(labels, shared, mine, n)
+            own_sums = _label_sums(local, shared, mine[inner], n)
         else:
             own_sums = own * 255 * overlap
         alive &= ~(candidates & (theirs > own_sums))
-    if alive[1:].all():
+    if alive is None or alive[1:].all():
         return mask
     return BoxMask(mask.shape, mask.start, alive[labels])
 
