@@ -174,7 +174,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
             classes: str | Sequence[str] | None = None, device: str | torch.device = "auto", fast: bool = False,
             progress: ProgressFn | None = None, keep_probabilities: bool = False, allow_non_ct: bool = False,
             *, postprocess: bool = True, include_helper_classes: bool = False, sw_batch_size: int | None = None,
-            class_chunk: int = 32, cache_features: bool | None = None,
+            class_chunk: int | None = None, cache_features: bool | None = None,
             series_uid: str | None = None) -> SegmentationResult:
     """Segment `image` and return every requested class as its own mask on the input's exact grid.
 
@@ -192,7 +192,8 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     keep_probabilities: also return each class's probability (uint8 0..255) on the input grid.
     allow_non_ct: segment an image that does not look like CT (a warning instead of an error).
     sw_batch_size: windows per forward pass (default 1 on CPU, 4 on CUDA).
-    class_chunk: classes stitched at once on CPU (memory: class_chunk x model-grid voxels x 2 bytes).
+    class_chunk: classes stitched at once (memory: class_chunk x one patch of model-grid rows x 2 bytes;
+        None: as many as a share of the free memory holds, so the backbone usually runs once per window).
     cache_features: keep the windows' backbone features between class chunks (None: only when cheap;
         see `sliding_window`); True is faster for many classes on CPU, at some memory.
     postprocess: apply the registry's rules (largest component, left/right split, within parents).

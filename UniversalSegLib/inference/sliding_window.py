@@ -5,8 +5,11 @@ importance map (the product of MONAI's 1D `compute_importance_map` per axis; unl
 no floor is put under the windows' corners). The backbone runs
 once per window (batched, autocast on CUDA); only the requested classes' heads run.
 
-Memory: windows run x-row by x-row, and the blended logits of at most `class_chunk` classes are
-accumulated in float16 on a ring of one patch of x-rows (not the whole model grid). Once no later
+Memory: windows run x-row by x-row, and the blended logits of a chunk of classes are accumulated
+in float16 on a ring of one patch of x-rows (not the whole model grid). On CPU a chunk holds as
+many classes as fit a memory budget (`cpu_class_chunk`: a share of the available memory, at most
+`CPU_BAND_MAX_BYTES`), so for ordinary class counts every class is one chunk and the backbone runs
+once per window; only hundreds of classes on a large grid split into chunks. Once no later
 window reaches a row its values are final: they leave as float32 probability slabs, one class at a
 time, so the caller can bring them to the input grid while the windows go on. Each window adds its
 logits times its share of the Gaussian blend (importance over summed importance; separable into
@@ -35,8 +38,17 @@ from UniversalSegLib.model import UniversalModel, apply_dynamic_heads
 ProgressFn = Callable[[float, str], None]
 FEATURE_CHANNELS = 8
 CPU_HEAD_TILE = 4096  # voxels per thread and head call on CPU (at least one x-plane of the window)
-CPU_HEAD_CLASS_CHUNK = 16
+# Classes per head call on CPU: their hidden activations (chunk x 8 x tile float32, 1 MB at 4 classes
+# and 2 threads) stay in L2. 16 classes (4 MB) measured 4x slower per voxel and class on one core
+# (42 against 10-11 ns; 2, 4 and 8 classes: 10-14 ns).
+CPU_HEAD_CLASS_CHUNK = 4
 GPU_MEMORY_SHARE = 0.5  # of the free GPU memory, for the accumulator and the feature cache
+# On CPU the band of one class chunk may take this share of the available memory, up to the cap: at
+# the bundled model's grid (64 x 99 x 112 band voxels, 1.4 MB a class) every class of a 360-class
+# model fits; a 1.5 mm model with 96^3 windows (8.5 MB a class) takes 60 classes per chunk. Chunks
+# of 32 re-ran the backbone for the 33rd class: 46 classes took twice the time of 1.
+CPU_BAND_SHARE = 0.25
+CPU_BAND_MAX_BYTES = 512 * 2**20
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -99,6 +111,19 @@ def _autocast(device: torch.device, enabled: bool):
 def _free_gpu_bytes(device: torch.device) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     return int(free * GPU_MEMORY_SHARE)
+
+
+def cpu_class_chunk(band_voxels: int, classes: int) -> int:
+    """Classes per chunk on CPU: as many float16 bands of `band_voxels` as the memory budget holds.
+
+    Args:
+        band_voxels: voxels of one class's band (one patch of x-rows of the padded model grid).
+        classes: how many classes are asked for.
+    """
+    import psutil
+
+    budget = min(CPU_BAND_MAX_BYTES, int(psutil.virtual_memory().available * CPU_BAND_SHARE))
+    return max(1, min(classes, budget // (2 * band_voxels)))
 
 
 def _add_window_cpu(band: _Band, window: tuple[slice, slice, slice], feature: torch.Tensor,
@@ -222,7 +247,7 @@ class _Band:
 
 
 def probability_slabs(model: UniversalModel, volume: np.ndarray, classes: Sequence[int], patch: Sequence[int],
-                      overlap: float, device: torch.device, sw_batch_size: int = 1, class_chunk: int = 32,
+                      overlap: float, device: torch.device, sw_batch_size: int = 1, class_chunk: int | None = None,
                       amp: bool = True, cache_features: bool | None = None,
                       progress: ProgressFn | None = None) -> Iterator[ProbabilitySlab]:
     """Yield each class's sigmoid probability on the model grid as x-slabs, in row order per class.
@@ -231,7 +256,9 @@ def probability_slabs(model: UniversalModel, volume: np.ndarray, classes: Sequen
     class list. Windows run x-row by x-row; once no later window reaches a row, its values are final
     and leave (one class at a time) while the rest of the volume is still being computed, so only
     one patch of rows is ever held per class. Within a class chunk the slabs of all its classes
-    alternate; a class's slab with `last` set ends it.
+    alternate; a class's slab with `last` set ends it. `class_chunk`: classes per chunk (None: on
+    CPU as many as `cpu_class_chunk` allows; on CUDA at least this many, more while half the free
+    GPU memory holds them).
     """
     plan = WindowPlan.make(volume.shape, patch, overlap)
     padding = [p for pair in reversed(plan.pad) for p in pair]
@@ -240,9 +267,13 @@ def probability_slabs(model: UniversalModel, volume: np.ndarray, classes: Sequen
         padded = torch.nn.functional.pad(padded, padding)
     band_voxels = min(plan.patch[0], plan.padded_shape[0]) * plan.padded_shape[1] * plan.padded_shape[2]
     on_gpu = device.type == "cuda"
-    chunk = max(1, min(len(classes), class_chunk))
-    if on_gpu:  # the band lives on the GPU: as many classes per chunk as fit
+    if on_gpu:  # the band lives on the GPU: as many classes per chunk as fit (at least `class_chunk`)
+        chunk = max(1, min(len(classes), class_chunk or 32))
         chunk = max(chunk, min(len(classes), _free_gpu_bytes(device) // 2 // (2 * band_voxels)))
+    elif class_chunk is not None:
+        chunk = max(1, min(len(classes), class_chunk))
+    else:
+        chunk = cpu_class_chunk(band_voxels, len(classes))
     chunks = [list(range(s, min(s + chunk, len(classes)))) for s in range(0, len(classes), chunk)]
     cache_bytes = len(plan.starts) * FEATURE_CHANNELS * int(np.prod(plan.patch)) * 2
     if cache_features is None:  # on CPU only while it adds at most a quarter to the band's memory

@@ -16,6 +16,9 @@ HEAD_WEIGHT_SIZES = (HEAD_CHANNELS * HEAD_CHANNELS, HEAD_CHANNELS * HEAD_CHANNEL
 HEAD_BIAS_SIZES = (HEAD_CHANNELS, HEAD_CHANNELS, 1)
 HEAD_PARAMS = sum(HEAD_WEIGHT_SIZES) + sum(HEAD_BIAS_SIZES)  # 153
 IMAGE_FEATURE_DIM = 256
+# Classes per step of a text-folded LPG: its float16 weights are widened to float32 per step, and all
+# 46 classes at once made 38 MB of temporaries per window (8 classes: 7 MB).
+FOLDED_LPG_CLASS_CHUNK = 8
 
 
 class PerClassLPG(nn.Module):
@@ -58,6 +61,10 @@ class PerClassLPG(nn.Module):
 
     def forward(self, image_feature: torch.Tensor, text: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """image_feature (B, 256), text (n, E), idx (n,) -> head parameters (B, n, 153)."""
+        if self.text_part is not None and len(idx) > FOLDED_LPG_CLASS_CHUNK:
+            step = FOLDED_LPG_CLASS_CHUNK
+            return torch.cat([self(image_feature, text[s:s + step], idx[s:s + step])
+                              for s in range(0, len(idx), step)], 1)
         w1 = self.w1[idx].float()  # a folded LPG keeps its weights in float16: computed in float32
         img_part = torch.einsum("nhc,bc->bnh", w1[:, :, : self.image_dim], image_feature)
         if self.text_part is not None:  # folded for inference
