@@ -19,6 +19,7 @@ import torch
 
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.masks import BoxMask
+from UniversalSegLib.inference.plausibility import check as check_plausibility
 from UniversalSegLib.inference.postprocess import apply_rules, disjoint, disjoint_keys, mean_within, outside_vessel_keys
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.restore import SlabRestorer
@@ -121,7 +122,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
             progress: ProgressFn | None = None, keep_probabilities: bool = False, allow_non_ct: bool = False,
             *, postprocess: bool = True, include_helper_classes: bool = False, sw_batch_size: int | None = None,
             class_chunk: int = 32, cache_features: bool | None = None,
-            series_uid: str | None = None) -> SegmentationResult:
+            series_uid: str | None = None, plausibility: bool = True) -> SegmentationResult:
     """Segment `image` and return every requested class as its own mask on the input's exact grid.
 
     image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU.
@@ -142,6 +143,8 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     cache_features: keep the windows' backbone features between class chunks (None: only when cheap;
         see `sliding_window`); True is faster for many classes on CPU, at some memory.
     postprocess: apply the registry's rules (largest component, left/right split, within parents).
+    plausibility: then check where each mask lies (`inference/plausibility.py`): components in an
+        arm are removed, masks in an implausible position flagged; the reason is in `ClassResult.reason`.
     series_uid: for a DICOM folder holding several series, the SeriesInstanceUID to segment (default:
         the CT series with the most slices, named in a `DicomSeriesWarning`).
     """
@@ -215,10 +218,14 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
             sources = [(masks[k], values[k]) for k in (key, infos[key].pair) if k in values]
             confidence[key] = mean_within(final[key], sources)
         masks = final
+    reasons: dict[str, str] = {}
+    if postprocess and plausibility:
+        checked = check_plausibility(masks, confidence, {c.key: c for c in computed}, reference)
+        masks, confidence, reasons = checked.masks, checked.confidence, checked.reasons
     timings["postprocess_s"] = time.perf_counter() - t
 
     shown = computed if include_helper_classes else wanted
-    results = [ClassResult(c, masks[c.key], confidence[c.key], probabilities[c.key])
+    results = [ClassResult(c, masks[c.key], confidence[c.key], probabilities[c.key], reasons.get(c.key, ""))
                for c in shown]
     metadata = {
         "model_path": str(loaded.path), "model_version": manifest.version, "device": str(dev), "fast": fast,
