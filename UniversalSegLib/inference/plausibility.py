@@ -15,7 +15,9 @@ Each registry class says where it may lie (`ClassInfo.location`, documented in
   the trunk's half-width (positive toward the patient's left). The midline is the spine's (the
   vertebra, sacrum or spinal cord masks when computed, else bone above 200 HU near the trunk's
   middle), else the trunk's centre.
-- "caudal_to": the mask's centroid must lie below those of the listed classes when both are present.
+- "caudal_to": the mask's centroid must lie below those of the listed classes when both are present;
+  of an inverted pair the less confident mask is flagged (both when equally confident), so a
+  correct vertebra is not flagged for a small false one above it.
 
 A removed component is named in the class's `reason`; a violated position rule keeps the mask,
 halves its confidence (so the statistics flag it) and says why. Only "trunk" removes voxels: it is
@@ -266,10 +268,12 @@ def check(masks: Mapping[str, BoxMask], confidence: Mapping[str, float], classes
                 side = "left" if offset > 0 else "right"
                 problems.setdefault(key, []).append(f"lies {abs(offset):.2f} trunk half-widths {side} of the midline "
                                 f"(expected {lo:+.2f} to {hi:+.2f})")
-        for other in rule.caudal_to:  # both of an inverted pair are suspect: flag both
+        for other in rule.caudal_to:  # of an inverted pair the less confident is suspect (both if equal)
             if other in centroids and frame.superior_sign * (centroids[key][0] - centroids[other][0]) > 0:
-                problems.setdefault(key, []).append(f"lies above {other}")
-                problems.setdefault(other, []).append(f"lies below {key}")
+                if out.confidence[key] <= out.confidence[other]:
+                    problems.setdefault(key, []).append(f"lies above {other}")
+                if out.confidence[other] <= out.confidence[key]:
+                    problems.setdefault(other, []).append(f"lies below {key}")
     for key, found in problems.items():
         out.confidence[key] = out.confidence[key] * IMPLAUSIBLE_CONFIDENCE_FACTOR
         note = "implausible position: " + "; ".join(found)

@@ -232,7 +232,8 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
         "overlap": overlap, "sw_batch_size": batch, "mixed_precision": amp,
         "computed_classes": [c.key for c in computed],
         "model_grid_size": list(prepared.grid.size), "model_spacing": list(pre.spacing),
-        "postprocessed": postprocess, **timings, "total_s": time.perf_counter() - t0,
+        "postprocessed": postprocess, "plausibility_checked": postprocess and plausibility, **timings,
+        "total_s": time.perf_counter() - t0,
     }
     report(_POST, "done")
     report(1.0, "done")

@@ -36,7 +36,12 @@ A_LABELS = DATA / "ct-abdomen" / "labels_totalsegmentator_v2.nii.gz"
 PV_CLASSES = ("aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein", "liver", "spleen",
               "kidney_left", "kidney_right")
 WRONG_ARM_ML = 0.5  # a component this large in an arm makes the class's mask wrong
-WRONG_DICE = 0.5  # below this against A's labels, a mask is wrong
+WRONG_DICE = 0.5  # below this against a scan's labels, a mask is wrong
+# Classes whose anatomy lies wholly below the chest: any mask of them on B or C is wrong.
+ABSENT_IN_CHEST = ("urinary_bladder", "prostate_or_uterus", "sacrum", "vertebrae_L2", "vertebrae_L3", "vertebrae_L4",
+                   "vertebrae_L5", "hip_left", "hip_right", "femur_left", "femur_right", "gluteus_maximus_left",
+                   "gluteus_maximus_right", "iliac_artery_left", "iliac_artery_right", "iliac_vena_left",
+                   "iliac_vena_right")
 
 
 def a_label_ids() -> dict[str, int]:
@@ -111,13 +116,23 @@ def _arm_components(mask: BoxMask, prob: np.ndarray, arm: np.ndarray, voxel_ml: 
     return found
 
 
+def truths() -> dict[str, dict[str, np.ndarray]]:
+    """Per scan, the labelled classes' reference masks on its own grid."""
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(A_LABELS)))
+    out = {"A": {k: a == i for k, i in a_label_ids().items()}}
+    for scan in ("B", "C"):
+        folder = (DATA / SCANS[scan]).parent / "masks"
+        out[scan] = {p.name.removesuffix(".nii.gz"): sitk.GetArrayFromImage(sitk.ReadImage(str(p))) > 0
+                     for p in folder.glob("*.nii.gz")}
+    return out
+
+
 def report(outdir: Path) -> dict:
     from UniversalSegLib.registry import default_registry
 
     registry = default_registry()
-    ids = a_label_ids()
     scans = {k: sitk.ReadImage(str(DATA / p)) for k, p in SCANS.items()}
-    a_truth = sitk.GetArrayFromImage(sitk.ReadImage(str(A_LABELS)))
+    references = truths()
     figures: dict = {}
     for path in sorted(outdir.glob("*.npz")):
         name = path.stem
@@ -144,18 +159,19 @@ def report(outdir: Path) -> dict:
                     if comps:
                         wrong[stage].add(k)
                         row["arm_components"].setdefault(stage, {})[k] = comps
-        if name.startswith("A"):
-            reference = scans["A"]
-            for stage, ms in final.items():
-                for k, m in ms.items():
-                    if k not in ids:
-                        continue
-                    full = m.array()
-                    full = crop_to(full, reference, image) if arm is not None else full
-                    d = dice(full, a_truth == ids[k])
-                    row["dice"].setdefault(stage, {})[k] = None if d is None else round(d, 3)
-                    if m and (d is None or d < WRONG_DICE):
-                        wrong[stage].add(k)
+        scan = name[0]
+        for stage, ms in final.items():
+            for k, m in ms.items():
+                if m and scan in "BC" and k in ABSENT_IN_CHEST:
+                    wrong[stage].add(k)
+                if k not in references[scan]:
+                    continue
+                full = m.array()
+                full = crop_to(full, scans[scan], image) if arm is not None else full
+                d = dice(full, references[scan][k])
+                row["dice"].setdefault(stage, {})[k] = None if d is None else round(d, 3)
+                if m and (d is None or d < WRONG_DICE):
+                    wrong[stage].add(k)
         for stage in ("before", "after"):
             row["unflagged_wrong"][stage] = sorted(wrong[stage] - flagged[stage])
             row.setdefault("wrong", {})[stage] = sorted(wrong[stage])
@@ -166,15 +182,14 @@ def report(outdir: Path) -> dict:
             print(f"   changed {k}: {c}")
         for stage, comps in row["arm_components"].items():
             print(f"   in the arms ({stage}): {comps}")
-    if "A" in figures:
-        native = figures["A"]["dice"]["after"]
-        for name, row in figures.items():
-            if name.startswith("A_") and "after" in row["dice"]:
-                keys = PV_CLASSES if name == "A_portal_venous" else list(native)
-                row["dice_change_vs_A"] = {k: None if native.get(k) is None or row["dice"]["after"].get(k) is None
-                                           else round(row["dice"]["after"][k] - native[k], 3) for k in keys}
-                worst = min((v for v in row["dice_change_vs_A"].values() if v is not None), default=None)
-                print(f"   {name}: Dice change vs A (after), worst {worst}: {row['dice_change_vs_A']}")
+    for name, row in figures.items():
+        native = figures.get(name[0], {}).get("dice", {}).get("after")
+        if name[1:] and native and "after" in row["dice"]:
+            keys = PV_CLASSES if name == "A_portal_venous" else list(native)
+            row["dice_change"] = {k: None if native.get(k) is None or row["dice"]["after"].get(k) is None
+                                  else round(row["dice"]["after"][k] - native[k], 3) for k in keys}
+            worst = min((v for v in row["dice_change"].values() if v is not None), default=None)
+            print(f"   {name}: Dice change vs {name[0]} (after), worst {worst}: {row['dice_change']}")
     return figures
 
 
