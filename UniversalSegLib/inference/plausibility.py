@@ -230,6 +230,31 @@ def spine_mask(masks: Mapping[str, BoxMask]) -> np.ndarray | None:
     return union
 
 
+def without_limbs(masks: Mapping[str, BoxMask], classes: Mapping[str, ClassInfo],
+                  reference: sitk.Image) -> tuple[dict[str, BoxMask], dict[str, str]]:
+    """`masks` less their components lying mostly in a limb (classes with the "trunk" rule), and the
+    reasons. Run before the rules that keep the largest component, so an arm's component cannot
+    win over the real structure.
+
+    Args:
+        masks: predicted masks by class key, on `reference`'s grid.
+        classes: the classes by key.
+        reference: the CT in HU.
+    """
+    out, reasons = dict(masks), {}
+    keys = [k for k, info in classes.items() if k in masks and masks[k] and Location.of(info).trunk]
+    if not keys:
+        return out, reasons
+    frame = body_frame(reference)
+    voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
+    for key in keys:
+        kept, removed = _without_limbs(out[key], frame, voxel_ml)
+        if removed:
+            out[key] = kept
+            reasons[key] = f"removed {removed:.1f} ml outside the trunk (in an arm or limb)"
+    return out, reasons
+
+
 def check(masks: Mapping[str, BoxMask], confidence: Mapping[str, float], classes: Mapping[str, ClassInfo],
           reference: sitk.Image, frame: BodyFrame | None = None) -> Outcome:
     """Apply each class's `Location` to its final mask (see the module docstring).
@@ -241,13 +266,13 @@ def check(masks: Mapping[str, BoxMask], confidence: Mapping[str, float], classes
         reference: the CT in HU.
         frame: a precomputed `body_frame` (default: built from `reference` and the spine masks).
     """
+    out = Outcome(dict(masks), dict(confidence))
+    rules = {key: Location.of(info) for key, info in classes.items() if key in masks and masks[key]}
+    if not any(r.trunk or r.lateral or r.caudal_to for r in rules.values()):
+        return out  # nothing to check: no body frame to build
     frame = frame or body_frame(reference, spine_mask(masks))
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
-    out = Outcome(dict(masks), dict(confidence))
-    for key, info in classes.items():
-        if key not in out.masks or not out.masks[key]:
-            continue
-        rule = Location.of(info)
+    for key, rule in rules.items():
         if rule.trunk:
             kept, removed = _without_limbs(out.masks[key], frame, voxel_ml)
             if removed:
@@ -257,10 +282,9 @@ def check(masks: Mapping[str, BoxMask], confidence: Mapping[str, float], classes
                     out.confidence[key] = 0.0
     centroids = {k: _centroid_frame(m, frame.axes) for k, m in out.masks.items() if m}
     problems: dict[str, list[str]] = {}
-    for key, info in classes.items():
+    for key, rule in rules.items():
         if key not in centroids:
             continue
-        rule = Location.of(info)
         if rule.lateral is not None:
             offset = _lateral(centroids[key], frame)
             lo, hi = rule.lateral

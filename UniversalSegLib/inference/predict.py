@@ -20,6 +20,7 @@ import torch
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.inference.plausibility import check as check_plausibility
+from UniversalSegLib.inference.plausibility import without_limbs
 from UniversalSegLib.inference.postprocess import apply_rules, disjoint, disjoint_keys, mean_within, outside_vessel_keys
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.restore import SlabRestorer
@@ -180,6 +181,9 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     restorers: dict[int, SlabRestorer] = {}
     separated = set(disjoint_keys(computed)) if postprocess else set()
     outside = set(outside_vessel_keys(computed)) if separated else set()
+    # With the plausibility check, components in an arm go before a rule picks the largest one: the
+    # bundled model's 221 ml "aorta" in an arm otherwise wins over the real aorta (issue 25).
+    deferred = postprocess and plausibility
     with torch.inference_mode():
         for slab in probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
                                       overlap, dev, sw_batch_size=batch, class_chunk=class_chunk, amp=amp,
@@ -187,10 +191,10 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
             info = computed[slab.position]
             if slab.position not in restorers:
                 # A single organ's rule needs nothing else: apply it as soon as the class is complete.
-                largest = postprocess and (info.postprocess == "largest_component" or (
+                largest = postprocess and not deferred and (info.postprocess == "largest_component" or (
                     info.postprocess == "split_pair" and info.pair not in computed_keys))
                 later = postprocess and (info.key in separated or (
-                    info.postprocess in ("split_pair", "within_parents") and not largest))
+                    info.postprocess in ("split_pair", "within_parents", "largest_component") and not largest))
                 restorers[slab.position] = SlabRestorer(prepared.grid, reference, pre.threshold, keep_probabilities,
                                                         largest_only=largest, keep_values=later)
             restorers[slab.position].add(slab.start, slab.values, slab.last)
@@ -206,22 +210,27 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
 
     report(_WINDOWS, "post-processing")
     t = time.perf_counter()
+    reasons: dict[str, str] = {}
     if values:
         infos = {c.key: c for c in computed}
         resolved = disjoint(masks, values, [k for k in infos if k in separated],
                             {k: confidence[k] for k in infos if k in outside})
         for key in outside:  # no voxel values: an organ keeps its mean unless it is gone
             confidence[key] = confidence[key] if resolved[key] else 0.0
-        final = apply_rules(resolved, infos, reference, pre.spacing, rules=("split_pair", "within_parents"))
+        if deferred:
+            resolved, reasons = without_limbs(resolved, infos, reference)
+        rules = ("split_pair", "largest_component", "within_parents") if deferred else ("split_pair", "within_parents")
+        final = apply_rules(resolved, infos, reference, pre.spacing, rules=rules)
         for key in (k for k in values if final[k] is not masks[k]):
             # a side may have received voxels its pair predicted: read them there
             sources = [(masks[k], values[k]) for k in (key, infos[key].pair) if k in values]
             confidence[key] = mean_within(final[key], sources)
         masks = final
-    reasons: dict[str, str] = {}
-    if postprocess and plausibility:
+    if deferred:
         checked = check_plausibility(masks, confidence, {c.key: c for c in computed}, reference)
-        masks, confidence, reasons = checked.masks, checked.confidence, checked.reasons
+        masks, confidence = checked.masks, checked.confidence
+        reasons = {k: "; ".join(r for r in (reasons.get(k), checked.reasons.get(k)) if r)
+                   for k in set(reasons) | set(checked.reasons)}
     timings["postprocess_s"] = time.perf_counter() - t
 
     shown = computed if include_helper_classes else wanted

@@ -2,11 +2,12 @@
 re-enhanced to a portal-venous phase (`variants.py`), before and after the plausibility check.
 
     python training/default_model/measure_variants.py run OUT        # ~2-3 min per variant on 2 cores
-    python training/default_model/measure_variants.py report OUT --json figures.json
+    python training/default_model/measure_variants.py run AFTER --plausibility
+    python training/default_model/measure_variants.py report OUT --after AFTER --json figures.json
 
-`run` predicts every class through `UniversalSegLib.predict` with the plausibility check off and
-saves each variant's masks, confidences and probabilities (OUT/<variant>.npz, with the variant's
-image and arm mask). `report` applies `plausibility.check` to them (what `predict` does by
+`run` predicts every class through `UniversalSegLib.predict` with the plausibility check off (on
+with `--plausibility`, into another folder) and saves each variant's masks, confidences and
+probabilities (OUT/<variant>.npz, with the variant's image and arm mask). `report` applies `plausibility.check` to them (what `predict` does by
 default) and prints per variant: components in the arms (class, ml, mean probability there,
 flagged or not), Dice of A's labelled classes, and how many wrong masks are left unflagged.
 """
@@ -25,7 +26,7 @@ from variants import Arm, compose_arms, crop_to, portal_venous  # this script's 
 from UniversalSegLib.components import connected_components
 from UniversalSegLib.continual.evaluate import dice
 from UniversalSegLib.inference.masks import BoxMask
-from UniversalSegLib.inference.plausibility import check
+from UniversalSegLib.inference.plausibility import Outcome, check
 from UniversalSegLib.inference.predict import predict
 from UniversalSegLib.io.stats import LOW_CONFIDENCE
 
@@ -69,22 +70,24 @@ def variants() -> dict[str, tuple[sitk.Image, sitk.Image, np.ndarray | None]]:
     return out
 
 
-def run(outdir: Path, only: list[str] | None) -> None:
+def run(outdir: Path, only: list[str] | None, plausibility: bool = False) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     for name, (image, _, arm_mask) in variants().items():
         if only and name not in only:
             continue
-        result = predict(image, device="cpu", keep_probabilities=True, plausibility=False)
+        result = predict(image, device="cpu", keep_probabilities=True,
+                         plausibility=plausibility)
         arrays = {"hu": sitk.GetArrayFromImage(image).astype(np.int16),
                   "arm": arm_mask if arm_mask is not None else np.zeros(0, bool)}
         for c in result.classes:
             arrays[f"mask_{c.info.key}"] = c.mask
             arrays[f"prob_{c.info.key}"] = c.probability
         conf = {c.info.key: c.mean_confidence for c in result.classes}
+        reasons = {c.info.key: c.reason for c in result.classes if c.reason}
         np.savez_compressed(outdir / f"{name}.npz", **arrays)
-        (outdir / f"{name}.json").write_text(json.dumps({"confidence": conf, "metadata": result.metadata,
-                                                         "spacing": image.GetSpacing(), "origin": image.GetOrigin(),
-                                                         "direction": image.GetDirection()}, default=str))
+        meta = {"confidence": conf, "reasons": reasons, "metadata": result.metadata, "spacing": image.GetSpacing(),
+                "origin": image.GetOrigin(), "direction": image.GetDirection()}
+        (outdir / f"{name}.json").write_text(json.dumps(meta, default=str))
         print(name, f"{result.metadata['total_s']:.0f} s", flush=True)
 
 
@@ -99,7 +102,7 @@ def _load(outdir: Path, name: str):
     masks = {k: BoxMask.from_array(data[f"mask_{k}"]) for k in keys}
     probs = {k: data[f"prob_{k}"] for k in keys}
     arm = data["arm"] if data["arm"].size else None
-    return image, masks, probs, meta["confidence"], arm
+    return image, masks, probs, meta["confidence"], arm, meta.get("reasons", {})
 
 
 def _arm_components(mask: BoxMask, prob: np.ndarray, arm: np.ndarray, voxel_ml: float) -> list[dict]:
@@ -127,7 +130,7 @@ def truths() -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def report(outdir: Path) -> dict:
+def report(outdir: Path, after_dir: Path | None = None) -> dict:
     from UniversalSegLib.registry import default_registry
 
     registry = default_registry()
@@ -136,11 +139,19 @@ def report(outdir: Path) -> dict:
     figures: dict = {}
     for path in sorted(outdir.glob("*.npz")):
         name = path.stem
-        image, masks, probs, conf, arm = _load(outdir, name)
+        image, masks, probs, conf, arm, _ = _load(outdir, name)
         classes = {k: registry[k] for k in masks}
-        after = check(masks, conf, classes, image)
+        if after_dir and (after_dir / f"{name}.npz").exists():  # predict's own run with the check
+            _, a_masks, a_probs, a_conf, _, a_reasons = _load(after_dir, name)
+            after = Outcome(a_masks, a_conf, a_reasons)
+            probs = {**probs, **{f"after_{k}": v for k, v in a_probs.items()}}
+            row_source = "predict with plausibility"
+        else:  # the check applied to the saved masks (not the deferral of the largest component)
+            after = check(masks, conf, classes, image)
+            row_source = "check() on the saved masks"
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000
-        row: dict = {"changed": {}, "arm_components": {}, "dice": {}, "unflagged_wrong": {}}
+        row: dict = {"after_from": row_source, "changed": {}, "arm_components": {}, "dice": {},
+                     "unflagged_wrong": {}}
         for k in masks:
             if after.masks[k].count != masks[k].count or k in after.reasons:
                 row["changed"][k] = {"ml_before": round(masks[k].count * voxel_ml, 2),
@@ -155,7 +166,8 @@ def report(outdir: Path) -> dict:
         if arm is not None:
             for stage, ms in final.items():
                 for k, m in ms.items():
-                    comps = _arm_components(m, probs[k], arm, voxel_ml) if m else []
+                    prob = probs[f"after_{k}"] if stage == "after" and f"after_{k}" in probs else probs[k]
+                    comps = _arm_components(m, prob, arm, voxel_ml) if m else []
                     if comps:
                         wrong[stage].add(k)
                         row["arm_components"].setdefault(stage, {})[k] = comps
@@ -199,11 +211,13 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="folder of the saved predictions")
     parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
     parser.add_argument("--json", type=Path, help="write the report's figures here")
+    parser.add_argument("--plausibility", action="store_true", help="run: predict with the check (predict's default)")
+    parser.add_argument("--after", type=Path, help="report: a `run --plausibility` folder for the 'after' figures")
     args = parser.parse_args()
     if args.step == "run":
-        run(args.out, args.only)
+        run(args.out, args.only, args.plausibility)
     else:
-        figures = report(args.out)
+        figures = report(args.out, args.after)
         if args.json:
             args.json.write_text(json.dumps(figures, indent=1))
 
