@@ -7,9 +7,12 @@ re-enhanced to a portal-venous phase (`variants.py`), before and after the plaus
 
 `run` predicts every class through `UniversalSegLib.predict` with the plausibility check off (on
 with `--plausibility`, into another folder) and saves each variant's masks, confidences and
-probabilities (OUT/<variant>.npz, with the variant's image and arm mask). `report` applies `plausibility.check` to them (what `predict` does by
-default) and prints per variant: components in the arms (class, ml, mean probability there,
-flagged or not), Dice of A's labelled classes, and how many wrong masks are left unflagged.
+probabilities (OUT/<variant>.npz, with the variant's image and arm mask). `report` takes the
+"after" figures from the `--after` folder (predict's own run with the check), else applies
+`plausibility.check` to the saved masks, and prints per variant: components in the arms (class,
+ml, mean probability there), what the check changed and why, Dice of the scan's labelled
+classes, and how many wrong masks are left unflagged (below 0.9 confidence or with a reason is
+flagged).
 """
 
 from __future__ import annotations
