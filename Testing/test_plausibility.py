@@ -4,7 +4,6 @@ arms composed beside them (training/default_model/variants.py, geometry, not the
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
 
 import cc3d
@@ -159,9 +158,8 @@ def test_end_to_end_no_unflagged_trunk_structure_in_an_arm():
 
     image = sitk.ReadImage(str(SHARED_DATA / "ct-abdomen" / "ct_small.nii.gz"))
     composed, _, arm = variants.compose_arms(image, None, [variants.Arm("low", 0.0), variants.Arm("high", 10.0)])
-    start = time.perf_counter()
     result = predict(composed, device="cpu")
-    assert time.perf_counter() - start < 120
+    assert result.metadata["plausibility_checked"]
     for c in result.classes:
         labels, n = cc3d.connected_components(c.mask, connectivity=26, return_N=True)
         flagged = c.mean_confidence < LOW_CONFIDENCE or bool(c.reason)
