@@ -195,8 +195,14 @@ def _centroid_frame(mask: BoxMask, axes: tuple[int, int, int]) -> np.ndarray:
     return centroid[list(axes)]
 
 
-def _without_limbs(mask: BoxMask, frame: BodyFrame, voxel_ml: float) -> tuple[BoxMask, float]:
-    """`mask` less its components lying mostly in a limb, and the millilitres removed."""
+def _without_limbs(mask: BoxMask, frame: BodyFrame, voxel_ml: float, kept_by_rule: int | None = None
+                   ) -> tuple[BoxMask, float]:
+    """`mask` less its components lying mostly in a limb, and the millilitres removed that matter.
+
+    `kept_by_rule`: how many of the largest components the class's rule keeps (1, 2 for a pair),
+    or None (all). Removed components smaller than what the rule keeps would have gone anyway:
+    they are removed but not counted, so a correct structure is not reported for a speck.
+    """
     limbs = frame.limbs[tuple(slice(a, b) for a, b in zip(mask.start, mask.stop))]
     crop = mask.crop()
     if not (crop & limbs).any():
@@ -207,7 +213,9 @@ def _without_limbs(mask: BoxMask, frame: BodyFrame, voxel_ml: float) -> tuple[Bo
     drop = np.flatnonzero(inside[1:] > LIMB_SHARE * size[1:]) + 1
     if drop.size == 0:
         return mask, 0.0
-    removed = float(size[drop].sum()) * voxel_ml
+    kept = np.sort(np.delete(size[1:], drop - 1))[::-1]
+    bar = kept[kept_by_rule - 1] if kept_by_rule and len(kept) >= kept_by_rule else 0
+    removed = float(size[drop][size[drop] >= bar].sum()) * voxel_ml
     return BoxMask(mask.shape, mask.start, crop & ~np.isin(labels, drop)), removed
 
 
@@ -230,6 +238,11 @@ def spine_mask(masks: Mapping[str, BoxMask]) -> np.ndarray | None:
     return union
 
 
+def _kept_by_rule(info: ClassInfo) -> int | None:
+    """Components the class's post-processing rule keeps (None: all)."""
+    return {"largest_component": 1, "split_pair": 2}.get(info.postprocess or "")
+
+
 def without_limbs(masks: Mapping[str, BoxMask], classes: Mapping[str, ClassInfo],
                   reference: sitk.Image) -> tuple[dict[str, BoxMask], dict[str, str]]:
     """`masks` less their components lying mostly in a limb (classes with the "trunk" rule), and the
@@ -248,9 +261,9 @@ def without_limbs(masks: Mapping[str, BoxMask], classes: Mapping[str, ClassInfo]
     frame = body_frame(reference)
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
     for key in keys:
-        kept, removed = _without_limbs(out[key], frame, voxel_ml)
+        kept, removed = _without_limbs(out[key], frame, voxel_ml, _kept_by_rule(classes[key]))
+        out[key] = kept
         if removed:
-            out[key] = kept
             reasons[key] = f"removed {removed:.1f} ml outside the trunk (in an arm or limb)"
     return out, reasons
 
