@@ -51,6 +51,13 @@ class _Progress:
         return lambda f, m: self(start + (end - start) * f, m)
 
 
+def _both(a: BoxMask, b: BoxMask) -> BoxMask:
+    """The voxels in both masks."""
+    if not a or not b:
+        return BoxMask.empty(a.shape)
+    return BoxMask(a.shape, a.start, a.crop() & b.region(a.start, a.stop))
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """"auto" picks CUDA when available; asking for an absent CUDA is a user error."""
     if str(device) == "auto":
@@ -184,6 +191,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     # With the plausibility check, components in an arm go before a rule picks the largest one: the
     # bundled model's 221 ml "aorta" in an arm otherwise wins over the real aorta (issue 25).
     deferred = postprocess and plausibility
+    early_largest: set[str] = set()  # classes whose largest component is then taken after the arms go
     with torch.inference_mode():
         for slab in probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
                                       overlap, dev, sw_batch_size=batch, class_chunk=class_chunk, amp=amp,
@@ -191,10 +199,13 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
             info = computed[slab.position]
             if slab.position not in restorers:
                 # A single organ's rule needs nothing else: apply it as soon as the class is complete.
-                largest = postprocess and not deferred and (info.postprocess == "largest_component" or (
+                largest = postprocess and (info.postprocess == "largest_component" or (
                     info.postprocess == "split_pair" and info.pair not in computed_keys))
-                later = postprocess and (info.key in separated or (
-                    info.postprocess in ("split_pair", "within_parents", "largest_component") and not largest))
+                if largest and deferred:
+                    early_largest.add(info.key)
+                    largest = False
+                later = postprocess and (info.key in separated or info.key in early_largest or (
+                    info.postprocess in ("split_pair", "within_parents") and not largest))
                 restorers[slab.position] = SlabRestorer(prepared.grid, reference, pre.threshold, keep_probabilities,
                                                         largest_only=largest, keep_values=later)
             restorers[slab.position].add(slab.start, slab.values, slab.last)
@@ -213,14 +224,19 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     reasons: dict[str, str] = {}
     if values:
         infos = {c.key: c for c in computed}
+        if deferred:  # as the restorer would, but without the arms' components: then the same rules
+            pruned, reasons = without_limbs(masks, infos, reference)
+            pruned = apply_rules(pruned, {k: infos[k] for k in early_largest}, reference, pre.spacing,
+                                 rules=("split_pair", "largest_component"))
+            confidence.update({k: mean_within(pruned[k], [(masks[k], values[k])]) for k in early_largest})
         resolved = disjoint(masks, values, [k for k in infos if k in separated],
                             {k: confidence[k] for k in infos if k in outside})
+        if deferred:
+            resolved = {k: _both(m, pruned[k]) if k in early_largest or k in reasons else m
+                        for k, m in resolved.items()}
         for key in outside:  # no voxel values: an organ keeps its mean unless it is gone
             confidence[key] = confidence[key] if resolved[key] else 0.0
-        if deferred:
-            resolved, reasons = without_limbs(resolved, infos, reference)
-        rules = ("split_pair", "largest_component", "within_parents") if deferred else ("split_pair", "within_parents")
-        final = apply_rules(resolved, infos, reference, pre.spacing, rules=rules)
+        final = apply_rules(resolved, infos, reference, pre.spacing, rules=("split_pair", "within_parents"))
         for key in (k for k in values if final[k] is not masks[k]):
             # a side may have received voxels its pair predicted: read them there
             sources = [(masks[k], values[k]) for k in (key, infos[key].pair) if k in values]
