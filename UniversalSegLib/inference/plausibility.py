@@ -199,9 +199,10 @@ def _without_limbs(mask: BoxMask, frame: BodyFrame, voxel_ml: float, kept_by_rul
                    ) -> tuple[BoxMask, float]:
     """`mask` less its components lying mostly in a limb, and the millilitres removed that matter.
 
-    `kept_by_rule`: how many of the largest components the class's rule keeps (1, 2 for a pair),
-    or None (all). Removed components smaller than what the rule keeps would have gone anyway:
-    they are removed but not counted, so a correct structure is not reported for a speck.
+    `kept_by_rule`: how many of the largest components the class's rule keeps (1, 2 for a pair,
+    whose sides each end with their largest), or None (all). A removed component smaller than the
+    largest kept one would have lost to it anyway: removed but not counted, so a correct structure
+    is not reported for the model's speck in an arm.
     """
     limbs = frame.limbs[tuple(slice(a, b) for a, b in zip(mask.start, mask.stop))]
     crop = mask.crop()
@@ -214,7 +215,7 @@ def _without_limbs(mask: BoxMask, frame: BodyFrame, voxel_ml: float, kept_by_rul
     if drop.size == 0:
         return mask, 0.0
     kept = np.sort(np.delete(size[1:], drop - 1))[::-1]
-    bar = kept[kept_by_rule - 1] if kept_by_rule and len(kept) >= kept_by_rule else 0
+    bar = kept[0] if kept_by_rule and len(kept) else 0
     removed = float(size[drop][size[drop] >= bar].sum()) * voxel_ml
     return BoxMask(mask.shape, mask.start, crop & ~np.isin(labels, drop)), removed
 
