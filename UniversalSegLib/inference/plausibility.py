@@ -47,6 +47,7 @@ LIMB_SHARE = 0.5  # of a component in a limb: it is removed
 COARSE_MM = 3.0  # the frame is built on an in-plane grid no finer than this (coarse anatomy; fast)
 IMPLAUSIBLE_CONFIDENCE_FACTOR = 0.5  # a mask in an implausible position keeps half its confidence
 SPINE_PREFIXES = ("vertebrae_", "sacrum", "spinal_cord")
+SPINE_CONFIDENCE = 0.9  # the statistics' low-confidence flag (io/stats.py)
 
 
 @dataclass(frozen=True)
@@ -228,9 +229,14 @@ def _lateral(centroid: np.ndarray, frame: BodyFrame) -> float | None:
     return float(frame.left_sign * (centroid[2] - frame.midline[z]) / frame.half_width[z])
 
 
-def spine_mask(masks: Mapping[str, BoxMask]) -> np.ndarray | None:
-    """The union of the vertebra, sacrum and spinal cord masks (input array order), or None."""
-    parts = [m for k, m in masks.items() if k.startswith(SPINE_PREFIXES) and m]
+def spine_mask(masks: Mapping[str, BoxMask], confidence: Mapping[str, float] | None = None) -> np.ndarray | None:
+    """The union of the vertebra, sacrum and spinal cord masks (input array order), or None.
+
+    With `confidence`, only masks at `SPINE_CONFIDENCE` or above: on chest scan B the model's
+    unsure "L1-L5" blobs lie beside the spine and would pull the midline off it.
+    """
+    parts = [m for k, m in masks.items() if k.startswith(SPINE_PREFIXES) and m
+             and (confidence is None or confidence.get(k, 0.0) >= SPINE_CONFIDENCE)]
     if not parts:
         return None
     union = np.zeros(parts[0].shape, dtype=bool)
@@ -284,7 +290,7 @@ def check(masks: Mapping[str, BoxMask], confidence: Mapping[str, float], classes
     rules = {key: Location.of(info) for key, info in classes.items() if key in masks and masks[key]}
     if not any(r.trunk or r.lateral or r.caudal_to for r in rules.values()):
         return out  # nothing to check: no body frame to build
-    frame = frame or body_frame(reference, spine_mask(masks))
+    frame = frame or body_frame(reference, spine_mask(masks, confidence))
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
     for key, rule in rules.items():
         if rule.trunk:
