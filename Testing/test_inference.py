@@ -65,7 +65,9 @@ class ThresholdModel(nn.Module):
 
 def stub_model(spacing: float, thresholds: dict[str, float] = THRESHOLDS, patch: int = 48,
                overlap: float = 0.5) -> LoadedModel:
-    classes = [ClassInfo.from_dict({**REG[k].to_dict(), "postprocess": None}) for k in thresholds]
+    # thresholds, not anatomy: no rule, and no place in the body (the plausibility check leaves them)
+    classes = [ClassInfo.from_dict({**REG[k].to_dict(), "postprocess": None, "location": {"trunk": False}})
+               for k in thresholds]
     manifest = Manifest(name="threshold-stub", backbone="none", backbone_config={}, classes=classes,
                         preprocessing=Preprocessing(spacing=[spacing] * 3, hu_window=[LOW, HIGH],
                                                     patch_size=[patch] * 3, overlap=overlap))

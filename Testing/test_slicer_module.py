@@ -315,6 +315,18 @@ def test_statistics_warnings(tmp_path):
         [], ["low confidence (0.60)", "touches the scan border (may be cut off)"], ["not found in this scan"]]
 
 
+def test_statistics_warnings_show_the_plausibility_reason(tmp_path):
+    path = tmp_path / "statistics.json"
+    path.write_text(json.dumps({"classes": [
+        {"key": "kidney_right", "name": "Right kidney", "voxel_count": 10, "mean_confidence": 0.49,
+         "low_confidence": True, "reason": "implausible position: lies 0.43 trunk half-widths left of the midline"},
+        {"key": "aorta", "name": "Aorta", "voxel_count": 0, "empty": True,
+         "reason": "removed 36.0 ml outside the trunk (in an arm or limb)"}]}))
+    assert [r.warnings() for r in backend.load_statistics(path)] == [
+        ["implausible position: lies 0.43 trunk half-widths left of the midline", "low confidence (0.49)"],
+        ["not found in this scan", "removed 36.0 ml outside the trunk (in an arm or limb)"]]
+
+
 def test_statistics_warnings_follow_the_backends_flag(tmp_path):
     from UniversalSegLib.io.stats import LOW_CONFIDENCE
 

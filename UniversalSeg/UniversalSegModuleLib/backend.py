@@ -290,6 +290,7 @@ class SegmentStatistics:
     low_confidence: bool | None = None  # the backend's flag (io/stats.py); older files lack it
     touches_border: bool = False
     empty: bool = False
+    reason: str = ""  # the plausibility check's (io/stats.py); older files lack it
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SegmentStatistics:
@@ -298,8 +299,8 @@ class SegmentStatistics:
 
     def warnings(self, low_confidence: float = LOW_CONFIDENCE) -> list[str]:
         if self.empty or self.voxel_count == 0:
-            return ["not found in this scan"]
-        found = []
+            return ["not found in this scan"] + ([self.reason] if self.reason else [])
+        found = [self.reason] if self.reason else []
         flagged = self.low_confidence if self.low_confidence is not None else (
             self.mean_confidence is not None and self.mean_confidence < low_confidence)
         if flagged and self.mean_confidence is not None:

@@ -20,6 +20,8 @@ import torch
 
 from UniversalSegLib.errors import ClassNotInModelError, InputError, UnknownClassError
 from UniversalSegLib.inference.masks import BoxMask
+from UniversalSegLib.inference.plausibility import check as check_plausibility
+from UniversalSegLib.inference.plausibility import without_limbs
 from UniversalSegLib.inference.postprocess import apply_rules, disjoint, disjoint_keys, mean_within, outside_vessel_keys
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.restore import SlabRestorer
@@ -48,6 +50,13 @@ class _Progress:
 
     def span(self, start: float, end: float) -> ProgressFn:
         return lambda f, m: self(start + (end - start) * f, m)
+
+
+def _both(a: BoxMask, b: BoxMask) -> BoxMask:
+    """The voxels in both masks."""
+    if not a or not b:
+        return BoxMask.empty(a.shape)
+    return BoxMask(a.shape, a.start, a.crop() & b.region(a.start, a.stop))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -175,7 +184,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
             progress: ProgressFn | None = None, keep_probabilities: bool = False, allow_non_ct: bool = False,
             *, postprocess: bool = True, include_helper_classes: bool = False, sw_batch_size: int | None = None,
             class_chunk: int | None = None, cache_features: bool | None = None,
-            series_uid: str | None = None) -> SegmentationResult:
+            series_uid: str | None = None, plausibility: bool = True) -> SegmentationResult:
     """Segment `image` and return every requested class as its own mask on the input's exact grid.
 
     image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU.
@@ -197,6 +206,8 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     cache_features: keep the windows' backbone features between class chunks (None: only when cheap;
         see `sliding_window`); True is faster for many classes on CPU, at some memory.
     postprocess: apply the registry's rules (largest component, left/right split, within parents).
+    plausibility: then check where each mask lies (`inference/plausibility.py`): components in an
+        arm are removed, masks in an implausible position flagged; the reason is in `ClassResult.reason`.
     series_uid: for a DICOM folder holding several series, the SeriesInstanceUID to segment (default:
         the CT series with the most slices, named in a `DicomSeriesWarning`).
     """
@@ -232,6 +243,10 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     restorers: dict[int, SlabRestorer] = {}
     separated = set(disjoint_keys(computed)) if postprocess else set()
     outside = set(outside_vessel_keys(computed)) if separated else set()
+    # With the plausibility check, components in an arm go before a rule picks the largest one: the
+    # bundled model's 221 ml "aorta" in an arm otherwise wins over the real aorta (issue 25).
+    deferred = postprocess and plausibility
+    early_largest: set[str] = set()  # classes whose largest component is then taken after the arms go
     with torch.inference_mode():
         for slab in probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
                                       overlap, dev, sw_batch_size=batch, class_chunk=class_chunk, amp=amp,
@@ -241,7 +256,10 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
                 # A single organ's rule needs nothing else: apply it as soon as the class is complete.
                 largest = postprocess and (info.postprocess == "largest_component" or (
                     info.postprocess == "split_pair" and info.pair not in computed_keys))
-                later = postprocess and (info.key in separated or (
+                if largest and deferred:
+                    early_largest.add(info.key)
+                    largest = False
+                later = postprocess and (info.key in separated or info.key in early_largest or (
                     info.postprocess in ("split_pair", "within_parents") and not largest))
                 restorers[slab.position] = SlabRestorer(prepared.grid, reference, pre.threshold, keep_probabilities,
                                                         largest_only=largest, keep_values=later)
@@ -258,10 +276,19 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
 
     report(_WINDOWS, "post-processing")
     t = time.perf_counter()
+    reasons: dict[str, str] = {}
     if values:
         infos = {c.key: c for c in computed}
+        if deferred:  # as the restorer would, but without the arms' components: then the same rules
+            pruned, reasons = without_limbs(masks, infos, reference)
+            pruned = apply_rules(pruned, {k: infos[k] for k in early_largest}, reference, pre.spacing,
+                                 rules=("split_pair", "largest_component"))
+            confidence.update({k: mean_within(pruned[k], [(masks[k], values[k])]) for k in early_largest})
         resolved = disjoint(masks, values, [k for k in infos if k in separated],
                             {k: confidence[k] for k in infos if k in outside})
+        if deferred:
+            resolved = {k: _both(m, pruned[k]) if k in early_largest or k in reasons else m
+                        for k, m in resolved.items()}
         for key in outside:  # no voxel values: an organ keeps its mean unless it is gone
             confidence[key] = confidence[key] if resolved[key] else 0.0
         final = apply_rules(resolved, infos, reference, pre.spacing, rules=("split_pair", "within_parents"))
@@ -270,10 +297,15 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
             sources = [(masks[k], values[k]) for k in (key, infos[key].pair) if k in values]
             confidence[key] = mean_within(final[key], sources)
         masks = final
+    if deferred:
+        checked = check_plausibility(masks, confidence, {c.key: c for c in computed}, reference)
+        masks, confidence = checked.masks, checked.confidence
+        reasons = {k: "; ".join(r for r in (reasons.get(k), checked.reasons.get(k)) if r)
+                   for k in set(reasons) | set(checked.reasons)}
     timings["postprocess_s"] = time.perf_counter() - t
 
     shown = computed if include_helper_classes else wanted
-    results = [ClassResult(c, masks[c.key], confidence[c.key], probabilities[c.key])
+    results = [ClassResult(c, masks[c.key], confidence[c.key], probabilities[c.key], reasons.get(c.key, ""))
                for c in shown]
     _cut_off_warning(results, reference)
     metadata = {
@@ -281,7 +313,8 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
         "overlap": overlap, "sw_batch_size": batch, "mixed_precision": amp,
         "computed_classes": [c.key for c in computed],
         "model_grid_size": list(prepared.grid.size), "model_spacing": list(pre.spacing),
-        "postprocessed": postprocess, **timings, "total_s": time.perf_counter() - t0,
+        "postprocessed": postprocess, "plausibility_checked": postprocess and plausibility, **timings,
+        "total_s": time.perf_counter() - t0,
     }
     report(_POST, "done")
     report(1.0, "done")

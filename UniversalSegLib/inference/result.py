@@ -27,8 +27,9 @@ class ClassResult:
     """
 
     def __init__(self, info: ClassInfo, mask: np.ndarray | BoxMask, mean_confidence: float,
-                 probability: np.ndarray | None = None):
+                 probability: np.ndarray | None = None, reason: str = ""):
         self.info = info
+        self.reason = reason  # why the mask was cut or flagged by the plausibility check ("" if not)
         self.mask = mask
         self.mean_confidence = float(mean_confidence)  # mean sigmoid probability inside the mask (0 if empty)
         self.probability = probability  # uint8 0..255 on the input grid, kept only when asked

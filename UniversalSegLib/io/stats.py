@@ -1,5 +1,5 @@
-"""Per-class statistics: volume, HU mean/std over the mask, confidence (flagged when low), and whether the
-mask reaches the scan border."""
+"""Per-class statistics: volume, HU mean/std over the mask, confidence (flagged when low), whether the
+mask reaches the scan border, and why the plausibility check cut or flagged it (`reason`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from UniversalSegLib.io.atomic import atomic_write
 from UniversalSegLib.io.geometry import Slices, check_masks, mask_parts
 
 COLUMNS = ("key", "name", "group", "voxel_count", "volume_ml", "mean_hu", "std_hu", "mean_confidence",
-           "low_confidence", "touches_border", "empty")
+           "low_confidence", "touches_border", "empty", "reason")
 # A mask whose mean probability is below this is flagged: on the bundled model, structures the scan
 # shows score 0.95-0.99 on CT, while masks on MR, on structures outside the field of view and on
 # anatomy the model confuses score lower (training/default_model/MODEL_CARD.md, "Confidence").
@@ -51,6 +51,7 @@ def compute_statistics(result: SegmentationResult) -> list[dict]:
             "low_confidence": bool(count) and float(c.mean_confidence) < LOW_CONFIDENCE,
             "touches_border": touches_border(slices, hu.shape) if count else False,
             "empty": count == 0,
+            "reason": getattr(c, "reason", ""),  # inference/plausibility.py; "" when the mask passed
         })
     return rows
 

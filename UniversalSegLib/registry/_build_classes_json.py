@@ -76,10 +76,40 @@ add("spinal_cord", "Spinal cord", "other", "2748008", "Spinal cord", [244, 214, 
 paired("gluteus_maximus", "gluteus maximus", "muscle", "181674001", "Gluteus maximus muscle", [188, 95, 76], post="split_pair")
 paired("iliopsoas", "iliopsoas", "muscle", "68455001", "Iliopsoas muscle", [170, 85, 70], post="split_pair", syn=["psoas"])
 paired("autochthon", "autochthonous back muscle", "muscle", "44947003", "Erector spinae muscle", [160, 80, 66], post="split_pair", syn=["erector spinae"])
+# --- where each structure may lie (ClassInfo.location; inference/plausibility.py) ---
+# Every class lies in the trunk (the default). "lateral": the centroid's signed distance from the
+# body midline in trunk half-widths, patient left positive; ranges hold scans A, B and C's labels
+# with room to spare (A: liver -0.43, spleen 0.64, kidneys -0.44/0.43; B, cut to 180 mm: aorta 0.33,
+# left subclavian 0.64). "caudal_to": classes whose centroids lie above this one's.
+def mirrored(lo, hi): return [-hi, -lo]
+LEFT_SIDED = {"spleen": [0.1, 1.2], "kidney_left": [0.05, 1.1], "adrenal_gland_left": [0.0, 0.9],
+              "lung_left": [0.05, 1.2], "iliac_artery_left": [0.0, 0.8], "iliac_vena_left": [0.0, 0.8],
+              "femur_left": [0.15, 1.3], "femur_head_left": [0.15, 1.3], "hip_left": [0.1, 1.1],
+              "gluteus_maximus_left": [0.1, 1.2], "iliopsoas_left": [0.05, 1.0], "autochthon_left": [0.0, 0.7],
+              "subclavian_artery_left": [0.0, 1.3], "common_carotid_artery_left": [-0.05, 0.9]}
+LATERAL = {**LEFT_SIDED, **{k.replace("_left", "_right"): mirrored(*v) for k, v in LEFT_SIDED.items() if k.endswith("_left")},
+           "liver": [-1.2, 0.3], "gallbladder": [-1.1, 0.2], "stomach": [-0.3, 1.1], "duodenum": [-0.8, 0.4],
+           "pancreas": [-0.4, 0.8], "colon": [-0.7, 0.7], "intestine": [-0.7, 0.7], "rectum": [-0.35, 0.35],
+           "urinary_bladder": [-0.4, 0.4], "prostate_or_uterus": [-0.3, 0.3], "esophagus": [-0.3, 0.45],
+           "trachea": [-0.3, 0.3], "heart": [-0.5, 0.7], "pulmonary_artery": [-0.4, 0.6], "aorta": [-0.3, 0.6],
+           "inferior_vena_cava": [-0.6, 0.2], "superior_vena_cava": [-0.7, 0.1],
+           "portal_vein_and_splenic_vein": [-0.5, 0.6], "celiac_trunk": [-0.3, 0.45],
+           "superior_mesenteric_artery": [-0.3, 0.45], "brachiocephalic_trunk": [-0.6, 0.3],
+           "sacrum": [-0.2, 0.2], "spinal_cord": [-0.2, 0.2], **{f"vertebrae_{lvl}": [-0.2, 0.2] for lvl in VERT}}
+LEVELS = [f"vertebrae_{lvl}" for lvl in VERT]  # top down
+CAUDAL_TO = {key: LEVELS[:i] for i, key in enumerate(LEVELS) if i}
+CAUDAL_TO.update({"sacrum": LEVELS, "liver": ["heart"], "spleen": ["heart"],
+                  "kidney_left": ["heart"], "kidney_right": ["heart"],
+                  "urinary_bladder": ["kidney_left", "kidney_right"], "prostate_or_uterus": ["urinary_bladder"],
+                  "iliac_artery_left": ["aorta"], "iliac_artery_right": ["aorta"],
+                  "iliac_vena_left": ["inferior_vena_cava"], "iliac_vena_right": ["inferior_vena_cava"]})
+for r in rows:
+    r["location"] = {"trunk": True, **({"lateral": LATERAL[r["key"]]} if r["key"] in LATERAL else {}),
+                     **({"caudal_to": CAUDAL_TO[r["key"]]} if r["key"] in CAUDAL_TO else {})}
 keys = [r["key"] for r in rows]; assert len(keys) == len(set(keys))
 for r in rows:
     r["prompt"] = r["name"].lower()
-    for p in r["parents"] + ([r["pair"]] if r["pair"] else []): assert p in keys, p
+    for p in r["parents"] + ([r["pair"]] if r["pair"] else []) + r["location"].get("caudal_to", []): assert p in keys, p
 json.dump({"format": 1, "prompt_template": "A computerized tomography of a {name}", "classes": rows},
           open("UniversalSegLib/registry/classes.json", "w"), indent=1)
 print(len(rows))

@@ -29,6 +29,10 @@ class ClassInfo:
     `terminology` holds DICOM coded triplets [scheme, code, meaning] under the keys
     category, type, and optionally modifier (laterality) and region (anatomic region).
     `parents` are host structures (tumour -> organ); `pair` is the other side of a paired organ.
+    `location` says where the structure may lie, checked on every prediction
+    (`inference/plausibility.py`): "trunk" (bool, default true: never in an arm or other limb),
+    "lateral" ([lo, hi]: the centroid's signed distance from the body midline, in trunk
+    half-widths, patient left positive) and "caudal_to" (keys whose centroids lie above this one's).
     """
 
     key: str
@@ -43,6 +47,7 @@ class ClassInfo:
     terminology: dict[str, list[str]] = field(default_factory=dict)
     postprocess: str | None = None
     template_id: int | None = None
+    location: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_]+", self.key):
