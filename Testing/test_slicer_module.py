@@ -91,7 +91,7 @@ class FakeInstaller:
 
     def install_torch(self, requirement):
         self.calls.append(("torch", requirement))
-        self.torch = "2.8.0"
+        self.torch = "2.13.0"
         return True
 
     def backend_version(self):
@@ -414,7 +414,7 @@ def test_first_run_installs_after_consent():
     kinds = [c[0] for c in installer.calls]
     assert kinds == ["confirm", "torch", "backend"]
     assert "PyTorch" in installer.calls[0][1] and "kept" in installer.calls[0][1]
-    assert installer.calls[1] == ("torch", ">=2.8")
+    assert installer.calls[1] == ("torch", dependencies.backend_torch_requirement(REPO))  # ">=2.13"
     # Now everything is there: nothing is asked or installed again.
     installer.calls.clear()
     assert not dependencies.ensure_dependencies(installer, REPO).needed and installer.calls == []
@@ -672,19 +672,28 @@ def test_result_is_saved_with_the_scene_and_updates_a_previous_one(tmp_path):
     run_in_stub("_scenario_widget_output_selector", tmp_path)
 
 
-def test_torch_floor_is_monais():
-    """Item 3: the module asks PyTorchUtils for at least the torch the installed MONAI requires."""
+def test_torch_floor_is_the_backends_tested_floor():
+    """Item 3: the module asks PyTorchUtils for the torch the backend's pyproject names (the tested floor,
+    never below MONAI's own), and refuses an older installed torch with a one-line reason."""
     import importlib.metadata
+    import tomllib
 
     from packaging.requirements import Requirement
     from packaging.version import Version
 
+    with open(REPO / "pyproject.toml", "rb") as f:
+        torch_dep = next(Requirement(r) for r in tomllib.load(f)["project"]["dependencies"] if r.startswith("torch"))
+    assert dependencies.backend_torch_requirement(REPO) == str(torch_dep.specifier)
     monai_torch = next(Requirement(r) for r in importlib.metadata.requires("monai") if r.startswith("torch"))
-    floor = min(Version(s.version) for s in Requirement(f"torch{dependencies.DEFAULT_TORCH_REQUIREMENT}").specifier)
+    floor = min(Version(s.version) for s in torch_dep.specifier if s.operator == ">=")
     monai_floor = min(Version(s.version) for s in monai_torch.specifier if s.operator == ">=")
-    assert floor >= monai_floor, (dependencies.DEFAULT_TORCH_REQUIREMENT, str(monai_torch))
-    with pytest.raises(dependencies.DependencyError, match="too old"):
-        dependencies.ensure_dependencies(FakeInstaller(torch="2.5.1+cu121"), REPO)
+    assert floor >= monai_floor, (str(torch_dep), str(monai_torch))
+    below = f"{floor.major}.{floor.minor - 1}.0+cu128" if floor.minor else "1.13.1"
+    with pytest.raises(dependencies.DependencyError, match=f"too old .*torch{re.escape(str(torch_dep.specifier))}"):
+        dependencies.ensure_dependencies(FakeInstaller(torch=below), REPO)
+    installer = FakeInstaller(torch=None)
+    dependencies.ensure_dependencies(installer, REPO, ask=False)
+    assert ("torch", str(torch_dep.specifier)) in installer.calls
 
 
 def test_terminology_entries_are_read_by_slicer_and_shipped():

@@ -59,6 +59,7 @@ from UniversalSegModuleLib.dependencies import (
     DependencyInstaller,
     InstallPlan,
     SlicerDependencyInstaller,
+    backend_torch_requirement,
     bundled_backend_dir,
     bundled_backend_version,
     ensure_dependencies,
@@ -909,7 +910,7 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
         bundled = bundled_backend_version(self.backendSourceDir)
         if installed is None:
             return _("Backend {bundled} will be installed on first Apply").format(bundled=bundled)
-        plan = plan_installation(self.installer, bundled)
+        plan = plan_installation(self.installer, bundled, backend_torch_requirement(self.backendSourceDir))
         if plan.upgrade_backend:
             return _("Backend {installed} is older than the bundled {bundled}: press Update").format(
                 installed=installed, bundled=bundled)
@@ -932,7 +933,8 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
             return
         if self.backendSourceDir is None:
             raise DependencyError("the bundled UniversalSeg backend is missing; reinstall the extension")
-        plan = plan_installation(self.installer, bundled_backend_version(self.backendSourceDir))
+        plan = plan_installation(self.installer, bundled_backend_version(self.backendSourceDir),
+                                 backend_torch_requirement(self.backendSourceDir))
         if plan.needed:
             raise DependencyError("UniversalSeg's Python packages are missing or outdated: run "
                                   "UniversalSeg.UniversalSegLogic().setupPythonRequirements() once (it asks first)")

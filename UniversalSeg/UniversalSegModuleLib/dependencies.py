@@ -27,8 +27,10 @@ BACKEND_DISTRIBUTION = "UniversalSegLib"
 BUNDLED_BACKEND_FOLDER = "UniversalSegBackend"  # next to UniversalSeg.py in an installed extension
 SKIP_PACKAGES = ("SimpleITK", "numpy", "requests", "torch")
 BACKEND_PROJECT_FILES = ("pyproject.toml", "README.md", "LICENSE", "setup.cfg", "MANIFEST.in")
-# MONAI 1.6 (the newest the backend allows, so the one pip installs) requires torch >= 2.8; an older
-# torch would be replaced by a PyPI build (losing the CUDA build PyTorchUtils chose) or run unsupported.
+# Used only when the bundled pyproject.toml names no torch requirement. The real floor is read from
+# there (`backend_torch_requirement`), so Slicer asks PyTorchUtils for the torch the backend was tested with:
+# an older torch would later be replaced by a PyPI build (losing the CUDA build PyTorchUtils chose)
+# or run untested. MONAI 1.6 itself needs torch >= 2.8.
 DEFAULT_TORCH_REQUIREMENT = ">=2.8"
 REQUESTER = "UniversalSeg"
 # Set to 1 to run the full self-test (installs packages, runs torch on the CPU); ctest runs a smoke test.
@@ -134,6 +136,15 @@ def read_backend_requirements(source_dir: str | Path) -> list[str]:
         return list(tomllib.load(f).get("project", {}).get("dependencies", []))
 
 
+def backend_torch_requirement(source_dir: str | Path) -> str:
+    """The version specifier of torch in the bundled backend's dependencies (">=2.13"), else the default."""
+    for requirement in read_backend_requirements(source_dir):
+        if requirement_name(requirement) == "torch":
+            specifier = re.sub(r"^\s*[A-Za-z0-9._-]+\s*", "", requirement.split(";")[0]).strip()
+            return specifier or DEFAULT_TORCH_REQUIREMENT
+    return DEFAULT_TORCH_REQUIREMENT
+
+
 def read_build_requirements(source_dir: str | Path) -> list[str]:
     """The `[build-system] requires` of the bundled backend's pyproject.toml."""
     text = (Path(source_dir) / "pyproject.toml").read_text(encoding="utf-8")
@@ -232,11 +243,20 @@ def _torch_ok(version: str, requirement: str) -> bool:
 
 
 def ensure_dependencies(installer: DependencyInstaller, source_dir: Path | None, ask: bool = True,
-                        torch_requirement: str = DEFAULT_TORCH_REQUIREMENT, force_backend: bool = False) -> InstallPlan:
-    """Install what is missing or stale, after asking when `ask`; raises DependencyError otherwise."""
+                        torch_requirement: str | None = None, force_backend: bool = False) -> InstallPlan:
+    """Install what is missing or stale, after asking when `ask`; raises DependencyError otherwise.
+
+    Args:
+        installer: the host's installer (SlicerDependencyInstaller in Slicer, a fake in tests).
+        source_dir: the bundled backend's source folder (`bundled_backend_dir`).
+        ask: ask the user before installing anything.
+        torch_requirement: torch version specifier; default: the bundled backend's own (pyproject.toml).
+        force_backend: reinstall the backend even when the installed one is current.
+    """
     if source_dir is None:
         raise DependencyError("the bundled UniversalSeg backend is missing from this installation; "
                               "reinstall the UniversalSeg extension")
+    torch_requirement = torch_requirement or backend_torch_requirement(source_dir)
     plan = plan_installation(installer, bundled_backend_version(source_dir), torch_requirement, force_backend)
     if plan.torch_too_old:
         raise DependencyError(f"PyTorch {plan.torch_too_old} is too old (UniversalSeg needs torch{torch_requirement}); "
