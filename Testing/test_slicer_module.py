@@ -80,7 +80,7 @@ class FakeRunner:
 
 
 class FakeInstaller:
-    def __init__(self, torch: str | None = "2.8.0", backend_version: str | None = "0.1.0", answer: bool = True):
+    def __init__(self, torch: str | None = "2.13.0", backend_version: str | None = "0.1.0", answer: bool = True):
         self.torch = torch
         self.backend = backend_version
         self.answer = answer
