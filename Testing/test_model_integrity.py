@@ -328,11 +328,11 @@ def test_slicer_model_list_greys_out_refused_models_with_the_reason(layout, tmp_
                             text=True, env=env)
     assert listed.returncode == 0, listed.stderr
     (tmp_path / "models.json").write_text(listed.stdout)
-    stub = [str(REPO / "Testing" / "slicer_stub"), str(REPO / "UniversalSeg"), str(REPO / "Testing"), str(REPO)]
-    code = f"import sys; sys.path[:0] = {stub!r}; import test_model_integrity as t; t._scenario_refused_models()"
+    stub = [REPO / "Testing" / "slicer_stub", REPO / "UniversalSeg", REPO / "Testing", REPO]
+    code = "import test_model_integrity as t; t._scenario_refused_models()"
     (tmp_path / "slicer-temp").mkdir()
-    stub_env = {**os.environ, "TEST_TMP": str(tmp_path), "SLICER_STUB_TEMP": str(tmp_path / "slicer-temp"),
-                "OMP_NUM_THREADS": "1"}
+    stub_env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, stub)), "TEST_TMP": str(tmp_path),
+                "SLICER_STUB_TEMP": str(tmp_path / "slicer-temp"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
                           env=stub_env, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,10 +1,7 @@
 """Anatomical plausibility (inference/plausibility.py, issue 25) on the real scans' label maps and on
-arms composed beside them (training/default_model/variants.py, geometry, not the training generator)."""
+arms composed beside them (UniversalSegLib/evaluation/variants.py, geometry, not the training generator)."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import cc3d
 import numpy as np
@@ -12,25 +9,13 @@ import pytest
 import SimpleITK as sitk
 from conftest import SAMPLE_DIR, SHARED_DATA
 
+from UniversalSegLib.evaluation import variants
 from UniversalSegLib.inference import plausibility
 from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.io.stats import LOW_CONFIDENCE, compute_statistics
 from UniversalSegLib.registry import default_registry
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _variants():
-    """training/default_model/variants.py, loaded from its file (a script folder, not a package)."""
-    path = REPO / "training" / "default_model" / "variants.py"
-    spec = importlib.util.spec_from_file_location("issue25_variants", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-variants = _variants()
 REGISTRY = default_registry()
 A_CT = SHARED_DATA / "ct-abdomen" / "ct.nii.gz"
 A_LABELS = SAMPLE_DIR / "ct_abdomen_labels_totalsegmentator_v2.nii.gz"

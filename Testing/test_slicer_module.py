@@ -21,14 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
+from UniversalSegModuleLib import backend, classes, dependencies, process, wizard  # on pytest's pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "UniversalSeg"
 STUB_DIR = REPO / "Testing" / "slicer_stub"
 SAMPLE_CT = REPO / "UniversalSegLib" / "resources" / "sample" / "ct_abdomen.nii.gz"
-sys.path.insert(0, str(MODULE_DIR))
-
-from UniversalSegModuleLib import backend, classes, dependencies, process, wizard  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Fakes of the module's own seams (ProcessRunner, DependencyInstaller); plain Python, used here and in
@@ -185,11 +183,18 @@ def fake_runner(**extra_handlers) -> FakeRunner:
 # --------------------------------------------------------------------------------------------------
 
 
+def stub_pythonpath() -> str:
+    """PYTHONPATH of a subprocess that runs the module against the stand-in: the stand-in first
+    (its `slicer`, `qt`, `ctk`, `vtk`), then the module, the tests and the repository."""
+    paths = [STUB_DIR, MODULE_DIR, REPO / "Testing", REPO]
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    return os.pathsep.join([*map(str, paths), *inherited])
+
+
 def run_in_stub(scenario: str, tmp_path: Path, timeout: float = 240, **env) -> str:
-    paths = [str(STUB_DIR), str(MODULE_DIR), str(REPO / "Testing"), str(REPO)]
-    code = f"import sys; sys.path[:0] = {paths!r}; import test_slicer_module as t; t.{scenario}()"
-    full_env = {**os.environ, "TEST_TMP": str(tmp_path), "SLICER_STUB_TEMP": str(tmp_path / "slicer-temp"),
-                "OMP_NUM_THREADS": "1", **env}
+    code = f"import test_slicer_module as t; t.{scenario}()"
+    full_env = {**os.environ, "PYTHONPATH": stub_pythonpath(), "TEST_TMP": str(tmp_path),
+                "SLICER_STUB_TEMP": str(tmp_path / "slicer-temp"), "OMP_NUM_THREADS": "1", **env}
     (tmp_path / "slicer-temp").mkdir(exist_ok=True)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
                             cwd=str(tmp_path), timeout=timeout)
@@ -784,7 +789,7 @@ def test_real_backend_predict(tmp_path, minilm):
 
 
 # --------------------------------------------------------------------------------------------------
-# Scenarios (run in a subprocess with the stand-in first on sys.path)
+# Scenarios (run in a subprocess with the stand-in first on PYTHONPATH)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, checkout_env, require_checkout  # benchmarks/_common.py (this script's folder)
+
+require_checkout()
 SMALL_CT = REPO / "Testing" / "data" / "shared" / "ct-abdomen" / "ct_small.nii.gz"
 SAMPLE = REPO / "UniversalSegLib" / "resources" / "sample" / "ct_abdomen.nii.gz"
 
@@ -50,7 +51,7 @@ def _children_cpu_s() -> float:
 
 def run(args: list[str]) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of `universalseg ARGS` in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = checkout_env()
     start, cpu = time.perf_counter(), _children_cpu_s()
     done = subprocess.run([sys.executable, "-m", "UniversalSegLib", *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:

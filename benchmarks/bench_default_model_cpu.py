@@ -24,18 +24,19 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, checkout_env, require_checkout  # benchmarks/_common.py (this script's folder)
+
 RECIPE_DIR = REPO / "training" / "default_model"
 VARIANTS = {"baseline": set(), "+heap": {"heap"}, "+bf16": {"heap", "bf16"},
             "+annotated": {"heap", "bf16", "annotated"}}
 
 
 def worker(options: set[str], steps: int, warmup: int) -> dict:
-    sys.path[:0] = [str(REPO), str(RECIPE_DIR)]
+    require_checkout()
     import torch
-    import train as recipe_train  # training/default_model/train.py
     import yaml
 
+    from training.default_model import train as recipe_train  # a namespace import: REPO is on PYTHONPATH
     from UniversalSegLib.data.synth import build_generalisation_pipeline
     from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16
     from UniversalSegLib.runtime import retain_freed_memory
@@ -91,7 +92,7 @@ def main() -> None:
     rows = {}
     for name in VARIANTS:
         run = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps),
-                              "--warmup", str(args.warmup)], capture_output=True, text=True)
+                              "--warmup", str(args.warmup)], capture_output=True, text=True, env=checkout_env())
         if run.returncode != 0:
             sys.exit(f"{name} failed:\n{run.stderr[-3000:]}")
         rows[name] = json.loads(run.stdout.strip().splitlines()[-1])

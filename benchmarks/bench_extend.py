@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, require_checkout  # benchmarks/_common.py (this script's folder)
+
+require_checkout()
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ct-thorax-aorta"
 NEW = ["aorta_true_lumen:Aorta true lumen", "aorta_false_lumen:Aorta false lumen"]
 TINY_CLASSES = ["aorta", "heart", "liver", "spleen", "kidney_left", "kidney_right", "vertebrae_T12", "vertebrae_L1"]

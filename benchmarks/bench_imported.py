@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, require_checkout  # benchmarks/_common.py (this script's folder)
+
+require_checkout()
 
 SAMPLE_CT = REPO / "UniversalSegLib" / "resources" / "sample" / "ct_abdomen.nii.gz"
 CLINICAL_SPACING = (0.8, 0.8, 1.5)

@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import gzip
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from _common import REPO, require_checkout  # benchmarks/_common.py (this script's folder)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+require_checkout()
 
 from UniversalSegLib.io import read_image  # noqa: E402
 from UniversalSegLib.io.header_checks import check_file_header  # noqa: E402

@@ -17,11 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, checkout_env  # benchmarks/_common.py (this script's folder)
 
 CHILD = r'''
 import sys
-sys.path.insert(0, sys.argv[3])
 import torch  # noqa: F401  (imported before the baseline is taken)
 import safetensors.torch
 from UniversalSegLib.store import load_model
@@ -49,8 +48,8 @@ print(f"{end['VmHWM'] - base['VmRSS']:.0f} {end['RssAnon'] - base['RssAnon']:.0f
 
 
 def measure(reader: str, path: Path) -> tuple[float, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, reader, str(path), str(REPO)], capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", CHILD, reader, str(path)], capture_output=True,
+                         text=True, check=True, env=checkout_env()).stdout.split()
     return float(out[0]), float(out[1])
 
 

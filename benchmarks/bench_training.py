@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import checkout_env, require_checkout  # benchmarks/_common.py (this script's folder)
+
+require_checkout()
 
 
 def _peak_rss_mb() -> float:
@@ -85,8 +86,7 @@ def measure(args: argparse.Namespace, datasets: int, accumulate: bool) -> dict:
 def run_isolated(args: argparse.Namespace, datasets: int, accumulate: bool) -> dict:
     cmd = [sys.executable, __file__, "--one", str(datasets), "accumulate" if accumulate else "batch",
            *sys.argv[1:]]
-    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=checkout_env())
     if proc.returncode != 0:
         raise SystemExit(f"measurement failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -17,14 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, checkout_env  # benchmarks/_common.py (this script's folder)
+
 SAMPLE = REPO / "UniversalSegLib" / "resources" / "sample"
 
 CHILD = r"""
 import dataclasses, json, sys, time
 import SimpleITK as sitk
-sys.path.insert(0, "training/default_model")
-from check_generalisation import organ_scores
+from experiments.check_generalisation import organ_scores  # cwd: the repository root
 from UniversalSegLib.inference.predict import predict
 from UniversalSegLib.store import load_model
 size, image, labels = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -41,7 +41,7 @@ print(json.dumps({"seconds": round(seconds, 2), "peak_mb": round(peak_kb / 1024)
 
 def run_once(size: int, image: Path, labels: Path) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, str(size), str(image), str(labels)], cwd=REPO,
-                         capture_output=True, text=True, check=True)
+                         env=checkout_env(), capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -7,7 +7,7 @@ qMRMLNodeComboBox -> QComboBox, ...), fills the widgets as the panel looks after
 sample CT, and grabs the widget. Needs a display: run it under Xvfb.
 
     pip install PyQt5==5.15.11
-    xvfb-run -a -s "-screen 0 1280x1280x24" python scripts/render_slicer_panel.py \
+    PYTHONPATH=UniversalSeg xvfb-run -a -s "-screen 0 1280x1280x24" python scripts/render_slicer_panel.py \
         --statistics statistics.json -o Resources/Screenshot01.png
 
 `--statistics` takes the statistics.json of a predict run, so the results table shows a real run's
@@ -65,8 +65,10 @@ def fill(ui, statistics: list[dict]) -> None:
     """What a user sees after segmenting the bundled sample CT with the bundled model."""
     from PyQt5 import QtCore, QtWidgets
 
-    sys.path.insert(0, str(REPO / "UniversalSeg"))
-    from UniversalSegModuleLib.classes import GROUP_TITLES, group_classes, selection_summary
+    try:  # the Slicer module's plain helpers, from UniversalSeg/ on PYTHONPATH (see the usage above)
+        from UniversalSegModuleLib.classes import GROUP_TITLES, group_classes, selection_summary
+    except ModuleNotFoundError:
+        sys.exit(f"render_slicer_panel: run with PYTHONPATH={REPO / 'UniversalSeg'} (the module's helpers)")
 
     manifest_path = REPO / "UniversalSegLib" / "resources" / "models" / "universalseg-demo" / "manifest.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))

@@ -1,7 +1,7 @@
 """HU inside scan B's aorta, its two lumens (an aortic dissection) and T12, against the range the
 `generalise` stage paints arteries with in the arterial phase (`synth.TISSUES`).
 
-    python training/default_model/experiments/loso/aorta_hu.py [--data ../shared/data]
+    python -m experiments.loso.aorta_hu [--data DIR]      # from the repo root
 
 Why: a model trained on scan A alone gives B's aorta L1/L2 vertebra probability instead (session 9).
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from experiments.paths import SHARED_DATA
 from UniversalSegLib.data.synth import TISSUES
 
-ROOT = Path(__file__).resolve().parents[4]
 MASKS = ("aorta", "aorta_true_lumen", "aorta_false_lumen", "vertebrae_T12")
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -33,7 +33,7 @@ def hu_table(scan: Path) -> dict[str, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA)
     args = parser.parse_args()
     print("HU percentiles " + " / ".join(map(str, PERCENTILES)))
     for name, values in hu_table(args.data / "ct-thorax-aorta").items():

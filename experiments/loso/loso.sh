@@ -5,7 +5,7 @@
 # Each direction runs the recipe's two stages from scratch: `basic` (learn the anatomy), then
 # `generalise` started from stage 1 (domain randomisation, exclusion loss), then evaluate.py.
 #
-#   bash training/default_model/loso.sh [RUN_DIR]   # env: DEVICE, STAGE1_STEPS, STAGE2_STEPS, DIRECTIONS,
+#   bash experiments/loso/loso.sh [RUN_DIR]          # env: DEVICE, STAGE1_STEPS, STAGE2_STEPS, DIRECTIONS,
 #                                                   #   GENERALISE_SET (stage 2's --generalise-set, e.g. "p_split_lumen=0.5")
 # (with the project's .venv active: it calls `python`)
 #

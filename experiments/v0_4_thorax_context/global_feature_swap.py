@@ -6,24 +6,21 @@ windows. If the global feature were the cause, the swaps would bring the organs 
 (v0.3.0: liver 6-7 ml, spleen 7 ml every time), so the thorax acts through the voxel features
 (convolutions and GroupNorm statistics over the window), not through the class heads' parameters.
 
-    python training/default_model/experiments/v0.4_thorax_context/global_feature_swap.py [MODEL]
+    python -m experiments.v0_4_thorax_context.global_feature_swap [MODEL]      # from the repo root
 """
 
 import sys
-from pathlib import Path
 
 import SimpleITK as sitk
 import torch
 
-REPO = Path(__file__).resolve().parents[4]
-sys.path.insert(0, str(REPO / "training" / "default_model"))
-from check_generalisation import SHOWN, confidences, slab  # noqa: E402
+from experiments.check_generalisation import SHOWN, confidences
+from experiments.paths import SHARED_DATA as DATA
+from UniversalSegLib.evaluation.variants import slab
+from UniversalSegLib.inference.predict import predict
+from UniversalSegLib.model.universal import UniversalModel
+from UniversalSegLib.store import load_model
 
-from UniversalSegLib.inference.predict import predict  # noqa: E402
-from UniversalSegLib.model.universal import UniversalModel  # noqa: E402
-from UniversalSegLib.store import load_model  # noqa: E402
-
-DATA = REPO / "Testing" / "data" / "shared"
 original = UniversalModel.features
 
 

@@ -1,6 +1,6 @@
 """Issue 8's cross-scan checks of a model, through the production path (`predict` on the input grid).
 
-    python training/default_model/check_generalisation.py [--model DIR] [--data DIR] [--out DIR] [--json F]
+    python -m experiments.check_generalisation [--model DIR] [--data DIR] [--out DIR] [--json F]   # repo root
 
 - robustness on scan A: the full scan, a 13-slice and a 30-slice slab, the plane padded with air to
   a 500 mm field of view, and a copy resampled to 0.8 x 0.8 x 5 mm. Dice of liver, spleen and
@@ -25,36 +25,20 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from stacking import stack_above  # this script's directory (sys.path[0], or the tests' path)
 
+from experiments.paths import SHARED_DATA
+from training.default_model.stacking import stack_above  # the recipe's composite (a namespace import)
 from UniversalSegLib.continual.evaluate import dice
+from UniversalSegLib.evaluation.variants import centred_slab, pad_plane, resample, slab
+from UniversalSegLib.evaluation.variants import mid_slice as mid_slice_of_ids
 from UniversalSegLib.inference.predict import predict
 from UniversalSegLib.io.geometry import full_mask, mask_parts
 from UniversalSegLib.io.preview import write_preview
 from UniversalSegLib.io.stats import compute_statistics, write_statistics
 from UniversalSegLib.store import load_model
 
-REPO = Path(__file__).resolve().parents[2]
 ORGANS = {"liver": 5, "spleen": 1, "kidney_left": 3, "kidney_right": 2}  # TotalSegmentator v2 ids in A's map
 SHOWN = [*ORGANS, "aorta"]
-
-
-def slab(image: sitk.Image, first: int, count: int) -> sitk.Image:
-    """Slices first..first+count-1 along the image's third index axis (its own geometry kept)."""
-    size = list(image.GetSize())
-    return sitk.RegionOfInterest(image, [size[0], size[1], count], [0, 0, first])
-
-
-def pad_plane(image: sitk.Image, fov_mm: float, value: float) -> sitk.Image:
-    """Pad both in-plane axes symmetrically to `fov_mm` (a large field of view, air around the body)."""
-    pad = [max(0, int(round((fov_mm / s - n) / 2))) for n, s in zip(image.GetSize()[:2], image.GetSpacing()[:2])]
-    return sitk.ConstantPad(image, [*pad, 0], [*pad, 0], value)
-
-
-def resample(image: sitk.Image, spacing: tuple[float, float, float], interpolator: int, value: float) -> sitk.Image:
-    size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing,
-                         image.GetDirection(), value, image.GetPixelID())
 
 
 def organ_scores(result, labels: sitk.Image) -> dict[str, float | None]:
@@ -80,17 +64,11 @@ def confidences(result, rows: list[dict] | None = None) -> dict[str, dict]:
 
 def mid_slice(labels: sitk.Image, organs: list[str]) -> int:
     """The slice halfway through the organs' combined axial extent."""
-    z = np.nonzero(np.isin(sitk.GetArrayViewFromImage(labels), [ORGANS[o] for o in organs]))[0]
-    return int(round((z.min() + z.max()) / 2))
+    return mid_slice_of_ids(labels, [ORGANS[o] for o in organs])
 
 
 def kidney_mid_slice(labels: sitk.Image) -> int:
     return mid_slice(labels, ["kidney_left", "kidney_right"])
-
-
-def centred_slab(ct: sitk.Image, labels: sitk.Image, mid: int, count: int) -> tuple[sitk.Image, sitk.Image]:
-    first = int(np.clip(mid - count // 2, 0, ct.GetSize()[2] - count))
-    return slab(ct, first, count), slab(labels, first, count)
 
 
 def sweep_variants(ct: sitk.Image, labels: sitk.Image) -> dict[str, tuple[sitk.Image, sitk.Image]]:
@@ -206,7 +184,7 @@ def absent_and_mr(model, data: Path, ct: sitk.Image, labels: sitk.Image, scan_b:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model folder or name (default: the bundled model)")
-    ap.add_argument("--data", default=str(REPO / "Testing" / "data" / "shared"), help="the shared scans")
+    ap.add_argument("--data", default=str(SHARED_DATA), help="the shared scans")
     ap.add_argument("--out", default="out/generalisation", help="previews and statistics of scans B and C")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", choices=["robustness", "confidence"], default=None)

@@ -1,19 +1,22 @@
-"""Evaluation variants of the real scans, built by geometry and additive HU offsets (issue 25).
+"""Evaluation variants of a real CT: is a model's result stable when the scan changes?
 
-NOT the training generator: `UniversalSegLib.data.synth` re-draws a contrast phase by painting
-each structure with one random mean in model space (the window saturates it). Here, on the
-scan's own grid and in HU:
+Built by geometry and additive HU offsets on the scan's own grid, NOT by the training generator
+(`UniversalSegLib.data.synth` re-draws a contrast phase by painting each structure with one random
+mean in model space, which the window saturates). Each variant keeps the reference labels valid
+on its grid, so Dice against them measures the model, not the variant.
 
-- `compose_arms`: upper arms drawn from geometry (skin, subcutaneous fat, muscle, humerus
-  cortex and marrow, each with partial-volume edges and the scan's own noise level) beside the
-  trunk, at a chosen gap (0 or less: touching) and antero-posterior shift, the plane widened with
-  air where the arm would leave the field of view. Labels get 0 there: no class lies in an arm.
-- `portal_venous`: the scan's real voxels plus an offset per structure (vessels to a target mean,
-  organs by a fixed enhancement, kidney cortex more than medulla), the offsets blended across
-  label borders by a Gaussian so no hard edge appears; the voxels' texture is kept.
+- Field of view and sampling (issue 8): `slab` / `centred_slab` (a few slices), `pad_plane` (a
+  large field of view, air around the body), `resample` (another voxel spacing, same extent).
+- `compose_arms` (issue 25): upper arms drawn from geometry (skin, subcutaneous fat, muscle,
+  humerus cortex and marrow, each with partial-volume edges and the scan's own noise level) beside
+  the trunk, at a chosen gap (0 or less: touching) and antero-posterior shift, the plane widened
+  with air where the arm would leave the field of view. Labels get 0 there: no class lies in an arm.
+- `portal_venous` (issue 25): the scan's real voxels plus an offset per structure (vessels to a
+  target mean, organs by a fixed enhancement, kidney cortex more than medulla), the offsets blended
+  across label borders by a Gaussian so no hard edge appears; the voxels' texture is kept.
 
-Used by `benchmarks`-style scripts under `experiments/v0.4.1_plausibility/` and by
-`Testing/test_plausibility.py`.
+Used by the experiments (`experiments/check_generalisation.py`, `experiments/measure_variants.py`)
+and by `Testing/test_plausibility.py` and `Testing/test_evaluation_variants.py`.
 """
 
 from __future__ import annotations
@@ -27,9 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-import UniversalSegLib
-
-SAMPLE = Path(UniversalSegLib.__file__).parent / "resources" / "sample"
+SAMPLE = Path(__file__).resolve().parents[1] / "resources" / "sample"
 LABEL_NAMES = SAMPLE / "totalsegmentator_v2_label_names.json"
 
 # Arm tissues (HU): literature-typical values for adult CT.
@@ -59,6 +60,68 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     for z in range(body.shape[0]):
         body[z] = ndimage.binary_fill_holes(body[z])
     return cc3d.largest_k(body, k=1, connectivity=6) > 0
+
+
+def slab(image: sitk.Image, first: int, count: int) -> sitk.Image:
+    """Slices first..first+count-1 along the image's third index axis, its own geometry kept.
+
+    Args:
+        image: any 3D image (CT or label map).
+        first: index of the first slice kept.
+        count: number of slices kept.
+    """
+    size = list(image.GetSize())
+    return sitk.RegionOfInterest(image, [size[0], size[1], count], [0, 0, first])
+
+
+def centred_slab(ct: sitk.Image, labels: sitk.Image, mid: int, count: int) -> tuple[sitk.Image, sitk.Image]:
+    """`count` slices of a CT and its labels centred on slice `mid`, shifted to stay inside the scan.
+
+    Args:
+        ct: the CT.
+        labels: its label map on the same grid.
+        mid: the slice the slab is centred on.
+        count: number of slices.
+    """
+    first = int(np.clip(mid - count // 2, 0, ct.GetSize()[2] - count))
+    return slab(ct, first, count), slab(labels, first, count)
+
+
+def mid_slice(labels: sitk.Image, ids: list[int]) -> int:
+    """The slice halfway through the combined axial extent of the label `ids`.
+
+    Args:
+        labels: a label map.
+        ids: the label values whose extent counts.
+    """
+    z = np.nonzero(np.isin(sitk.GetArrayViewFromImage(labels), ids))[0]
+    return int(round((z.min() + z.max()) / 2))
+
+
+def pad_plane(image: sitk.Image, fov_mm: float, value: float) -> sitk.Image:
+    """Both in-plane axes padded symmetrically to `fov_mm` (a large field of view, air around the body).
+
+    Args:
+        image: a CT or label map.
+        fov_mm: the in-plane extent wanted.
+        value: the padding value (-1024 for a CT, 0 for labels).
+    """
+    pad = [max(0, int(round((fov_mm / s - n) / 2))) for n, s in zip(image.GetSize()[:2], image.GetSpacing()[:2])]
+    return sitk.ConstantPad(image, [*pad, 0], [*pad, 0], value)
+
+
+def resample(image: sitk.Image, spacing: tuple[float, float, float], interpolator: int, value: float) -> sitk.Image:
+    """`image` on a grid of `spacing` covering the same extent (same origin and direction).
+
+    Args:
+        image: a CT or label map.
+        spacing: the new voxel spacing in mm (x, y, z).
+        interpolator: a SimpleITK interpolator (linear for a CT, nearest neighbour for labels).
+        value: the value outside the image.
+    """
+    size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing,
+                         image.GetDirection(), value, image.GetPixelID())
 
 
 class Arm(NamedTuple):

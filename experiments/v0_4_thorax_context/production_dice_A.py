@@ -2,7 +2,7 @@
 the two A sources label, beside the model-space Dice of `evaluate.py` when its JSON is given.
 
     python training/default_model/evaluate.py MODEL --json model_space.json      # optional
-    python training/default_model/experiments/v0.4_thorax_context/production_dice_A.py \
+    python -m experiments.v0_4_thorax_context.production_dice_A \
         [--model MODEL] [--model-space model_space.json] [--json out.json]
 
 A row far below its model-space figure points at inference or post-processing, not at the weights
@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import SimpleITK as sitk
 import yaml
 
-ROOT = Path(__file__).resolve().parents[4]
-sys.path.insert(0, str(ROOT / "training" / "default_model"))
-from evaluate import dice  # noqa: E402
+from experiments.paths import RECIPE, REPO
+from training.default_model.evaluate import dice  # the recipe's model-space evaluation
+from UniversalSegLib.inference.predict import predict
 
-from UniversalSegLib.inference.predict import predict  # noqa: E402
-
-RECIPE = ROOT / "training" / "default_model" / "recipe.yaml"
 A_SOURCES = ("abdomen-organs", "abdomen-gi-vessels-bones")
 
 
@@ -38,7 +34,7 @@ def main() -> None:
     recipe = yaml.safe_load(RECIPE.read_text())
     sources = [s for s in recipe["sources"] if s["name"] in A_SOURCES]
     ids = {key: label for s in sources for label, key in s["labels"].items()}
-    data_root = (ROOT / recipe["data_root"]).resolve()
+    data_root = (REPO / recipe["data_root"]).resolve()  # relative to the repository root
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(data_root / sources[0]["label_map"])))
     result = predict(str(data_root / sources[0]["image"]), model=args.model, classes=list(ids), device="cpu")
     model_space = {}

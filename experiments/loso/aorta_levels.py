@@ -6,8 +6,8 @@ thorax, down to T12). The two scans share only T12's level. A model that finds t
 where it has seen it labelled, and nowhere else, scores at most the "bound" printed here:
 2v / (v + V) for the held-out aorta's volume V and its part v at shared levels.
 
-    python training/default_model/experiments/loso/aorta_levels.py                 # bounds only
-    python training/default_model/experiments/loso/aorta_levels.py --noB MODEL --noA MODEL [--json F]
+    python -m experiments.loso.aorta_levels                 # bounds only (from the repo root)
+    python -m experiments.loso.aorta_levels --noB MODEL --noA MODEL [--json F]
 
 Runs in model space on `build/bundle.npz` (python training/default_model/prepare.py), like
 evaluate.py, whose sliding-window prediction it shares.
@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(DEFAULT_MODEL))
-from evaluate import dice, predict_masks  # noqa: E402
-from prepare import load_recipe  # noqa: E402
-
-from UniversalSegLib.store import load_model  # noqa: E402
+from experiments.paths import BUNDLE, RECIPE
+from training.default_model.evaluate import dice, predict_masks  # the recipe's model-space evaluation
+from UniversalSegLib.store import load_model
 
 # direction -> (held-out source, where the shared level is: at/below or at/above T12)
 HELD_OUT = {"noB": ("angiogram", "below"), "noA": ("abdomen-gi-vessels-bones", "above")}
@@ -70,9 +67,9 @@ def main() -> None:
         ap.add_argument(f"--{direction}", metavar="MODEL_DIR", help=f"a model trained in direction {direction}")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    data = np.load(DEFAULT_MODEL / "build" / "bundle.npz")
+    data = np.load(BUNDLE)
     meta = json.loads(str(data["meta"]))
-    voxel_ml = float(np.prod(load_recipe()["preprocessing"]["spacing"])) / 1000  # model space
+    voxel_ml = float(np.prod(yaml.safe_load(RECIPE.read_text())["preprocessing"]["spacing"])) / 1000  # model space
     report = {}
     for direction, (name, side) in HELD_OUT.items():
         scan, truth = source_labels(data, meta, name)

@@ -2,7 +2,7 @@
 space, of the aorta, T12, L1 and L2 inside B's aorta and T12, and how many voxels it calls spinal
 cord (B does not label it). Session 9 found B's bright lumen read as L1/L2 vertebra.
 
-    python training/default_model/experiments/loso/aorta_probability.py MODEL_DIR [MODEL_DIR ...]
+    python -m experiments.loso.aorta_probability MODEL_DIR [MODEL_DIR ...]      # from the repo root
 (after `python training/default_model/prepare.py`, which builds the model-space bundle)
 """
 
@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(DEFAULT_MODEL))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aorta_levels import source_labels  # noqa: E402
-from evaluate import predict_probabilities  # noqa: E402
-
-from UniversalSegLib.store import load_model  # noqa: E402
+from experiments.loso.aorta_levels import source_labels
+from experiments.paths import BUNDLE
+from training.default_model.evaluate import predict_probabilities  # the recipe's model-space evaluation
+from UniversalSegLib.store import load_model
 
 SHOWN = ("aorta", "vertebrae_T12", "vertebrae_L1", "vertebrae_L2", "spinal_cord")
 
 
 def main() -> None:
-    data = np.load(DEFAULT_MODEL / "build" / "bundle.npz")
+    data = np.load(BUNDLE)
     scan, truth = source_labels(data, json.loads(str(data["meta"])), "angiogram")
     aorta, t12 = truth["aorta"], truth["vertebrae_T12"]
     for model_dir in sys.argv[1:]:

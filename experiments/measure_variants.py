@@ -1,9 +1,9 @@
 """Issue 25's figures: the bundled model on scans A, B, C, on arms composed beside them and on A
-re-enhanced to a portal-venous phase (`variants.py`), before and after the plausibility check.
+re-enhanced to a portal-venous phase (`UniversalSegLib.evaluation.variants`), before and after the plausibility check.
 
-    python training/default_model/measure_variants.py run OUT        # ~2-3 min per variant on 2 cores
-    python training/default_model/measure_variants.py run AFTER --plausibility
-    python training/default_model/measure_variants.py report OUT --after AFTER --json figures.json
+    python -m experiments.measure_variants run OUT        # from the repo root; ~2-3 min per variant on 2 cores
+    python -m experiments.measure_variants run AFTER --plausibility
+    python -m experiments.measure_variants report OUT --after AFTER --json figures.json
 
 `run` predicts every class through `UniversalSegLib.predict` with the plausibility check off (on
 with `--plausibility`, into another folder) and saves each variant's masks, confidences and
@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import yaml
-from variants import Arm, compose_arms, crop_to, portal_venous  # this script's directory (sys.path[0])
 
+from experiments.paths import RECIPE, SHARED_DATA
 from UniversalSegLib.components import connected_components
 from UniversalSegLib.continual.evaluate import dice
+from UniversalSegLib.evaluation.variants import Arm, compose_arms, crop_to, portal_venous
 from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.inference.plausibility import Outcome, check
 from UniversalSegLib.inference.predict import predict
 from UniversalSegLib.io.stats import LOW_CONFIDENCE
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "Testing" / "data" / "shared"
+DATA = SHARED_DATA
 SCANS = {"A": "ct-abdomen/ct.nii.gz", "B": "ct-thorax-aorta/ct.nii.gz", "C": "ct-chest-pa/ct.nii.gz"}
 A_LABELS = DATA / "ct-abdomen" / "labels_totalsegmentator_v2.nii.gz"
 PV_CLASSES = ("aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein", "liver", "spleen",
@@ -50,7 +50,7 @@ ABSENT_IN_CHEST = ("urinary_bladder", "prostate_or_uterus", "sacrum", "vertebrae
 
 def a_label_ids() -> dict[str, int]:
     """Class key -> label id of scan A's two sources in recipe.yaml."""
-    recipe = yaml.safe_load((HERE / "recipe.yaml").read_text())
+    recipe = yaml.safe_load(RECIPE.read_text())
     return {key: int(label) for s in recipe["sources"] if s["name"].startswith("abdomen-")
             for label, key in s["labels"].items()}
 

@@ -1,0 +1,1 @@
+"""Evaluating a model beyond its training scans: variants of real CTs (`variants`)."""
