@@ -195,7 +195,7 @@ class ConfigFile(_Section):
     datasets: typed(list[dict[str, Any]], "a non-empty list of dataset entries", min_length=1)
     train: TrainSettings = Field(default_factory=TrainSettings)
     generalise: GeneraliseSection = Field(default_factory=GeneraliseSection)
-    stages: typed(list[StageSection], "a list of stages") = Field(default_factory=list)
+    stages: typed(list[dict[str, Any]], "a list of stages (mappings)") = Field(default_factory=list)  # StageSection
 
 
 @dataclass
@@ -321,8 +321,9 @@ def _resolve_stages(file: ConfigFile, overrides: dict[str, Any]) -> tuple[list[S
     cpu = _merged_settings(file.train, "cpu", {}, overrides, "train.cpu").patch_size
     patches.update({"train.patch_size": gpu} if gpu else {})
     patches.update({"train.cpu.patch_size": cpu} if cpu and cpu != gpu else {})
-    for i, s in enumerate(file.stages):
+    for i, raw in enumerate(file.stages):
         where = f"stages[{i}]"
+        s = validate_section(StageSection, raw, where, UniversalSegError, prefix="config: ")
         _check(s.name not in [t.name for t in stages], f"{where}.name: {s.name!r} is used twice")
         if s.average is not None:
             _check(not (s.train or s.generalise or s.datasets), f"{where}: an average stage trains nothing "

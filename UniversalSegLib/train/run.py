@@ -164,6 +164,7 @@ def _initial_weights(model: torch.nn.Module, manifest, init: Path) -> None:
         raise UniversalSegError(f"{init} has other classes or another architecture than the config's model")
     model.load_state_dict({k: v.float() for k, v in start.model.state_dict().items()})
     manifest.provenance["stages"] = list(start.manifest.provenance.get("stages", []))
+    manifest.version = start.manifest.version  # a stage naming no version refines the previous one's
 
 
 def _train(config: RunConfig, info: DistInfo, device: torch.device, output: Path, resume: bool,
