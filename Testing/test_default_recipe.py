@@ -91,10 +91,10 @@ def test_resume_skips_finished_stages(tmp_path, capsys):
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(_small(_recipe(), tmp_path, ["1", "2"])))
     assert cli(["train", str(config), "--steps", "1", "--device", "cpu", "--no-progress"]) == 0
-    first = (tmp_path / "run" / "stages" / "1" / "model" / "model.safetensors").stat().st_mtime_ns
+    first = (tmp_path / "run" / "stages" / "1" / "model" / "weights.safetensors").stat().st_mtime_ns
     assert cli(["train", str(config), "--steps", "1", "--device", "cpu", "--no-progress", "--resume"]) == 0
     assert "stage 1: finished earlier" in capsys.readouterr().err
-    assert (tmp_path / "run" / "stages" / "1" / "model" / "model.safetensors").stat().st_mtime_ns == first
+    assert (tmp_path / "run" / "stages" / "1" / "model" / "weights.safetensors").stat().st_mtime_ns == first
 
 
 @pytest.mark.parametrize("change, message", [
