@@ -84,7 +84,7 @@ def structure_map(case: Case, spec: DatasetSpec, grid: ModelGrid) -> np.ndarray:
     """The case's anatomy as an int16 structure map on `grid` (synth.build_structure_map), from its label
     files: with `spec.structure_ids == "totalsegmentator"` a label map's values are TotalSegmentator v2
     ids, used as they are (every structure, annotated or not); otherwise each labelled class's id."""
-    from UniversalSegLib.data.synth import build_structure_map, label_map_from_masks
+    from UniversalSegLib.data.synth import build_structure_map, label_map_from_masks, structure_id
 
     ids = None
     masks: dict[str, np.ndarray] = {}
@@ -102,7 +102,10 @@ def structure_map(case: Case, spec: DatasetSpec, grid: ModelGrid) -> np.ndarray:
     hu = grid.image(default_hu=-1024.0)
     if ids is None:
         ids = label_map_from_masks(masks) if masks else None
-    return build_structure_map(hu, ids, spacing_mm=grid.spacing).astype(np.int16)
+    ids = build_structure_map(hu, ids, spacing_mm=grid.spacing).astype(np.int16)
+    for key in spec.hide_structures:  # 0 inside the body: completed from the image at synthesis time
+        ids[ids == structure_id(key)] = 0
+    return ids
 
 
 def preprocess_entry(case: Case | StackedCase, spec: DatasetSpec, class_keys: list[str],
@@ -204,8 +207,9 @@ def _file_stamp(path: Path) -> list:
 def _sources(case: Case | StackedCase) -> list:
     if isinstance(case, StackedCase):
         return [["stack", case.above_from, case.above_mm, case.centre_on],
-                ["below", sorted(case.below_spec.classes), case.below_spec.structure_ids, _sources(case.below)],
-                ["above", sorted(case.above_spec.classes), case.above_spec.structure_ids, _sources(case.above)]]
+                *[[role, sorted(part.classes), part.structure_ids, sorted(part.hide_structures), _sources(case_part)]
+                  for role, part, case_part in (("below", case.below_spec, case.below),
+                                                ("above", case.above_spec, case.above))]]
     return [["map", sorted(s.values.items())] if isinstance(s, LabelMapSource) else ["mask", s.key]
             for s in case.labels]
 
@@ -223,7 +227,7 @@ def case_key(case: Case | StackedCase, spec: DatasetSpec, class_keys: list[str],
                 [float(v) for v in preprocessing.hu_window], bool(preprocessing.foreground_crop)],
     }
     if structure:  # entries without a structure map keep the key they had before structure maps existed
-        payload["structure"] = spec.structure_ids
+        payload["structure"] = [spec.structure_ids, sorted(spec.hide_structures)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from UniversalSegLib.config_file import Rule, read_config_file, typed, validate_section
 from UniversalSegLib.errors import InputError, UnknownClassError
@@ -114,6 +114,7 @@ class DatasetSpec:
     # "labels": the annotated classes' structure ids; "totalsegmentator": the label map files hold
     # TotalSegmentator v2 ids, and every structure they label is used (annotated or not)
     structure_ids: str = "labels"
+    hide_structures: list[str] = field(default_factory=list)  # cleared from the structure map (leave-out runs)
 
     def train_cases(self) -> list[Case]:
         held = set(self.holdout)
@@ -189,6 +190,10 @@ class DatasetEntry(_Section):
     version: Annotated[str | int, Rule("a version such as 19, 21 or 23")] = ""  # KiTS release
     structure_ids: typed(Literal["labels", "totalsegmentator"], "labels or totalsegmentator") = "labels"
     stack: StackSection | None = None  # format: stack only
+    # leave-out experiments: these structures are cleared from the structure map too, so the synthesis
+    # never draws the shape of a class whose labels are left out (`classes:` narrows the labels)
+    hide_structures: typed(list[str], "a list of class keys or TotalSegmentator structure names") = Field(
+        default_factory=list)
 
     @model_validator(mode="after")
     def _stack_with_its_format(self) -> DatasetEntry:
@@ -306,6 +311,11 @@ def load_dataset_specs(entries: list[dict], base_dir: Path, registry: Registry |
         if fmt == "stack":
             specs.append(stacked_spec(name, entry.stack, specs, registry))
             continue
+        from UniversalSegLib.data.synth import structure_id
+
+        unknown = [k for k in entry.hide_structures if structure_id(k) is None]
+        if unknown:
+            raise InputError(f"dataset {name}: hide_structures: {', '.join(unknown)} has no structure id")
         if fmt not in FORMATS:
             raise InputError(f"dataset {name}: format: unknown format {fmt!r} "
                              f"(known: {', '.join(sorted([*FORMATS, 'stack']))})")
@@ -313,7 +323,7 @@ def load_dataset_specs(entries: list[dict], base_dir: Path, registry: Registry |
         if not root.is_dir():
             raise InputError(f"dataset {name}: root folder {root} does not exist")
         spec = FORMATS[fmt](name, root, entry.adapter_fields(), registry)
-        spec.format, spec.structure_ids = fmt, entry.structure_ids
+        spec.format, spec.structure_ids, spec.hide_structures = fmt, entry.structure_ids, list(entry.hide_structures)
         if entry.cases is not None and fmt != "plain":
             keep = {str(c) for c in entry.cases}
             spec.cases = [c for c in spec.cases if c.case_id in keep]
@@ -356,7 +366,8 @@ def stacked_spec(name: str, stack: StackSection, earlier: list[DatasetSpec], reg
                          f"{low.case_id}+{uppers[i % len(uppers)].case_id}")
              for i, low in enumerate(below.train_cases())]
     return DatasetSpec(name, cases, list(dict.fromkeys([*below.classes, *above.classes])), format="stack",
-                       structure_ids=below.structure_ids)
+                       structure_ids=below.structure_ids, hide_structures=[*below.hide_structures,
+                                                                           *above.hide_structures])
 
 
 def load_dataset_file(path: str | Path, registry: Registry | None = None) -> list[DatasetSpec]:
