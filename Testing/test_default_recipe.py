@@ -85,16 +85,27 @@ def test_a_short_run_of_the_recipe_gives_a_loadable_model(tmp_path, capsys):
     assert case.has_structure and slices.size and slices[0] > 0
 
 
-def test_resume_skips_finished_stages(tmp_path, capsys):
+def test_a_stage_starts_from_a_model_folder_and_resume_skips_finished_stages(tmp_path, capsys):
+    """Stage 2d refines the bundled model (`init`), as it refined v0.3.0; a resumed run keeps it."""
     import yaml
 
+    from UniversalSegLib.store import load_model
+
+    bundled = load_model()
+    small = _small(_recipe(), tmp_path, ["2d", "2f"])
+    small["stages"][0]["init"] = str(bundled.path)
     config = tmp_path / "recipe.yaml"
-    config.write_text(yaml.safe_dump(_small(_recipe(), tmp_path, ["1", "2"])))
+    config.write_text(yaml.safe_dump(small))
     assert cli(["train", str(config), "--steps", "1", "--device", "cpu", "--no-progress"]) == 0
-    first = (tmp_path / "run" / "stages" / "1" / "model" / "weights.safetensors").stat().st_mtime_ns
+    first = tmp_path / "run" / "stages" / "2d" / "model"
+    refined = load_model(first)
+    assert refined.manifest.provenance["refined_from"] == str(bundled.path)
+    assert [s["stage"] for s in refined.manifest.provenance["stages"]][-2:] == ["average", "2d"]  # the history goes on
+    assert refined.manifest.version == bundled.manifest.version  # 2d names no version of its own
+    stamp = (first / "weights.safetensors").stat().st_mtime_ns
     assert cli(["train", str(config), "--steps", "1", "--device", "cpu", "--no-progress", "--resume"]) == 0
-    assert "stage 1: finished earlier" in capsys.readouterr().err
-    assert (tmp_path / "run" / "stages" / "1" / "model" / "weights.safetensors").stat().st_mtime_ns == first
+    assert "stage 2d: finished earlier" in capsys.readouterr().err
+    assert (first / "weights.safetensors").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("change, message", [
@@ -115,6 +126,7 @@ def test_resume_skips_finished_stages(tmp_path, capsys):
     ({"stages": [{"name": "1"}, {"name": "2"}, {"name": "m", "train": {"lr": 1e-4},
                                               "average": {"parent": "1", "parent_weight": 0.3}}]},
      "stages[2]: an average stage trains nothing"),
+    ({"stages": [{"name": "1", "init": "no/such/model"}]}, "stages[0].init: "),
     ({"model": {"weights_dtype": "int8"}}, "model.weights_dtype: must be one of float32, float16, got 'int8'"),
 ])
 def test_new_config_options_refuse_bad_values_in_one_line(change, message):

@@ -153,6 +153,7 @@ class StageSection(_Section):
 
     name: typed(str, "a non-empty name without slashes", pattern=r"^[^/\\]*[^\s/\\.][^/\\]*$")
     version: Text | None = None  # the model version this stage's model carries
+    init: Text | None = None  # start from this model folder (relative to the config) instead of the previous stage
     datasets: typed(list[str], "a list of dataset entry names") | None = None  # default: all
     train: typed(dict[str, Any], "a mapping of train settings") = Field(default_factory=dict)
     generalise: typed(dict[str, Any], "a mapping of generalise probabilities") = Field(default_factory=dict)
@@ -208,6 +209,7 @@ class Stage:
     train: dict[str, Any]
     generalise: GeneraliseSection
     average: AverageSection | None = None
+    init: Path | None = None
 
 
 @dataclass
@@ -311,7 +313,8 @@ def _check_architecture(m: ModelSection, patch_sizes: dict[str, list[int]]) -> N
                         f"{m.backbone}, got {list(size)}")
 
 
-def _resolve_stages(file: ConfigFile, overrides: dict[str, Any]) -> tuple[list[Stage], dict[str, list[int]]]:
+def _resolve_stages(file: ConfigFile, overrides: dict[str, Any],
+                    base: Path) -> tuple[list[Stage], dict[str, list[int]]]:
     """Stages with their generalise sections merged; each stage's train settings checked on both device
     types (one-line errors name `stages[i].train.<field>`). Also the training patch sizes to check."""
     names = [e.get("name") for e in file.datasets if isinstance(e, dict)]
@@ -326,8 +329,8 @@ def _resolve_stages(file: ConfigFile, overrides: dict[str, Any]) -> tuple[list[S
         s = validate_section(StageSection, raw, where, UniversalSegError, prefix="config: ")
         _check(s.name not in [t.name for t in stages], f"{where}.name: {s.name!r} is used twice")
         if s.average is not None:
-            _check(not (s.train or s.generalise or s.datasets), f"{where}: an average stage trains nothing "
-                   "(no train, generalise or datasets)")
+            _check(not (s.train or s.generalise or s.datasets or s.init), f"{where}: an average stage trains "
+                   "nothing (no train, generalise, datasets or init)")
             _check(bool(stages), f"{where}.average: needs a previous stage to average")
             _check(s.average.parent in [t.name for t in stages[:-1]],
                    f"{where}.average.parent: must name a stage before the previous one, got {s.average.parent!r}")
@@ -341,7 +344,12 @@ def _resolve_stages(file: ConfigFile, overrides: dict[str, Any]) -> tuple[list[S
                 patches[f"{where}.train.patch_size"] = settings.patch_size
         generalise = validate_section(GeneraliseSection, {**file.generalise.model_dump(), **s.generalise},
                                       f"{where}.generalise", UniversalSegError, prefix="config: ")
-        stages.append(Stage(s.name, s.version, s.datasets, dict(s.train), generalise, s.average))
+        init = None
+        if s.init is not None:
+            init = Path(s.init).expanduser()
+            init = init if init.is_absolute() else (base / init).resolve()
+            _check((init / "manifest.json").is_file(), f"{where}.init: {init} is not a model folder")
+        stages.append(Stage(s.name, s.version, s.datasets, dict(s.train), generalise, s.average, init))
     return stages, patches
 
 
@@ -361,7 +369,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".",
     name, base = file.name, Path(base_dir).resolve()
     preprocessing = Preprocessing(**file.preprocessing.model_dump())
     model = _validate_model(file.model)
-    stages, patches = _resolve_stages(file, overrides)
+    stages, patches = _resolve_stages(file, overrides, base)
     _check_architecture(model, {"preprocessing.patch_size": preprocessing.patch_size, **patches})
     output = Path(file.output or f"runs/{name}").expanduser()
     output = output if output.is_absolute() else (base / output).resolve()

@@ -223,7 +223,7 @@ def _run_stages(config: RunConfig, info: DistInfo, device: torch.device, resume:
             barrier()
         else:
             _say(info, f"stage {stage.name}: {folders[stage.name]}")
-            _train(config, info, device, folders[stage.name], resume, stage, previous, specs)
+            _train(config, info, device, folders[stage.name], resume, stage, stage.init or previous, specs)
         previous = model_dir
     final = config.output / FINAL_MODEL_DIR
     if info.is_main:
