@@ -85,10 +85,19 @@ def test_chest_above_check_keeps_the_labels_on_the_abdomen_and_none_in_the_chest
 
 
 @pytest.mark.parametrize("side", ["below", "above"])
-def test_aorta_levels_bound_is_the_dice_of_finding_the_aorta_at_shared_levels_only(side):
+def test_aorta_levels_bound_is_the_dice_of_finding_the_aorta_at_shared_levels_only(side, monkeypatch):
     """Issue 8's LOSO bound: a prediction exactly right at T12's level (and on the other scan's side
     of it) and empty elsewhere scores the bound, and the shared-level Dice is then 1."""
     sys.path.insert(0, str(RECIPE_DIR / "experiments" / "loso"))
+    # aorta_levels imports prepare.py (gone with issue 26a) only to read the recipe's spacing
+    from types import ModuleType
+
+    from UniversalSegLib.config_file import read_config_file
+
+    prepare = ModuleType("prepare")
+    prepare.load_recipe = lambda: read_config_file(RECIPE_DIR / "recipe.yaml")
+    monkeypatch.setitem(sys.modules, "prepare", prepare)
+    monkeypatch.delitem(sys.modules, "aorta_levels", raising=False)
     import aorta_levels as levels
     aorta = np.zeros((8, 8, 40), bool)
     aorta[3:5, 3:5, :] = True
