@@ -26,14 +26,21 @@ def _recipe() -> dict:
     return read_config_file(RECIPE)
 
 
-def _small(recipe: dict, tmp_path: Path, stages: list[str]) -> dict:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One preprocessing cache for this file's runs (each test fills what it lacks)."""
+    return tmp_path_factory.mktemp("recipe_cache")
+
+
+def _small(recipe: dict, tmp_path: Path, stages: list[str], cache: Path) -> dict:
     """The recipe with small overrides: 6 mm voxels, 32^3 patches, a few of its stages, no workers."""
     small = dict(recipe, output=str(tmp_path / "run"))
     small["preprocessing"] = {**recipe["preprocessing"], "spacing": [6.0, 6.0, 6.0], "patch_size": [32, 32, 32]}
     small["datasets"] = [{**d, "root": str((RECIPE.parent / d["root"]).resolve())} if "root" in d else d
                          for d in recipe["datasets"]]
     tiny = {"patch_size": [32, 32, 32], "batch_size": 2, "num_workers": 0, "progress": False}
-    small["train"] = {**recipe["train"], **tiny, "cpu": {**recipe["train"]["cpu"], **tiny}}
+    small["train"] = {**recipe["train"], "cache_dir": str(cache)}
+    small["train"] = {**small["train"], **tiny, "cpu": {**recipe["train"]["cpu"], **tiny}}
     small["stages"] = [{**s, "train": {**s["train"], **tiny}} if "train" in s else s
                        for s in recipe["stages"] if s["name"] in stages]
     return small
@@ -52,7 +59,7 @@ def test_the_recipe_is_a_valid_train_config(capsys):
     assert config.stages[3].generalise.p_slab == 0.5 and config.settings("cpu", config.stages[5]).exclusion_classes == 0
 
 
-def test_a_short_run_of_the_recipe_gives_a_loadable_model(tmp_path, capsys):
+def test_a_short_run_of_the_recipe_gives_a_loadable_model(tmp_path, cache, capsys):
     """Stages 1 (basic), 2d (generalise, with the chest-over-abdomen composite, 12 sampled exclusion
     heads), 2f (all heads) and the 0.4.1 average, one step each on the real scans."""
     import yaml
@@ -60,7 +67,7 @@ def test_a_short_run_of_the_recipe_gives_a_loadable_model(tmp_path, capsys):
     from UniversalSegLib.store import load_model
 
     config = tmp_path / "recipe.yaml"
-    config.write_text(yaml.safe_dump(_small(_recipe(), tmp_path, ["1", "2d", "2f", "0.4.1"])))
+    config.write_text(yaml.safe_dump(_small(_recipe(), tmp_path, ["1", "2d", "2f", "0.4.1"], cache)))
     assert cli(["train", str(config), "--steps", "1", "--device", "cpu", "--no-progress"]) == 0
     run = tmp_path / "run"
     for stage in ("1", "2d", "2f"):
@@ -78,21 +85,21 @@ def test_a_short_run_of_the_recipe_gives_a_loadable_model(tmp_path, capsys):
     # the composite: C's chest on A's abdomen, the heart annotated (present above, absent below)
     from UniversalSegLib.data.cache import CachedCase
 
-    entry = next((run / "cache" / "chest-over-abdomen").glob("*/meta.json")).parent
+    entry = next((cache / "chest-over-abdomen").glob("*/meta.json")).parent
     case = CachedCase.open(entry)
     heart = case.annotated_labels()[case.channels.index(45)]
     slices = np.flatnonzero(heart.any(axis=(0, 1)))
     assert case.has_structure and slices.size and slices[0] > 0
 
 
-def test_a_stage_starts_from_a_model_folder_and_resume_skips_finished_stages(tmp_path, capsys):
+def test_a_stage_starts_from_a_model_folder_and_resume_skips_finished_stages(tmp_path, cache, capsys):
     """Stage 2d refines the bundled model (`init`), as it refined v0.3.0; a resumed run keeps it."""
     import yaml
 
     from UniversalSegLib.store import load_model
 
     bundled = load_model()
-    small = _small(_recipe(), tmp_path, ["2d", "2f"])
+    small = _small(_recipe(), tmp_path, ["2d", "2f"], cache)
     small["stages"][0]["init"] = str(bundled.path)
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(small))
@@ -153,7 +160,10 @@ def test_stack_entries_are_checked_in_one_line(tmp_path):
              "stack.above_from.lowest: 'liver' is not a class dataset 'chest-pa' annotates"),
             ({**stack, "stack": {**stack["stack"], "above_from": {"lowest": "heart", "mm": -1}}},
              "stack.above_from.mm: must be a number of mm"),
-            ({k: v for k, v in stack.items() if k != "stack"}, "stack: format stack needs a stack section")):
+            ({k: v for k, v in stack.items() if k != "stack"}, "stack: format stack needs a stack section"),
+            ({**entries[0], "name": "x", "hide_structures": ["aorta", "kidney"]}, "hide_structures: kidney has no "
+                                                                                  "structure id"),
+            ({**entries[0], "name": "x", "structure_ids": "ts"}, "structure_ids: must be labels or totalsegmentator")):
         with pytest.raises(InputError, match=message.replace("(", r"\(").replace("[", r"\[")):
             load_dataset_specs([*entries[:-1], bad], RECIPE.parent)
 

@@ -293,7 +293,6 @@ class Trainer:
                           names: list[str], class_counts: torch.Tensor, group: int = 0,
                           batch_size: int | None = None) -> tuple[float, dict[str, tuple[float, int]]]:
         batch_size = batch_size or len(names)
-        annotated = annotated.cpu()
         classes, exclusion_scale = self._heads(annotated, group)
         images = images.to(self.device, non_blocking=True).float()
         target = labels[:, classes].to(self.device, non_blocking=True)
