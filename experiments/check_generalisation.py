@@ -27,8 +27,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from experiments.paths import SHARED_DATA
-from training.default_model.stacking import stack_above  # the recipe's composite (a namespace import)
 from UniversalSegLib.continual.evaluate import dice
+from UniversalSegLib.data.stacking import stack_above  # the recipe's `stack` composite
 from UniversalSegLib.evaluation.variants import centred_slab, pad_plane, resample, slab
 from UniversalSegLib.evaluation.variants import mid_slice as mid_slice_of_ids
 from UniversalSegLib.inference.predict import predict

@@ -6,7 +6,10 @@ window's lower bound), and a multi-hot target in the model's class order with th
 
 `PreprocessedCache` keeps one folder per (case files, labels, annotated classes, preprocessing, class
 keys): image.npy (float16), labels.npy (annotated channels bit-packed, uint8), locations.npz (sampled
-voxel positions per annotated class, for foreground patch centres) and meta.json. Arrays are
+voxel positions per annotated class, for foreground patch centres), meta.json and, when the run's
+augmentation synthesises from anatomy, structure.npy (int16 structure map, `synth.build_structure_map`).
+A `StackedCase` (format `stack`) is its two parts preprocessed as above and stacked (data/stacking.py).
+Arrays are
 uncompressed so patches are read through memory maps. A folder is written under a temporary name and
 renamed in one step, so an interrupted run leaves no half-written entry.
 """
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from UniversalSegLib.data.labels import apply_label_rules, pair_sides
-from UniversalSegLib.data.spec import Case, DatasetSpec, LabelMapSource, MaskSource
+from UniversalSegLib.data.spec import Case, DatasetSpec, LabelMapSource, MaskSource, StackedCase
 from UniversalSegLib.data.volume import ModelGrid, read_ct, read_label
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.registry import Registry, default_registry, safe_file_name
@@ -77,10 +80,78 @@ def _source_masks(case: Case, grid: ModelGrid, relevant: set[str]) -> dict[str, 
     return masks
 
 
+def structure_map(case: Case, spec: DatasetSpec, grid: ModelGrid) -> np.ndarray:
+    """The case's anatomy as an int16 structure map on `grid` (synth.build_structure_map), from its label
+    files: with `spec.structure_ids == "totalsegmentator"` a label map's values are TotalSegmentator v2
+    ids, used as they are (every structure, annotated or not); otherwise each labelled class's id."""
+    from UniversalSegLib.data.synth import build_structure_map, label_map_from_masks, structure_id
+
+    ids = None
+    masks: dict[str, np.ndarray] = {}
+    for source in case.labels:
+        if isinstance(source, LabelMapSource):
+            values = grid.label(read_label(source.path), binary=False)
+            if spec.structure_ids == "totalsegmentator":
+                ids = values
+            else:
+                for value, key in source.values.items():
+                    masks[key] = masks.get(key, False) | (values == value)
+        else:
+            masks[source.key] = masks.get(source.key, False) | grid.label(read_label(source.path), binary=True)
+    # HU unclipped, air outside the scan: build_structure_map finds the body and the lungs by HU
+    hu = grid.image(default_hu=-1024.0)
+    if ids is None:
+        ids = label_map_from_masks(masks) if masks else None
+    ids = build_structure_map(hu, ids, spacing_mm=grid.spacing).astype(np.int16)
+    for key in spec.hide_structures:  # 0 inside the body: completed from the image at synthesis time
+        ids[ids == structure_id(key)] = 0
+    return ids
+
+
+def preprocess_entry(case: Case | StackedCase, spec: DatasetSpec, class_keys: list[str],
+                     preprocessing: Preprocessing, structure: bool = False,
+                     registry: Registry | None = None) -> tuple[np.ndarray, np.ndarray, list[int], np.ndarray | None]:
+    """What a cache entry stores: `preprocess_annotated`'s arrays and, with `structure`, the structure map
+    (None without). A `StackedCase` is built from its two preprocessed parts."""
+    if isinstance(case, StackedCase):
+        return _preprocess_stacked(case, class_keys, preprocessing, structure, registry)
+    found = preprocess_annotated(case, spec, class_keys, preprocessing, registry, structure=structure)
+    return found if structure else (*found, None)
+
+
+def _preprocess_stacked(case: StackedCase, class_keys: list[str], preprocessing: Preprocessing, structure: bool,
+                        registry: Registry | None) -> tuple[np.ndarray, np.ndarray, list[int], np.ndarray | None]:
+    from UniversalSegLib.data.stacking import lowest_slice_above, stack_above
+    from UniversalSegLib.data.synth import structure_id
+
+    parts = {}
+    for role, part, part_spec in (("below", case.below, case.below_spec), ("above", case.above, case.above_spec)):
+        image, stack, channels, ids = preprocess_annotated(part, part_spec, class_keys, preprocessing, registry,
+                                                           structure=True)
+        parts[role] = {"image": image, "structure_map": ids, **{class_keys[c]: m for c, m in zip(channels, stack)}}
+    above = parts["above"]
+    try:
+        first = lowest_slice_above(above[case.above_from], case.above_mm, float(preprocessing.spacing[2]))
+    except ValueError as e:
+        raise InputError(f"{case.case_id}: stack.above_from: {case.above_from}: {e}") from None
+    above = {k: v[..., first:] for k, v in above.items()}
+    if next(iter(above.values())).shape[2] == 0:
+        raise InputError(f"{case.case_id}: stack.above_from: the block would start above the scan's top")
+    sid = structure_id(case.centre_on)
+    anchor = np.argwhere(parts["below"]["structure_map"] == sid) if sid is not None else np.zeros((0, 3))
+    if not len(anchor):
+        raise InputError(f"{case.case_id}: stack.centre_on: no {case.centre_on!r} in the lower part's structure map")
+    out = stack_above(parts["below"], above, anchor.mean(0)[:2])
+    channels = [k for k, key in enumerate(class_keys) if key in out]
+    masks = np.stack([out[class_keys[k]] for k in channels]) if channels else np.zeros((0, *out["image"].shape), bool)
+    return out["image"], masks, channels, out["structure_map"] if structure else None
+
+
 def preprocess_annotated(case: Case, spec: DatasetSpec, class_keys: list[str], preprocessing: Preprocessing,
-                         registry: Registry | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+                         registry: Registry | None = None, *, structure: bool = False):
     """`preprocess_case` without the unannotated channels: (image float16 (D,H,W), masks bool (A,D,H,W),
-    channels: the A annotated indices into `class_keys`). Memory grows with A, not with the model's K."""
+    channels: the A annotated indices into `class_keys`). Memory grows with A, not with the model's K.
+    With `structure`, a fourth item: the case's structure map (int16 (D,H,W), `structure_map`)."""
     registry = registry or default_registry()
     if str(preprocessing.orientation).upper() != "RAS":
         raise InputError(f"training preprocessing supports orientation RAS only, not {preprocessing.orientation!r}")
@@ -106,6 +177,8 @@ def preprocess_annotated(case: Case, spec: DatasetSpec, class_keys: list[str], p
             if mask.shape != image.shape:
                 raise InputError(f"{case.case_id}: label grid {mask.shape} does not match image {image.shape}")
             stack[row] = mask
+    if structure:
+        return image, stack, channels, structure_map(case, spec, grid)
     return image, stack, channels
 
 
@@ -131,17 +204,30 @@ def _file_stamp(path: Path) -> list:
     return [str(Path(path).resolve()), st.st_mtime_ns, st.st_size]
 
 
-def case_key(case: Case, spec: DatasetSpec, class_keys: list[str], preprocessing: Preprocessing) -> str:
+def _sources(case: Case | StackedCase) -> list:
+    if isinstance(case, StackedCase):
+        return [["stack", case.above_from, case.above_mm, case.centre_on],
+                *[[role, sorted(part.classes), part.structure_ids, sorted(part.hide_structures), _sources(case_part)]
+                  for role, part, case_part in (("below", case.below_spec, case.below),
+                                                ("above", case.above_spec, case.above))]]
+    return [["map", sorted(s.values.items())] if isinstance(s, LabelMapSource) else ["mask", s.key]
+            for s in case.labels]
+
+
+def case_key(case: Case | StackedCase, spec: DatasetSpec, class_keys: list[str], preprocessing: Preprocessing,
+             structure: bool = False) -> str:
     """Hash of everything the cached arrays depend on (files with mtime and size, label meaning,
-    annotated classes, class order and the grid/intensity settings)."""
-    sources = [["map", sorted(s.values.items())] if isinstance(s, LabelMapSource) else ["mask", s.key]
-               for s in case.labels]
+    annotated classes, class order, the grid/intensity settings and, with `structure`, where the
+    structure map comes from)."""
+    sources = _sources(case)
     payload = {
         "version": CACHE_VERSION, "files": [_file_stamp(p) for p in case.files()], "sources": sources,
         "annotated": sorted(spec.classes), "class_keys": list(class_keys),
         "pre": [preprocessing.orientation, [float(s) for s in preprocessing.spacing],
                 [float(v) for v in preprocessing.hu_window], bool(preprocessing.foreground_crop)],
     }
+    if structure:  # entries without a structure map keep the key they had before structure maps existed
+        payload["structure"] = [spec.structure_ids, sorted(spec.hide_structures)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -200,19 +286,30 @@ class CachedCase:
         out[self.channels] = ann
         return out
 
+    @property
+    def has_structure(self) -> bool:
+        return (self.path / "structure.npy").is_file()
+
+    def structure(self, region: tuple[slice, ...] = ()) -> np.ndarray:
+        """The int16 structure map (see `structure_map`); only entries built with `structure=True` have one."""
+        return np.asarray(self._map("structure")[region])
+
     def locations(self) -> dict[int, np.ndarray]:
         """Sampled voxel positions (n, 3) per annotated class index that has any voxel."""
         with np.load(self.path / "locations.npz") as data:
             return {self.channels[int(c)]: data[c] for c in data.files if len(data[c])}
 
 
-def _write_entry(final: Path, image: np.ndarray, stack: np.ndarray, channels: list[int], meta: dict) -> None:
+def _write_entry(final: Path, image: np.ndarray, stack: np.ndarray, channels: list[int], meta: dict,
+                 structure: np.ndarray | None = None) -> None:
     """Write all files into a temporary folder beside `final`, then rename it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         np.save(tmp / "image.npy", image)
         np.save(tmp / "labels.npy", np.packbits(stack, axis=0))
+        if structure is not None:
+            np.save(tmp / "structure.npy", structure)
         rng = np.random.default_rng(int(meta["key"][:8], 16))
         np.savez(tmp / "locations.npz", **_locations(stack, rng))
         (tmp / "meta.json").write_text(json.dumps({**meta, "channels": channels, "shape": list(image.shape)}))
@@ -235,23 +332,29 @@ def _plain(preprocessing: Preprocessing) -> SimpleNamespace:
 
 def _build(args: tuple) -> str:
     """Preprocess one case and store it (module level so a process pool can run it)."""
-    case, spec, class_keys, preprocessing, final, key = args
-    image, stack, channels = preprocess_annotated(case, spec, class_keys, preprocessing)
+    case, spec, class_keys, preprocessing, final, key, structure = args
+    image, stack, channels, ids = preprocess_entry(case, spec, class_keys, preprocessing, structure)
     meta = {"version": CACHE_VERSION, "key": key, "dataset": spec.name, "case": case.case_id,
             "class_keys": list(class_keys), "spacing": [float(s) for s in preprocessing.spacing],
             "created": time.time()}
-    _write_entry(Path(final), image, stack, channels, meta)
+    _write_entry(Path(final), image, stack, channels, meta, ids)
     return case.case_id
 
 
 class PreprocessedCache:
-    """Preprocessed cases on disk, one folder per case and settings (see the module docstring)."""
+    """Preprocessed cases on disk, one folder per case and settings (see the module docstring).
 
-    def __init__(self, cache_dir: str | Path):
+    Args:
+        cache_dir: the cache's folder.
+        structure_maps: entries also hold the case's structure map (the generalisation augmentation's).
+    """
+
+    def __init__(self, cache_dir: str | Path, structure_maps: bool = False):
         self.root = Path(cache_dir)
+        self.structure_maps = structure_maps
 
     def path(self, case: Case, spec: DatasetSpec, class_keys: list[str], preprocessing: Preprocessing) -> Path:
-        key = case_key(case, spec, class_keys, preprocessing)
+        key = case_key(case, spec, class_keys, preprocessing, self.structure_maps)
         return self.root / safe_file_name(spec.name) / f"{safe_file_name(case.case_id)}-{key[:16]}"
 
     def has(self, case: Case, spec: DatasetSpec, class_keys: list[str], preprocessing: Preprocessing) -> bool:
@@ -261,7 +364,8 @@ class PreprocessedCache:
         """The cached case, preprocessing it first when missing."""
         path = self.path(case, spec, class_keys, preprocessing)
         if not (path / "meta.json").is_file():
-            _build((case, spec, list(class_keys), preprocessing, str(path), path.name.rsplit("-", 1)[1]))
+            _build((case, spec, list(class_keys), preprocessing, str(path), path.name.rsplit("-", 1)[1],
+                    self.structure_maps))
         return CachedCase.open(path)
 
     def ensure(self, specs: list[DatasetSpec], class_keys: list[str], preprocessing: Preprocessing,
@@ -278,7 +382,7 @@ class PreprocessedCache:
                 path = self.path(case, spec, class_keys, preprocessing)
                 if not (path / "meta.json").is_file():
                     todo.append((case, spec, list(class_keys), _plain(preprocessing), str(path),
-                                 path.name.rsplit("-", 1)[1]))
+                                 path.name.rsplit("-", 1)[1], self.structure_maps))
         if workers > 1 and len(todo) > 1:
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
                 for done, case_id in enumerate(pool.map(_build, todo), 1):

@@ -42,7 +42,8 @@ def case_probabilities(dataset_sizes: Sequence[int], sampling: str) -> np.ndarra
 
 class PatchDataset(torch.utils.data.Dataset):
     """Random training patches: dicts {"image": float32 (1,*patch), "label": float32 (K,*patch),
-    "annotated": bool (K,), "dataset": str, "case": str}.
+    "annotated": bool (K,), "dataset": str, "case": str}, and "structure_map": int16 (*patch) when
+    `structure_maps` (the cache entries then hold one; see data/cache.py).
 
     `label_dtype=torch.uint8` quarters the label's memory (and the cost of allocating and passing it
     between processes: most of an item's time with many classes); the values stay 0/1."""
@@ -50,7 +51,7 @@ class PatchDataset(torch.utils.data.Dataset):
     def __init__(self, entries: list[tuple[str, str, Path]], probabilities: np.ndarray, num_classes: int,
                  patch_size: Sequence[int], samples_per_epoch: int, seed: int = 0,
                  transforms: Callable | None = None, fg_fraction: float = 2 / 3,
-                 label_dtype: torch.dtype = torch.float32):
+                 label_dtype: torch.dtype = torch.float32, structure_maps: bool = False):
         self.entries = entries  # (dataset, case id, cache folder)
         self.probabilities = np.asarray(probabilities, dtype=float)
         self.num_classes = num_classes
@@ -60,6 +61,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.transforms = transforms
         self.fg_fraction = fg_fraction
         self.label_dtype = label_dtype
+        self.structure_maps = structure_maps
         self.datasets = list(dict.fromkeys(e[0] for e in entries))
         self._open: dict[int, CachedCase] = {}
         self._locations: dict[int, dict[int, np.ndarray]] = {}
@@ -129,8 +131,13 @@ class PatchDataset(torch.utils.data.Dataset):
             sample = self.transforms({"image": image, "label": ann.astype(np.float32)})
         label = torch.zeros((self.num_classes, *self.patch_size), dtype=self.label_dtype)
         label[case.channels] = torch.as_tensor(np.asarray(sample["label"])).to(self.label_dtype)
-        return {"image": torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32), "label": label,
-                "annotated": torch.from_numpy(case.annotated), "dataset": case.dataset, "case": case.case_id}
+        out = {"image": torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32), "label": label,
+               "annotated": torch.from_numpy(case.annotated), "dataset": case.dataset, "case": case.case_id}
+        if self.structure_maps:  # cropped like the image (a transform here would have to warp it too)
+            ids = np.zeros(self.patch_size, dtype=np.int16)
+            ids[dst] = case.structure(src)
+            out["structure_map"] = torch.from_numpy(ids)
+        return out
 
 
 def _usable(specs: list[DatasetSpec], class_keys: list[str]) -> list[DatasetSpec]:
@@ -147,16 +154,19 @@ def build_training_dataset(specs: list[DatasetSpec], class_keys: list[str], prep
                            cache_dir: str | Path, sampling: str = "uniform", patch_size: Sequence[int] | None = None,
                            samples_per_epoch: int = 250, seed: int = 0, transforms: Callable | bool | None = None,
                            *, fg_fraction: float = 2 / 3, prepare: bool = True, workers: int = 0,
-                           progress: Progress | None = None, label_dtype: torch.dtype = torch.float32) -> PatchDataset:
+                           progress: Progress | None = None, label_dtype: torch.dtype = torch.float32,
+                           structure_maps: bool = False) -> PatchDataset:
     """Fill the cache (all cases, training and held out, unless `prepare` is False) and return the
     patch dataset over the training cases.
 
     `transforms`: None = `training_transforms(patch_size)`; False = no augmentation; or any callable on
     {"image", "label"} dicts (MONAI Compose is re-seeded per item). `patch_size` defaults to
     `preprocessing.patch_size`. In multi-process training, let one rank run with prepare=True first.
+    `structure_maps`: patches carry the case's structure map (for `synth.build_generalisation_pipeline`);
+    use it with `transforms=False`, as the loader's transforms would not move it with the image.
     """
     patch_size = tuple(patch_size or preprocessing.patch_size)
-    cache = PreprocessedCache(cache_dir)
+    cache = PreprocessedCache(cache_dir, structure_maps)
     specs = _usable(specs, class_keys)
     if prepare:
         cache.ensure(specs, class_keys, preprocessing, progress=progress, workers=workers)
@@ -180,7 +190,7 @@ def build_training_dataset(specs: list[DatasetSpec], class_keys: list[str], prep
     elif transforms is False:
         transforms = None
     return PatchDataset(entries, case_probabilities(sizes, sampling), len(class_keys), patch_size,
-                        samples_per_epoch, seed, transforms, fg_fraction, label_dtype)
+                        samples_per_epoch, seed, transforms, fg_fraction, label_dtype, structure_maps)
 
 
 class ValidationCases:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from UniversalSegLib.config_file import Rule, read_config_file, typed, validate_section
 from UniversalSegLib.errors import InputError, UnknownClassError
@@ -59,6 +59,7 @@ class MaskSource:
 
 
 LabelSource = Union[LabelMapSource, MaskSource]
+STRUCTURE_IDS = ("labels", "totalsegmentator")
 
 
 @dataclass
@@ -74,6 +75,32 @@ class Case:
 
 
 @dataclass
+class StackedCase:
+    """A composite case (`format: stack`): a block of `above` placed on top of `below` (data/stacking.py).
+
+    The block starts `above_mm` mm above the lowest slice of class `above_from` in `above`; `below`'s
+    axial plane is cropped (or padded) to the block's around the centre of structure `centre_on`.
+    Each part keeps the classes its own dataset annotates; they count as absent from the other part.
+    """
+
+    below: Case
+    below_spec: DatasetSpec
+    above: Case
+    above_spec: DatasetSpec
+    above_from: str
+    above_mm: float
+    centre_on: str
+    case_id: str
+
+    @property
+    def labels(self) -> list[LabelSource]:
+        return [*self.below.labels, *self.above.labels]
+
+    def files(self) -> list[Path]:
+        return [*self.below.files(), *self.above.files()]
+
+
+@dataclass
 class DatasetSpec:
     """One source dataset. `classes` are the registry keys it annotates (partial labels)."""
 
@@ -83,6 +110,11 @@ class DatasetSpec:
     holdout: list[str] = field(default_factory=list)  # case ids kept for validation
     format: str = "plain"
     notes: list[str] = field(default_factory=list)
+    # where the structure map of the generalisation augmentation comes from (data/cache.py):
+    # "labels": the annotated classes' structure ids; "totalsegmentator": the label map files hold
+    # TotalSegmentator v2 ids, and every structure they label is used (annotated or not)
+    structure_ids: str = "labels"
+    hide_structures: list[str] = field(default_factory=list)  # cleared from the structure map (leave-out runs)
 
     def train_cases(self) -> list[Case]:
         held = set(self.holdout)
@@ -126,6 +158,22 @@ class SplitSection(_Section):
         return self
 
 
+class AboveFrom(_Section):
+    """`above_from: {lowest: heart, mm: 48}`: where the stacked block starts."""
+
+    lowest: typed(str, "a class key")
+    mm: typed(float, "a number of mm", ge=0) = 0.0
+
+
+class StackSection(_Section):
+    """`stack: {below, above, above_from, centre_on}` of a `format: stack` entry (see `StackedCase`)."""
+
+    below: typed(str, "the name of an earlier dataset entry")
+    above: typed(str, "the name of an earlier dataset entry")
+    above_from: AboveFrom
+    centre_on: typed(str, "a class key or TotalSegmentator structure name")
+
+
 class DatasetEntry(_Section):
     """One dataset entry of a training config or dataset file, checked (see the module docstring)."""
 
@@ -140,10 +188,23 @@ class DatasetEntry(_Section):
     images: typed(str, "a sub-folder of root") = "images"  # plain: images/ and labels/ sub-folders
     labels: typed(str, "a sub-folder of root") = "labels"
     version: Annotated[str | int, Rule("a version such as 19, 21 or 23")] = ""  # KiTS release
+    structure_ids: typed(Literal["labels", "totalsegmentator"], "labels or totalsegmentator") = "labels"
+    stack: StackSection | None = None  # format: stack only
+    # leave-out experiments: these structures are cleared from the structure map too, so the synthesis
+    # never draws the shape of a class whose labels are left out (`classes:` narrows the labels)
+    hide_structures: typed(list[str], "a list of class keys or TotalSegmentator structure names") = Field(
+        default_factory=list)
+
+    @model_validator(mode="after")
+    def _stack_with_its_format(self) -> DatasetEntry:
+        if (self.format.lower() == "stack") != (self.stack is not None):
+            raise ValueError("stack: format stack needs a stack section, and only it has one")
+        return self
 
     def adapter_fields(self) -> dict[str, Any]:
         """The entry as the format adapters read it."""
-        return {**self.model_dump(exclude={"split"}), "split": self.split if isinstance(self.split, str) else None}
+        return {**self.model_dump(exclude={"split", "stack"}),
+                "split": self.split if isinstance(self.split, str) else None}
 
 
 def _words(text: str) -> list[str]:
@@ -245,15 +306,24 @@ def load_dataset_specs(entries: list[dict], base_dir: Path, registry: Registry |
         entry = validate_section(DatasetEntry, raw, "", InputError,
                                  prefix=f"dataset {label}: " if label else f"dataset entry {i + 1}: ")
         name, fmt = entry.name, entry.format.lower()
-        if fmt not in FORMATS:
-            raise InputError(f"dataset {name}: format: unknown format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
         if any(s.name == name for s in specs):
             raise InputError(f"dataset name {name!r} is used twice")
+        if fmt == "stack":
+            specs.append(stacked_spec(name, entry.stack, specs, registry))
+            continue
+        from UniversalSegLib.data.synth import structure_id
+
+        unknown = [k for k in entry.hide_structures if structure_id(k) is None]
+        if unknown:
+            raise InputError(f"dataset {name}: hide_structures: {', '.join(unknown)} has no structure id")
+        if fmt not in FORMATS:
+            raise InputError(f"dataset {name}: format: unknown format {fmt!r} "
+                             f"(known: {', '.join(sorted([*FORMATS, 'stack']))})")
         root = resolve_path(entry.root, base_dir)
         if not root.is_dir():
             raise InputError(f"dataset {name}: root folder {root} does not exist")
         spec = FORMATS[fmt](name, root, entry.adapter_fields(), registry)
-        spec.format = fmt
+        spec.format, spec.structure_ids, spec.hide_structures = fmt, entry.structure_ids, list(entry.hide_structures)
         if entry.cases is not None and fmt != "plain":
             keep = {str(c) for c in entry.cases}
             spec.cases = [c for c in spec.cases if c.case_id in keep]
@@ -272,6 +342,32 @@ def load_dataset_specs(entries: list[dict], base_dir: Path, registry: Registry |
             log.info("dataset %s: %s", name, note)
         specs.append(spec)
     return specs
+
+
+def stacked_spec(name: str, stack: StackSection, earlier: list[DatasetSpec], registry: Registry) -> DatasetSpec:
+    """The spec of a `format: stack` entry: one `StackedCase` per training case of `below`, each paired
+    with a training case of `above` in turn. It annotates both parts' classes."""
+    parts = {}
+    for role in ("below", "above"):
+        wanted = getattr(stack, role)
+        found = next((s for s in earlier if s.name == wanted), None)
+        if found is None:
+            raise InputError(f"dataset {name}: stack.{role}: no earlier dataset entry is named {wanted!r}")
+        if not found.train_cases():
+            raise InputError(f"dataset {name}: stack.{role}: dataset {wanted!r} has no training cases")
+        parts[role] = found
+    lowest = resolve_label_key(stack.above_from.lowest, registry)
+    if lowest not in parts["above"].classes:
+        raise InputError(f"dataset {name}: stack.above_from.lowest: {stack.above_from.lowest!r} is not a class "
+                         f"dataset {parts['above'].name!r} annotates")
+    below, above = parts["below"], parts["above"]
+    uppers = above.train_cases()
+    cases = [StackedCase(low, below, uppers[i % len(uppers)], above, lowest, stack.above_from.mm, stack.centre_on,
+                         f"{low.case_id}+{uppers[i % len(uppers)].case_id}")
+             for i, low in enumerate(below.train_cases())]
+    return DatasetSpec(name, cases, list(dict.fromkeys([*below.classes, *above.classes])), format="stack",
+                       structure_ids=below.structure_ids, hide_structures=[*below.hide_structures,
+                                                                           *above.hide_structures])
 
 
 def load_dataset_file(path: str | Path, registry: Registry | None = None) -> list[DatasetSpec]:

@@ -2,7 +2,7 @@
 
 Recorded in `provenance` (and so covered by the model's integrity record):
 - `extended_from` (continual/extend.py): the parent's name, version, weights and integrity hashes;
-- `averaged_from` (training/default_model/average.py): each averaged model, with its share;
+- `averaged_from` (`universalseg average`, train/average.py): each averaged model, with its share;
 - `source_file` / `source_sha256` (importers/): the checkpoint a model was converted from;
 - `datasets` (the `train` command) or `training_data` (the bundled model's recipe): the data
   sources, each with a `sha256` over its files where one was recorded.

@@ -11,7 +11,9 @@
       lpg_hidden: 512
     preprocessing: {spacing: [1.5, 1.5, 1.5], hu_window: [-175, 250], patch_size: [96, 96, 96]}
     datasets: [...]                    # dataset entries, see data.spec.load_dataset_specs
-    train: {steps: 1000, batch_size: 2, ...}   # TrainSettings; every field optional
+    train: {steps: 1000, batch_size: 2, ...}   # TrainSettings; every field optional; `cpu:` overrides on CPU
+    generalise: {p_synth: 0.3, ...}    # the `augment: generalise` pipeline's probabilities
+    stages: [{name: "1", train: {...}}, {name: "2", train: {lr: 1e-4}}, {name: mix, average: {...}}]
 
 Unknown keys are errors (a typo would otherwise be silently ignored). Each section is a pydantic
 model whose fields say what they must be, so a refused value is one line naming the field:
@@ -35,6 +37,8 @@ from UniversalSegLib.store import Preprocessing
 from UniversalSegLib.text import DEFAULT_ENCODER_ID
 
 AMP_MODES = ("auto", "off", "fp16", "bf16")
+AUGMENTS = ("basic", "generalise")
+WEIGHT_DTYPES = ("float32", "float16")
 SCHEDULERS = ("cosine", "constant")
 SAMPLINGS = ("uniform", "sqrt")
 
@@ -70,6 +74,7 @@ class ModelSection(_Section):
     description: Text = ""
     license: Text = "Apache-2.0"
     version: Text = "0.1.0"
+    weights_dtype: one_of(*WEIGHT_DTYPES) = "float32"  # of the final model file (float16 halves it)
 
 
 class TrainSettings(_Section):
@@ -104,6 +109,14 @@ class TrainSettings(_Section):
     bce_weight: NonNegativeFloat = 1.0
     dice_weight: NonNegativeFloat = 1.0
     dice_smooth: PositiveFloat = 1e-5
+    # basic: the loader's MONAI transforms; generalise: the `generalise` section's pipeline, on the device
+    augment: one_of(*AUGMENTS) = "basic"
+    patch_size: typed(list[typed(int, "positive", gt=0)], "three positive integers", min_length=3,
+                      max_length=3) | None = None  # training patch (default: preprocessing.patch_size)
+    foreground_ratio: Fraction = 2 / 3  # share of patches centred on an annotated voxel
+    exclusion_weight: NonNegativeFloat = 0.0  # train/losses.exclusion_loss: unannotated classes are 0 where
+    exclusion_classes: NonNegativeInt = 0  # an unrelated annotated class is; heads sampled per pass (0: all)
+    cpu: typed(dict[str, Any], "a mapping of train settings used on the CPU") | None = None
 
     def total_steps(self, world_size: int = 1) -> int:
         if self.steps is not None:
@@ -112,6 +125,39 @@ class TrainSettings(_Section):
 
     def steps_per_epoch(self, world_size: int = 1) -> int:
         return max(1, self.samples_per_epoch // (self.batch_size * world_size))
+
+
+class GeneraliseSection(_Section):
+    """Probabilities of `data.synth.build_generalisation_pipeline` (used with `train.augment: generalise`)."""
+
+    p_synth: Fraction = 0.5  # synthetic CT from the structure map
+    p_contrast: Fraction = 0.8  # the real images' contrast phase re-drawn
+    p_deform: Fraction = 0.8  # rotation, scale, elastic
+    p_zoom: Fraction = 0.15  # in-plane zoom
+    p_fov: Fraction = 0.25  # plane padded with air and a table
+    p_partial: Fraction = 0.15  # an annotated structure cut at the patch border
+    p_slab: Fraction = 0.2  # 10-40 axial slices, air elsewhere
+    p_split_lumen: Fraction = 0.0  # arteries enhanced in part only
+
+
+class AverageSection(_Section):
+    """`average: {parent: STAGE, parent_weight: 0.3}`: (1 - w) x the previous stage + w x stage `parent`."""
+
+    parent: typed(str, "the name of an earlier stage")
+    parent_weight: Fraction
+
+
+class StageSection(_Section):
+    """One stage: it starts from the previous stage's weights (the first from scratch) and overrides
+    `train` and `generalise`; or an `average` of the previous stage with an earlier one."""
+
+    name: typed(str, "a non-empty name without slashes", pattern=r"^[^/\\]*[^\s/\\.][^/\\]*$")
+    version: Text | None = None  # the model version this stage's model carries
+    init: Text | None = None  # start from this model folder (relative to the config) instead of the previous stage
+    datasets: typed(list[str], "a list of dataset entry names") | None = None  # default: all
+    train: typed(dict[str, Any], "a mapping of train settings") = Field(default_factory=dict)
+    generalise: typed(dict[str, Any], "a mapping of generalise probabilities") = Field(default_factory=dict)
+    average: AverageSection | None = None
 
 
 _PRE = Preprocessing()  # the model file's defaults are the config's
@@ -149,6 +195,21 @@ class ConfigFile(_Section):
     preprocessing: PreprocessingSection = Field(default_factory=PreprocessingSection)
     datasets: typed(list[dict[str, Any]], "a non-empty list of dataset entries", min_length=1)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    generalise: GeneraliseSection = Field(default_factory=GeneraliseSection)
+    stages: typed(list[dict[str, Any]], "a list of stages (mappings)") = Field(default_factory=list)  # StageSection
+
+
+@dataclass
+class Stage:
+    """A stage with its settings resolved (`RunConfig.stage_settings` applies the CPU section)."""
+
+    name: str
+    version: str | None
+    datasets: list[str] | None
+    train: dict[str, Any]
+    generalise: GeneraliseSection
+    average: AverageSection | None = None
+    init: Path | None = None
 
 
 @dataclass
@@ -163,6 +224,14 @@ class RunConfig:
     train: TrainSettings
     base_dir: Path
     raw: dict[str, Any] = field(default_factory=dict)
+    generalise: GeneraliseSection = field(default_factory=GeneraliseSection)
+    stages: list[Stage] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)  # command-line train settings: win everywhere
+
+    def settings(self, device_type: str, stage: Stage | None = None) -> TrainSettings:
+        """The train settings on this device type: `train`, its `cpu` section on the CPU, then the
+        stage's `train` (and its `cpu` section), then the command line's overrides."""
+        return _merged_settings(self.train, device_type, stage.train if stage else {}, self.overrides)
 
     @property
     def cache_dir(self) -> Path:
@@ -179,7 +248,19 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "output": str(self.output), "model": self.model.model_dump(),
                 "preprocessing": asdict(self.preprocessing), "datasets": self.datasets,
-                "train": self.train.model_dump()}
+                "train": self.train.model_dump(), "generalise": self.generalise.model_dump(),
+                "stages": [asdict(s) for s in self.stages]}
+
+
+def _merged_settings(base: TrainSettings, device_type: str, stage: dict[str, Any], overrides: dict[str, Any],
+                     where: str = "train") -> TrainSettings:
+    on_cpu = device_type == "cpu"
+    merged = base.model_dump(exclude={"cpu"}, exclude_unset=True)
+    merged.update((base.cpu or {}) if on_cpu else {})
+    merged.update({k: v for k, v in stage.items() if k != "cpu"})
+    merged.update((stage.get("cpu") or {}) if on_cpu else {})
+    merged.update(overrides)
+    return validate_section(TrainSettings, merged, where, UniversalSegError, prefix="config: ")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -204,7 +285,7 @@ def _validate_model(m: ModelSection) -> ModelSection:
     return m
 
 
-def _check_architecture(m: ModelSection, patch_size: list[int]) -> None:
+def _check_architecture(m: ModelSection, patch_sizes: dict[str, list[int]]) -> None:
     """Build the model once without weights, so a backbone_config the network refuses (an unknown
     argument, channels GroupNorm cannot split) or a patch size it cannot take is a one-line error
     here, before any data is read, instead of a traceback from deep inside MONAI."""
@@ -226,22 +307,75 @@ def _check_architecture(m: ModelSection, patch_size: list[int]) -> None:
         detail = " ".join(str(e).split()) or type(e).__name__
         raise UniversalSegError(f"config: model.backbone_config: does not build a {m.backbone} "
                                 f"({detail}), got {m.backbone_config}") from None
-    bad = [s for s in patch_size if s % model.patch_multiple]
-    _check(not bad, f"preprocessing.patch_size: must be divisible by {model.patch_multiple} for backbone "
-                    f"{m.backbone}, got {list(patch_size)}")
+    for where, size in patch_sizes.items():
+        bad = [s for s in size if s % model.patch_multiple]
+        _check(not bad, f"{where}: must be divisible by {model.patch_multiple} for backbone "
+                        f"{m.backbone}, got {list(size)}")
 
 
-def parse_config(data: dict[str, Any], base_dir: str | Path = ".") -> RunConfig:
-    """Validate a config mapping; relative paths are taken relative to `base_dir`."""
+def _resolve_stages(file: ConfigFile, overrides: dict[str, Any],
+                    base: Path) -> tuple[list[Stage], dict[str, list[int]]]:
+    """Stages with their generalise sections merged; each stage's train settings checked on both device
+    types (one-line errors name `stages[i].train.<field>`). Also the training patch sizes to check."""
+    names = [e.get("name") for e in file.datasets if isinstance(e, dict)]
+    stages: list[Stage] = []
+    patches: dict[str, list[int]] = {}
+    gpu = _merged_settings(file.train, "cuda", {}, overrides).patch_size
+    cpu = _merged_settings(file.train, "cpu", {}, overrides, "train.cpu").patch_size
+    patches.update({"train.patch_size": gpu} if gpu else {})
+    patches.update({"train.cpu.patch_size": cpu} if cpu and cpu != gpu else {})
+    for i, raw in enumerate(file.stages):
+        where = f"stages[{i}]"
+        s = validate_section(StageSection, raw, where, UniversalSegError, prefix="config: ")
+        _check(s.name not in [t.name for t in stages], f"{where}.name: {s.name!r} is used twice")
+        if s.average is not None:
+            _check(not (s.train or s.generalise or s.datasets or s.init), f"{where}: an average stage trains "
+                   "nothing (no train, generalise, datasets or init)")
+            _check(bool(stages), f"{where}.average: needs a previous stage to average")
+            _check(s.average.parent in [t.name for t in stages[:-1]],
+                   f"{where}.average.parent: must name a stage before the previous one, got {s.average.parent!r}")
+        for n in s.datasets or []:
+            _check(n in names, f"{where}.datasets: no dataset entry is named {n!r}")
+        if s.train.get("cpu") is not None:
+            _check(isinstance(s.train["cpu"], dict), f"{where}.train.cpu: must be a mapping")
+        for device_type in ("cpu", "cuda"):
+            settings = _merged_settings(file.train, device_type, s.train, overrides, f"{where}.train")
+            if settings.patch_size:
+                patches[f"{where}.train.patch_size"] = settings.patch_size
+        generalise = validate_section(GeneraliseSection, {**file.generalise.model_dump(), **s.generalise},
+                                      f"{where}.generalise", UniversalSegError, prefix="config: ")
+        init = None
+        if s.init is not None:
+            init = Path(s.init).expanduser()
+            init = init if init.is_absolute() else (base / init).resolve()
+            _check((init / "manifest.json").is_file(), f"{where}.init: {init} is not a model folder")
+        stages.append(Stage(s.name, s.version, s.datasets, dict(s.train), generalise, s.average, init))
+    return stages, patches
+
+
+def parse_config(data: dict[str, Any], base_dir: str | Path = ".",
+                 train_overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Validate a config mapping; relative paths are taken relative to `base_dir`.
+
+    Args:
+        data: the config as read from its file.
+        base_dir: the folder relative paths start from (the config file's).
+        train_overrides: train settings that win over the file's, in every stage (the command line's).
+    """
+    overrides = dict(train_overrides or {})
+    if overrides and isinstance(data, dict):  # an override is checked where it applies, and shown as train.<key>
+        data = {**data, "train": {**(data.get("train") or {}), **overrides}}
     file = validate_section(ConfigFile, data, "", UniversalSegError, prefix="config: ")
     name, base = file.name, Path(base_dir).resolve()
     preprocessing = Preprocessing(**file.preprocessing.model_dump())
     model = _validate_model(file.model)
-    _check_architecture(model, preprocessing.patch_size)
+    stages, patches = _resolve_stages(file, overrides, base)
+    _check_architecture(model, {"preprocessing.patch_size": preprocessing.patch_size, **patches})
     output = Path(file.output or f"runs/{name}").expanduser()
     output = output if output.is_absolute() else (base / output).resolve()
     return RunConfig(name=name, output=output, model=model, preprocessing=preprocessing, datasets=file.datasets,
-                     train=file.train, base_dir=base, raw=data)
+                     train=file.train, base_dir=base, raw=data, generalise=file.generalise, stages=stages,
+                     overrides=overrides)
 
 
 def load_config(path: str | Path, train_overrides: dict[str, Any] | None = None,
@@ -254,9 +388,6 @@ def load_config(path: str | Path, train_overrides: dict[str, Any] | None = None,
         data = read_config_file(path)
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise UniversalSegError(f"{path}: unreadable config ({str(e).splitlines()[0]})") from None
-    if isinstance(data, dict):
-        if train_overrides:
-            data = {**data, "train": {**(data.get("train") or {}), **train_overrides}}
-        if output is not None:
-            data = {**data, "output": str(Path(output).expanduser().resolve())}
-    return parse_config(data, path.parent)
+    if isinstance(data, dict) and output is not None:
+        data = {**data, "output": str(Path(output).expanduser().resolve())}
+    return parse_config(data, path.parent, train_overrides)

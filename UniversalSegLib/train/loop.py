@@ -32,7 +32,7 @@ from UniversalSegLib.store import Manifest, save_model
 from UniversalSegLib.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from UniversalSegLib.train.config import TrainSettings
 from UniversalSegLib.train.distributed import DistInfo, barrier
-from UniversalSegLib.train.losses import PartialLabelLoss
+from UniversalSegLib.train.losses import PartialLabelLoss, exclusion_loss, overlap_matrix
 from UniversalSegLib.train.runlog import RunLog
 from UniversalSegLib.train.validation import ClassScore, summarise, validate
 
@@ -128,17 +128,23 @@ class Trainer:
     output        the run folder: checkpoints/, model/, train_log.csv, validation.csv, training_curves.png
     val_cases     whole preprocessed validation cases (a sequence, or a callable returning an iterable)
     on_step       called with the step number after each completed step (tests use it to interrupt)
+    batch_transform  applied to each whole batch on the device before the step, without gradients (the
+                  generalisation pipeline); re-seeded from (seed, step, rank) when it has `set_seed`,
+                  so a resumed run draws what an uninterrupted one would
+    weights_dtype the final model file's weights (float32, or float16 for a small shipped file)
     """
 
     def __init__(self, model: nn.Module, manifest: Manifest, train_data: Dataset | IterableDataset,
                  settings: TrainSettings, output: str | Path, device: torch.device | str = "cpu",
                  dist_info: DistInfo | None = None, val_cases: Sequence[dict] | Callable[[], Iterable[dict]] = (),
-                 datasets: Sequence[str] = (), on_step: Callable[[int], None] | None = None):
+                 datasets: Sequence[str] = (), on_step: Callable[[int], None] | None = None,
+                 batch_transform: Callable[[dict], dict] | None = None, weights_dtype: str = "float32"):
         self.settings, self.manifest = settings, manifest
         self.device = torch.device(device)
         self.dist = dist_info or DistInfo()
         self.output = Path(output)
         self.train_data, self.val_cases, self.on_step = train_data, val_cases, on_step
+        self.batch_transform, self.weights_dtype = batch_transform, weights_dtype
         self.datasets = list(datasets)
         self.total_steps = settings.total_steps(self.dist.world_size)
         self.model = model.to(self.device)
@@ -148,6 +154,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.loss_fn = PartialLabelLoss(settings.bce_weight, settings.dice_weight, settings.dice_smooth)
+        # pairs of classes that may share voxels; every other pair excludes (exclusion_loss)
+        self.may_overlap = overlap_matrix(manifest.classes).to(self.device) if settings.exclusion_weight else None
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
@@ -220,8 +228,10 @@ class Trainer:
         """One optimiser step on a collated batch; returns the loss and the loss of each dataset in it."""
         # The batch stays where the loader put it: each pass moves only its own samples and the
         # classes they annotate, so device memory does not grow with the batch or the class count.
+        if self.batch_transform is not None:
+            batch = self._transform(batch)
         images, labels = batch["image"], batch["label"]
-        annotated = torch.as_tensor(batch["annotated"]).bool()
+        annotated = torch.as_tensor(batch["annotated"]).bool().cpu()
         names = [str(n) for n in batch["dataset"]]
         groups = self._groups(names)
         class_counts = annotated.sum(0)  # samples of the whole batch that annotate each class
@@ -234,7 +244,7 @@ class Trainer:
             rows = slice(None) if len(idx) == len(names) else idx  # no copy for a single group
             with sync:
                 value, parts = self._forward_backward(images[rows], labels[rows], annotated[rows],
-                                                      [names[i] for i in idx], class_counts)
+                                                      [names[i] for i in idx], class_counts, g, len(names))
             total += value
             for name, (loss, count) in parts.items():  # sample-weighted mean over micro-batches
                 acc = sums.setdefault(name, [0.0, 0])
@@ -249,13 +259,41 @@ class Trainer:
         self.last_dataset_counts = {name: acc[1] for name, acc in sums.items()}  # samples behind each loss
         return total, {name: acc[0] / acc[1] for name, acc in sums.items()}
 
+    def _transform(self, batch: dict) -> dict:
+        """The batch on the device, through `batch_transform` (seeded per step and rank)."""
+        moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        moved["label"] = moved["label"].float()
+        moved["annotated"] = moved["annotated"].bool()
+        if hasattr(self.batch_transform, "set_seed"):
+            self.batch_transform.set_seed(_stream_seed(self.settings.seed, self.step, self.dist.rank), per_worker=False)
+        with torch.no_grad():
+            return self.batch_transform(moved)
+
+    def _heads(self, annotated: torch.Tensor, group: int) -> tuple[torch.Tensor, float]:
+        """The class heads one pass runs, and the factor that keeps the exclusion loss's expected scale.
+
+        Only the classes some sample annotates get a loss (never none, so every parameter stays in the
+        graph: DDP expects the same parameters on every rank). With the exclusion loss the unannotated
+        heads also learn where they are NOT: all of them (`exclusion_classes` 0), or that many drawn at
+        random per pass, weighted by (unannotated / drawn) so the expected loss is the same.
+        """
+        some = annotated.any(0)
+        classes = torch.nonzero(some).flatten()
+        if not self.settings.exclusion_weight:
+            return (classes if classes.numel() else torch.zeros(1, dtype=torch.long)), 0.0
+        others = torch.nonzero(~some).flatten()
+        n = self.settings.exclusion_classes
+        if not n or n >= len(others):
+            return torch.arange(len(some)), 1.0
+        gen = torch.Generator().manual_seed(_stream_seed(self.settings.seed, self.step, self.dist.rank) + group)
+        pick = others[torch.randperm(len(others), generator=gen)[:n]]
+        return torch.cat([classes, pick]).sort().values, len(others) / n
+
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor,
-                          names: list[str], class_counts: torch.Tensor) -> tuple[float, dict[str, tuple[float, int]]]:
-        # Only the classes some sample of the group annotates need a head; never none, so every
-        # parameter stays in the graph (DDP expects the same parameters used on every rank).
-        classes = torch.nonzero(annotated.any(0)).flatten()
-        if classes.numel() == 0:
-            classes = torch.zeros(1, dtype=torch.long)
+                          names: list[str], class_counts: torch.Tensor, group: int = 0,
+                          batch_size: int | None = None) -> tuple[float, dict[str, tuple[float, int]]]:
+        batch_size = batch_size or len(names)
+        classes, exclusion_scale = self._heads(annotated, group)
         images = images.to(self.device, non_blocking=True).float()
         target = labels[:, classes].to(self.device, non_blocking=True)
         mask = annotated[:, classes].to(self.device)
@@ -268,7 +306,13 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.net(images, classes)
         terms = self.loss_fn(logits, target, mask, class_weight=share)
-        self.scaler.scale(terms.total).backward()
+        total = terms.total
+        if exclusion_scale:  # weighted by this pass's share of the batch: summed over passes, the batch mean
+            overlap = self.may_overlap[classes][:, classes]
+            share_of_batch = len(names) / batch_size
+            total = total + self.settings.exclusion_weight * exclusion_scale * share_of_batch * exclusion_loss(
+                logits, target, mask, overlap)
+        self.scaler.scale(total).backward()
         parts: dict[str, tuple[float, int]] = {}
         with torch.no_grad():
             for name in dict.fromkeys(names):
@@ -276,7 +320,7 @@ class Trainer:
                 one = terms if len(rows) == len(names) else self.loss_fn(logits[rows], target[rows], mask[rows])
                 value = (self.loss_fn.bce_weight * one.bce + self.loss_fn.dice_weight * one.dice).sum()  # unweighted
                 parts[name] = (float(value), len(rows))
-        return float(terms.total.detach()), parts
+        return float(total.detach()), parts
 
     # ----------------------------------------------------------------------------- the run
     def resume(self, checkpoint: str | Path | None = None) -> bool:
@@ -396,5 +440,6 @@ class Trainer:
     def _save_final(self) -> Path:
         self.manifest.provenance.update({"steps": self.step, "trained_at": datetime.now(UTC).isoformat(
             timespec="seconds"), "world_size": self.dist.world_size, "batch_size": self.settings.batch_size})
-        return save_model(self.model, self.manifest, self.output / FINAL_MODEL_DIR, overwrite=True)
+        return save_model(self.model, self.manifest, self.output / FINAL_MODEL_DIR, overwrite=True,
+                          weights_dtype=self.weights_dtype)
 
