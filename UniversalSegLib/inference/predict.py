@@ -3,7 +3,7 @@
 image -> check -> preprocess (RAS, spacing, HU window, body crop) -> sliding window (backbone
 once per window, heads of the needed classes only; finished x-slabs of the model grid leave as the
 windows go on) -> per class, slab by slab: model grid -> input grid -> threshold -> post-processing
-rules -> `SegmentationResult`. Nothing is written to disk.
+rules (`rules.py`) -> `SegmentationResult`. Nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import torch
 
 from UniversalSegLib.errors import ClassNotInModelError, InputError, UnknownClassError
 from UniversalSegLib.inference.masks import BoxMask
-from UniversalSegLib.inference.plausibility import check as check_plausibility
-from UniversalSegLib.inference.plausibility import without_limbs
-from UniversalSegLib.inference.postprocess import apply_rules, disjoint, disjoint_keys, mean_within, outside_vessel_keys
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.restore import SlabRestorer
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
+from UniversalSegLib.inference.rules import Postprocessing, helper_keys
 from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16, probability_slabs
 from UniversalSegLib.registry import ClassInfo, Registry
 from UniversalSegLib.runtime import return_large_blocks
@@ -50,13 +48,6 @@ class _Progress:
 
     def span(self, start: float, end: float) -> ProgressFn:
         return lambda f, m: self(start + (end - start) * f, m)
-
-
-def _both(a: BoxMask, b: BoxMask) -> BoxMask:
-    """The voxels in both masks."""
-    if not a or not b:
-        return BoxMask.empty(a.shape)
-    return BoxMask(a.shape, a.start, a.crop() & b.region(a.start, a.stop))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -111,9 +102,9 @@ def _read(image: str | os.PathLike | sitk.Image, allow_non_ct: bool, series_uid:
 
 def needed_classes(manifest: Manifest,
                    requested: str | Sequence[str] | None) -> tuple[list[ClassInfo], list[ClassInfo]]:
-    """(requested classes, classes to compute): the request plus pair partners, parents and (for a
-    vessel or an organ) the vessels that the rules need, so a class comes out the same however it
-    was picked.
+    """(requested classes, classes to compute): the request plus the classes the post-processing
+    rules declare they need (`rules.helper_keys`: pair partners, parents, and for a vessel or an
+    organ the vessels), so a class comes out the same however it was picked.
 
     Names are keys, display names or synonyms (one string is one name); unknown names raise
     UnknownClassError with suggestions, and known classes the model lacks ClassNotInModelError.
@@ -126,15 +117,10 @@ def needed_classes(manifest: Manifest,
     if not wanted:
         raise InputError("no classes requested")
     keys = {c.key for c in wanted}
-    separated = disjoint_keys(list(registry))
-    checked = set(separated) | set(outside_vessel_keys(list(registry)))
+    infos = list(registry)
     todo = list(wanted)
     while todo:
-        info = todo.pop()
-        extra = [info.pair] if info.postprocess == "split_pair" and info.pair else []
-        extra += info.parents if info.postprocess == "within_parents" else []
-        extra += separated if info.key in checked else []
-        for key in extra:
+        for key in helper_keys(todo.pop(), infos):  # what the post-processing rules declare they need
             if key in registry and key not in keys:
                 keys.add(key)
                 todo.append(registry[key])
@@ -234,35 +220,22 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     batch = sw_batch_size or ((8 if fast else 4) if dev.type == "cuda" else 1)
     amp = dev.type == "cuda" or (fast and dev.type == "cpu" and cpu_has_native_bf16())
     index = {k: i for i, k in enumerate(manifest.class_keys)}
-    computed_keys = {c.key for c in computed}
     masks: dict[str, BoxMask] = {}
     confidence: dict[str, float] = {}
     probabilities: dict[str, np.ndarray | None] = {}
-    values: dict[str, np.ndarray] = {}  # voxel probabilities of classes whose later rules change the mask
+    values: dict[str, np.ndarray] = {}  # voxel probabilities of classes whose later rules read them
     windows = report.span(_PREP, _WINDOWS)
     restorers: dict[int, SlabRestorer] = {}
-    separated = set(disjoint_keys(computed)) if postprocess else set()
-    outside = set(outside_vessel_keys(computed)) if separated else set()
-    # With the plausibility check, components in an arm go before a rule picks the largest one: the
-    # bundled model's 221 ml "aorta" in an arm otherwise wins over the real aorta (issue 25).
-    deferred = postprocess and plausibility
-    early_largest: set[str] = set()  # classes whose largest component is then taken after the arms go
+    rules = Postprocessing(computed, postprocess, plausibility)
     with torch.inference_mode():
         for slab in probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
                                       overlap, dev, sw_batch_size=batch, class_chunk=class_chunk, amp=amp,
                                       cache_features=cache_features, progress=windows):
             info = computed[slab.position]
             if slab.position not in restorers:
-                # A single organ's rule needs nothing else: apply it as soon as the class is complete.
-                largest = postprocess and (info.postprocess == "largest_component" or (
-                    info.postprocess == "split_pair" and info.pair not in computed_keys))
-                if largest and deferred:
-                    early_largest.add(info.key)
-                    largest = False
-                later = postprocess and (info.key in separated or info.key in early_largest or (
-                    info.postprocess in ("split_pair", "within_parents") and not largest))
+                how = rules.restoration(info)
                 restorers[slab.position] = SlabRestorer(prepared.grid, reference, pre.threshold, keep_probabilities,
-                                                        largest_only=largest, keep_values=later)
+                                                        largest_only=how.largest_only, keep_values=how.keep_values)
             restorers[slab.position].add(slab.start, slab.values, slab.last)
             if slab.last:
                 restored = restorers.pop(slab.position).finish()
@@ -276,32 +249,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
 
     report(_WINDOWS, "post-processing")
     t = time.perf_counter()
-    reasons: dict[str, str] = {}
-    if values:
-        infos = {c.key: c for c in computed}
-        if deferred:  # as the restorer would, but without the arms' components: then the same rules
-            pruned, reasons = without_limbs(masks, infos, reference)
-            pruned = apply_rules(pruned, {k: infos[k] for k in early_largest}, reference, pre.spacing,
-                                 rules=("split_pair", "largest_component"))
-            confidence.update({k: mean_within(pruned[k], [(masks[k], values[k])]) for k in early_largest})
-        resolved = disjoint(masks, values, [k for k in infos if k in separated],
-                            {k: confidence[k] for k in infos if k in outside})
-        if deferred:
-            resolved = {k: _both(m, pruned[k]) if k in early_largest or k in reasons else m
-                        for k, m in resolved.items()}
-        for key in outside:  # no voxel values: an organ keeps its mean unless it is gone
-            confidence[key] = confidence[key] if resolved[key] else 0.0
-        final = apply_rules(resolved, infos, reference, pre.spacing, rules=("split_pair", "within_parents"))
-        for key in (k for k in values if final[k] is not masks[k]):
-            # a side may have received voxels its pair predicted: read them there
-            sources = [(masks[k], values[k]) for k in (key, infos[key].pair) if k in values]
-            confidence[key] = mean_within(final[key], sources)
-        masks = final
-    if deferred:
-        checked = check_plausibility(masks, confidence, {c.key: c for c in computed}, reference)
-        masks, confidence = checked.masks, checked.confidence
-        reasons = {k: "; ".join(r for r in (reasons.get(k), checked.reasons.get(k)) if r)
-                   for k in set(reasons) | set(checked.reasons)}
+    masks, confidence, reasons = rules.apply(reference, pre.spacing, masks, confidence, values)
     timings["postprocess_s"] = time.perf_counter() - t
 
     shown = computed if include_helper_classes else wanted
