@@ -7,7 +7,7 @@ import SimpleITK as sitk
 
 from UniversalSegLib.inference import rules as rules_module
 from UniversalSegLib.inference.masks import BoxMask
-from UniversalSegLib.inference.predict import needed_classes
+from UniversalSegLib.inference.request import needed_classes
 from UniversalSegLib.inference.rules import RULES, Postprocessing, Rule
 from UniversalSegLib.registry import default_registry
 from UniversalSegLib.store import find_model, read_manifest

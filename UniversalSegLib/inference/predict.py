@@ -8,26 +8,32 @@ rules (`rules.py`) -> `SegmentationResult`. Nothing is written to disk.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from UniversalSegLib.errors import ClassNotInModelError, InputError, UnknownClassError
+from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.inference.preprocess import preprocess
+from UniversalSegLib.inference.request import (  # noqa: F401 - needed_classes: also imported from here
+    PredictRequest,
+    PredictSettings,
+    needed_classes,
+    prepare_model,
+    resolve_request,
+)
 from UniversalSegLib.inference.restore import SlabRestorer
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
-from UniversalSegLib.inference.rules import Postprocessing, helper_keys
+from UniversalSegLib.inference.rules import Postprocessing
 from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16, probability_slabs
-from UniversalSegLib.registry import ClassInfo, Registry
 from UniversalSegLib.runtime import return_large_blocks
-from UniversalSegLib.store import DEFAULT_MODEL, LoadedModel, Manifest, load_model
+from UniversalSegLib.store import LoadedModel
 
 ProgressFn = Callable[[float, str], None]
 FAST_OVERLAP = 0.25
@@ -71,81 +77,7 @@ def load_for_inference(model: str | os.PathLike | LoadedModel | None,
         model: a model name or folder (default: the bundled model), or a `LoadedModel` (moved to `device`).
         device: "auto", "cpu", "cuda" or "cuda:N".
     """
-    return _load(model, resolve_device(device))
-
-
-def _load(model: str | os.PathLike | LoadedModel | None, device: torch.device) -> LoadedModel:
-    if isinstance(model, LoadedModel):  # the caller's: used as it is (they may train or save it later)
-        model.model.to(device).eval()
-        return model
-    loaded = load_model(model or DEFAULT_MODEL, device=device)
-    if hasattr(loaded.model.lpg, "fold_text"):  # ours alone: fold the constant text terms (less memory)
-        loaded.model.lpg.fold_text(loaded.model.class_embeddings)
-    if device.type == "cpu":
-        # oneDNN convolves channels-last 3D tensors without reordering them to its blocked layout: the
-        # backbone runs ~1.3x faster (docs/performance.md). Only for models loaded here: a caller's
-        # model keeps its contiguous weights (safetensors saves only contiguous tensors).
-        loaded.model.to(memory_format=torch.channels_last_3d)
-    return loaded
-
-
-def _read(image: str | os.PathLike | sitk.Image, allow_non_ct: bool, series_uid: str | None = None) -> sitk.Image:
-    from UniversalSegLib.io import check_image, read_image
-
-    if isinstance(image, sitk.Image):
-        if series_uid:
-            raise InputError("series_uid selects a series of a DICOM folder; the image is already read")
-        check_image(image, allow_non_ct=allow_non_ct)
-        return image
-    return read_image(Path(image), allow_non_ct=allow_non_ct, series_uid=series_uid)
-
-
-def needed_classes(manifest: Manifest,
-                   requested: str | Sequence[str] | None) -> tuple[list[ClassInfo], list[ClassInfo]]:
-    """(requested classes, classes to compute): the request plus the classes the post-processing
-    rules declare they need (`rules.helper_keys`: pair partners, parents, and for a vessel or an
-    organ the vessels), so a class comes out the same however it was picked.
-
-    Names are keys, display names or synonyms (one string is one name); unknown names raise
-    UnknownClassError with suggestions, and known classes the model lacks ClassNotInModelError.
-    """
-    registry = manifest.registry()
-    if isinstance(requested, str):
-        requested = [requested]  # "liver" is one class, not five letters
-    wanted = list(registry) if requested is None else [_resolve_in_model(manifest, registry, n) for n in requested]
-    wanted = list({c.key: c for c in wanted}.values())
-    if not wanted:
-        raise InputError("no classes requested")
-    keys = {c.key for c in wanted}
-    infos = list(registry)
-    todo = list(wanted)
-    while todo:
-        for key in helper_keys(todo.pop(), infos):  # what the post-processing rules declare they need
-            if key in registry and key not in keys:
-                keys.add(key)
-                todo.append(registry[key])
-    return wanted, [c for c in registry if c.key in keys]  # model order
-
-
-def _resolve_in_model(manifest: Manifest, registry: Registry, name: str) -> ClassInfo:
-    """The model's class called `name`; a class known elsewhere (registry, other models) names its models."""
-    from UniversalSegLib.registry import default_registry
-    from UniversalSegLib.store import list_models
-
-    try:
-        return registry.resolve(name)
-    except UnknownClassError:
-        installed = list_models()
-        for other in [default_registry(), *(m.registry() for _, m in installed)]:
-            try:
-                known = other.resolve(name)
-            except UnknownClassError:
-                continue
-            holders = sorted({m.name for _, m in installed if known.key in m.class_keys})
-            where = ", ".join(holders) or "none installed; `universalseg extend` teaches a model new classes"
-            raise ClassNotInModelError(f"class {name!r} ({known.key}) is not in model {manifest.name} "
-                                       f"(models that have it: {where})") from None
-        raise
+    return prepare_model(model, resolve_device(device))
 
 
 def _cut_off_warning(results: Sequence[ClassResult], reference: sitk.Image) -> None:
@@ -165,15 +97,18 @@ def _cut_off_warning(results: Sequence[ClassResult], reference: sitk.Image) -> N
                       "last slice, probably cut off (statistics: touches_border)", ThinScanWarning, stacklevel=3)
 
 
-def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | LoadedModel | None = None,
-            classes: str | Sequence[str] | None = None, device: str | torch.device = "auto", fast: bool = False,
+def predict(image: str | os.PathLike | sitk.Image | PredictRequest,
+            model: str | os.PathLike | LoadedModel | None = None, classes: str | Sequence[str] | None = None,
+            device: str | torch.device = "auto", fast: bool = False,
             progress: ProgressFn | None = None, keep_probabilities: bool = False, allow_non_ct: bool = False,
             *, postprocess: bool = True, include_helper_classes: bool = False, sw_batch_size: int | None = None,
             class_chunk: int | None = None, cache_features: bool | None = None,
             series_uid: str | None = None, plausibility: bool = True) -> SegmentationResult:
     """Segment `image` and return every requested class as its own mask on the input's exact grid.
 
-    image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU.
+    image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU; or a
+        `PredictRequest` (`resolve_request`: checked, model loaded), whose settings then apply:
+        only `progress` may be given beside it.
     model: a model name, folder, or `LoadedModel` (default: the bundled model).
     classes: names, keys or synonyms, or one such string (default: all the model's classes). Parents and pair
         partners the post-processing needs are computed too, and returned only with
@@ -199,15 +134,34 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     """
     return_large_blocks()  # fixed 32 MB mmap threshold; lower ones save memory but cost time (runtime.py)
     report = _Progress(progress)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     report(0.0, "reading image")
-    reference = _read(image, allow_non_ct, series_uid)
-    dev = resolve_device(device)
-    loaded = _load(model, dev)
+    if isinstance(image, PredictRequest):
+        _only_progress_beside_a_request(locals())
+        request = image
+    else:
+        settings = PredictSettings(fast, keep_probabilities, postprocess, plausibility, include_helper_classes,
+                                   sw_batch_size, class_chunk, cache_features)
+        request = resolve_request(image, model, classes, device, allow_non_ct=allow_non_ct, series_uid=series_uid,
+                                  settings=settings)
+    return _run(request, report)
+
+
+def _only_progress_beside_a_request(arguments: dict) -> None:
+    """A request carries its settings: `predict(request, progress=...)` takes nothing else."""
+    defaults = {name: p.default for name, p in inspect.signature(predict).parameters.items()}
+    given = [name for name in defaults if name not in ("image", "progress") and arguments[name] != defaults[name]]
+    if given:
+        raise TypeError(f"predict(request) takes its settings from the request; also given: {', '.join(given)}")
+
+
+def _run(request: PredictRequest, report: _Progress) -> SegmentationResult:
+    """`predict` for a resolved request."""
+    t0 = time.perf_counter()
+    reference, loaded, dev, settings = request.image, request.model, request.device, request.settings
+    fast, postprocess, plausibility = settings.fast, settings.postprocess, settings.plausibility
     manifest, net = loaded.manifest, loaded.model
-    wanted, computed = needed_classes(manifest, classes)
-    timings["read_and_load_s"] = time.perf_counter() - t0
+    wanted, computed = list(request.wanted), list(request.computed)
+    timings = {"read_and_load_s": request.resolve_s}  # the checks and the model loading (resolve_request)
 
     report(_READ, "preprocessing")
     t = time.perf_counter()
@@ -217,7 +171,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
 
     t = time.perf_counter()
     overlap = min(pre.overlap, FAST_OVERLAP) if fast else pre.overlap
-    batch = sw_batch_size or ((8 if fast else 4) if dev.type == "cuda" else 1)
+    batch = settings.sw_batch_size or ((8 if fast else 4) if dev.type == "cuda" else 1)
     amp = dev.type == "cuda" or (fast and dev.type == "cpu" and cpu_has_native_bf16())
     index = {k: i for i, k in enumerate(manifest.class_keys)}
     masks: dict[str, BoxMask] = {}
@@ -229,12 +183,13 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     rules = Postprocessing(computed, postprocess, plausibility)
     with torch.inference_mode():
         for slab in probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
-                                      overlap, dev, sw_batch_size=batch, class_chunk=class_chunk, amp=amp,
-                                      cache_features=cache_features, progress=windows):
+                                      overlap, dev, sw_batch_size=batch, class_chunk=settings.class_chunk,
+                                      amp=amp, cache_features=settings.cache_features, progress=windows):
             info = computed[slab.position]
             if slab.position not in restorers:
                 how = rules.restoration(info)
-                restorers[slab.position] = SlabRestorer(prepared.grid, reference, pre.threshold, keep_probabilities,
+                restorers[slab.position] = SlabRestorer(prepared.grid, reference, pre.threshold,
+                                                        settings.keep_probabilities,
                                                         largest_only=how.largest_only, keep_values=how.keep_values)
             restorers[slab.position].add(slab.start, slab.values, slab.last)
             if slab.last:
@@ -252,7 +207,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     masks, confidence, reasons = rules.apply(reference, pre.spacing, masks, confidence, values)
     timings["postprocess_s"] = time.perf_counter() - t
 
-    shown = computed if include_helper_classes else wanted
+    shown = computed if settings.include_helper_classes else wanted
     results = [ClassResult(c, masks[c.key], confidence[c.key], probabilities[c.key], reasons.get(c.key, ""))
                for c in shown]
     _cut_off_warning(results, reference)
@@ -262,7 +217,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
         "computed_classes": [c.key for c in computed],
         "model_grid_size": list(prepared.grid.size), "model_spacing": list(pre.spacing),
         "postprocessed": postprocess, "plausibility_checked": postprocess and plausibility, **timings,
-        "total_s": time.perf_counter() - t0,
+        "total_s": time.perf_counter() - t0 + request.resolve_s,
     }
     report(_POST, "done")
     report(1.0, "done")
