@@ -23,6 +23,8 @@ def test_rules_declare_what_they_need():
     assert by_name["within_parents"].helper_classes(REG["liver_tumor"], list(REG)) == ["liver"]
     assert "aorta" in by_name["distinct_lumens"].helper_classes(REG["liver"], list(REG))
     assert by_name["plausible_position"].needs_image and by_name["plausible_position"].needs_spine
+    assert by_name["outside_limbs"].needs_trunk and not by_name["outside_limbs"].needs_spine
+    assert [r.name for r in RULES if r.plausibility] == ["outside_limbs", "plausible_position"]
     assert by_name["largest_component"].streams and not by_name["split_pair"].streams
 
 

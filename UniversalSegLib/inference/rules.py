@@ -5,7 +5,8 @@ Each rule is an object that declares what it needs, so `predict` can plan before
   side, a child's parents, the vessels a lumen is compared with); `needed_classes` computes them.
 - `keeps_values(info, computed)`: whether the class's voxel probabilities must be kept through
   restoration (the rule reads them, or recomputes the class's mean confidence after changing it).
-- `needs_image` (HU of the input) and `needs_spine` (the vertebra masks, for the body midline).
+- `needs_image` (HU of the input), `needs_trunk` (the body frame: trunk and limbs, built from the
+  HU) and `needs_spine` (the vertebra masks, for the body midline).
 - `applies_to(info, computed)`: the classes it changes. A rule that `streams` (acts on one class
   alone) runs inside restoration, while the class's slabs arrive, unless an earlier active rule
   also applies to that class (then it runs here, after that rule).
@@ -78,6 +79,7 @@ class Rule:
     name = "rule"
     plausibility = False  # part of the anatomical plausibility check (off with plausibility=False)
     needs_image = False
+    needs_trunk = False
     needs_spine = False
     streams = False
     reads_confidence = False
@@ -106,7 +108,7 @@ class OutsideLimbs(Rule):
     the largest component: the bundled model's 221 ml "aorta" in an arm otherwise wins over the
     real aorta (issue 25)."""
 
-    name, plausibility, needs_image = "outside_limbs", True, True
+    name, plausibility, needs_image, needs_trunk = "outside_limbs", True, True, True
 
     def applies_to(self, info, computed):
         return Location.of(info).trunk
@@ -210,7 +212,8 @@ class PlausiblePosition(Rule):
     """Where each final mask lies (`plausibility.check`): components in a limb go, a mask in an
     implausible position keeps half its confidence; each with its reason."""
 
-    name, plausibility, needs_image, needs_spine, reads_confidence = "plausible_position", True, True, True, True
+    name, plausibility, reads_confidence = "plausible_position", True, True
+    needs_image, needs_trunk, needs_spine = True, True, True
 
     def applies_to(self, info, computed):
         return True
