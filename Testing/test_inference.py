@@ -465,9 +465,9 @@ def test_channels_last_backbone_for_own_models_only(tiny_model):
     theirs = predict(image, model=caller, device="cpu", keep_probabilities=True)
     ours = predict(image, model=tiny_model, device="cpu", keep_probabilities=True)
     assert all(p.is_contiguous() for p in caller.model.parameters())
-    from UniversalSegLib.inference.predict import _load
+    from UniversalSegLib.inference.request import prepare_model
 
-    own = [p for p in _load(tiny_model, torch.device("cpu")).model.parameters() if p.dim() == 5]
+    own = [p for p in prepare_model(tiny_model, torch.device("cpu")).model.parameters() if p.dim() == 5]
     assert own and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in own)
     compared = 0
     for key in theirs.keys:

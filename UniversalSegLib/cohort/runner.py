@@ -110,7 +110,8 @@ class CohortRunner:
     def __init__(self, model: Any = None, classes: Sequence[str] | None = None, *, device: Any = "auto",
                  fast: bool = False, formats: str | Sequence[str] | None = None, allow_non_ct: bool = False,
                  output: str | os.PathLike | None = None):
-        from UniversalSegLib.inference.predict import needed_classes, resolve_device
+        from UniversalSegLib.inference.predict import resolve_device
+        from UniversalSegLib.inference.request import needed_classes
         from UniversalSegLib.io import parse_formats
         from UniversalSegLib.store import LoadedModel, find_model, read_manifest
 
@@ -195,14 +196,14 @@ class CohortRunner:
                           outputs, notes)
 
     def _formats(self, reference: sitk.Image) -> list[str]:
+        from UniversalSegLib.inference.request import DEFAULT_FORMATS
         from UniversalSegLib.io import dicom_source_files
-        from UniversalSegLib.predict_cli import CLI_DEFAULT_FORMATS
 
         if self.output is None:
             return []
         is_dicom = bool(dicom_source_files(reference))
         if self.settings.formats is None:
-            return [*CLI_DEFAULT_FORMATS, *(["dicom-seg"] if is_dicom else [])]
+            return [*DEFAULT_FORMATS, *(["dicom-seg"] if is_dicom else [])]
         if "dicom-seg" in self.settings.formats and not is_dicom:
             raise InputError("DICOM SEG output (dicom-seg) needs a DICOM series as input; this case is not DICOM")
         return list(self.settings.formats)

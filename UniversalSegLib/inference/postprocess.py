@@ -1,5 +1,7 @@
 """Post-processing rules from the registry, applied to the masks on the input grid.
 
+The mask operations; which rule runs when, and what each needs, is declared in `rules.py`.
+
 Rules (`ClassInfo.postprocess`):
 - "largest_component": keep the largest 26-connected component (cc3d).
 - "split_pair": merge a paired organ with its other side (`ClassInfo.pair`), keep the two largest

@@ -3,33 +3,37 @@
 image -> check -> preprocess (RAS, spacing, HU window, body crop) -> sliding window (backbone
 once per window, heads of the needed classes only; finished x-slabs of the model grid leave as the
 windows go on) -> per class, slab by slab: model grid -> input grid -> threshold -> post-processing
-rules -> `SegmentationResult`. Nothing is written to disk.
+rules (`rules.py`) -> `SegmentationResult`. Nothing is written to disk.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from UniversalSegLib.errors import ClassNotInModelError, InputError, UnknownClassError
+from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.masks import BoxMask
-from UniversalSegLib.inference.plausibility import check as check_plausibility
-from UniversalSegLib.inference.plausibility import without_limbs
-from UniversalSegLib.inference.postprocess import apply_rules, disjoint, disjoint_keys, mean_within, outside_vessel_keys
 from UniversalSegLib.inference.preprocess import preprocess
+from UniversalSegLib.inference.request import (  # noqa: F401 - needed_classes: also imported from here
+    PredictRequest,
+    PredictSettings,
+    needed_classes,
+    prepare_model,
+    resolve_request,
+)
 from UniversalSegLib.inference.restore import SlabRestorer
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
+from UniversalSegLib.inference.rules import Postprocessing
 from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16, probability_slabs
-from UniversalSegLib.registry import ClassInfo, Registry
 from UniversalSegLib.runtime import return_large_blocks
-from UniversalSegLib.store import DEFAULT_MODEL, LoadedModel, Manifest, load_model
+from UniversalSegLib.store import LoadedModel
 
 ProgressFn = Callable[[float, str], None]
 FAST_OVERLAP = 0.25
@@ -50,13 +54,6 @@ class _Progress:
 
     def span(self, start: float, end: float) -> ProgressFn:
         return lambda f, m: self(start + (end - start) * f, m)
-
-
-def _both(a: BoxMask, b: BoxMask) -> BoxMask:
-    """The voxels in both masks."""
-    if not a or not b:
-        return BoxMask.empty(a.shape)
-    return BoxMask(a.shape, a.start, a.crop() & b.region(a.start, a.stop))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -80,86 +77,7 @@ def load_for_inference(model: str | os.PathLike | LoadedModel | None,
         model: a model name or folder (default: the bundled model), or a `LoadedModel` (moved to `device`).
         device: "auto", "cpu", "cuda" or "cuda:N".
     """
-    return _load(model, resolve_device(device))
-
-
-def _load(model: str | os.PathLike | LoadedModel | None, device: torch.device) -> LoadedModel:
-    if isinstance(model, LoadedModel):  # the caller's: used as it is (they may train or save it later)
-        model.model.to(device).eval()
-        return model
-    loaded = load_model(model or DEFAULT_MODEL, device=device)
-    if hasattr(loaded.model.lpg, "fold_text"):  # ours alone: fold the constant text terms (less memory)
-        loaded.model.lpg.fold_text(loaded.model.class_embeddings)
-    if device.type == "cpu":
-        # oneDNN convolves channels-last 3D tensors without reordering them to its blocked layout: the
-        # backbone runs ~1.3x faster (docs/performance.md). Only for models loaded here: a caller's
-        # model keeps its contiguous weights (safetensors saves only contiguous tensors).
-        loaded.model.to(memory_format=torch.channels_last_3d)
-    return loaded
-
-
-def _read(image: str | os.PathLike | sitk.Image, allow_non_ct: bool, series_uid: str | None = None) -> sitk.Image:
-    from UniversalSegLib.io import check_image, read_image
-
-    if isinstance(image, sitk.Image):
-        if series_uid:
-            raise InputError("series_uid selects a series of a DICOM folder; the image is already read")
-        check_image(image, allow_non_ct=allow_non_ct)
-        return image
-    return read_image(Path(image), allow_non_ct=allow_non_ct, series_uid=series_uid)
-
-
-def needed_classes(manifest: Manifest,
-                   requested: str | Sequence[str] | None) -> tuple[list[ClassInfo], list[ClassInfo]]:
-    """(requested classes, classes to compute): the request plus pair partners, parents and (for a
-    vessel or an organ) the vessels that the rules need, so a class comes out the same however it
-    was picked.
-
-    Names are keys, display names or synonyms (one string is one name); unknown names raise
-    UnknownClassError with suggestions, and known classes the model lacks ClassNotInModelError.
-    """
-    registry = manifest.registry()
-    if isinstance(requested, str):
-        requested = [requested]  # "liver" is one class, not five letters
-    wanted = list(registry) if requested is None else [_resolve_in_model(manifest, registry, n) for n in requested]
-    wanted = list({c.key: c for c in wanted}.values())
-    if not wanted:
-        raise InputError("no classes requested")
-    keys = {c.key for c in wanted}
-    separated = disjoint_keys(list(registry))
-    checked = set(separated) | set(outside_vessel_keys(list(registry)))
-    todo = list(wanted)
-    while todo:
-        info = todo.pop()
-        extra = [info.pair] if info.postprocess == "split_pair" and info.pair else []
-        extra += info.parents if info.postprocess == "within_parents" else []
-        extra += separated if info.key in checked else []
-        for key in extra:
-            if key in registry and key not in keys:
-                keys.add(key)
-                todo.append(registry[key])
-    return wanted, [c for c in registry if c.key in keys]  # model order
-
-
-def _resolve_in_model(manifest: Manifest, registry: Registry, name: str) -> ClassInfo:
-    """The model's class called `name`; a class known elsewhere (registry, other models) names its models."""
-    from UniversalSegLib.registry import default_registry
-    from UniversalSegLib.store import list_models
-
-    try:
-        return registry.resolve(name)
-    except UnknownClassError:
-        installed = list_models()
-        for other in [default_registry(), *(m.registry() for _, m in installed)]:
-            try:
-                known = other.resolve(name)
-            except UnknownClassError:
-                continue
-            holders = sorted({m.name for _, m in installed if known.key in m.class_keys})
-            where = ", ".join(holders) or "none installed; `universalseg extend` teaches a model new classes"
-            raise ClassNotInModelError(f"class {name!r} ({known.key}) is not in model {manifest.name} "
-                                       f"(models that have it: {where})") from None
-        raise
+    return prepare_model(model, resolve_device(device))
 
 
 def _cut_off_warning(results: Sequence[ClassResult], reference: sitk.Image) -> None:
@@ -179,15 +97,18 @@ def _cut_off_warning(results: Sequence[ClassResult], reference: sitk.Image) -> N
                       "last slice, probably cut off (statistics: touches_border)", ThinScanWarning, stacklevel=3)
 
 
-def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | LoadedModel | None = None,
-            classes: str | Sequence[str] | None = None, device: str | torch.device = "auto", fast: bool = False,
+def predict(image: str | os.PathLike | sitk.Image | PredictRequest,
+            model: str | os.PathLike | LoadedModel | None = None, classes: str | Sequence[str] | None = None,
+            device: str | torch.device = "auto", fast: bool = False,
             progress: ProgressFn | None = None, keep_probabilities: bool = False, allow_non_ct: bool = False,
             *, postprocess: bool = True, include_helper_classes: bool = False, sw_batch_size: int | None = None,
             class_chunk: int | None = None, cache_features: bool | None = None,
             series_uid: str | None = None, plausibility: bool = True) -> SegmentationResult:
     """Segment `image` and return every requested class as its own mask on the input's exact grid.
 
-    image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU.
+    image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU; or a
+        `PredictRequest` (`resolve_request`: checked, model loaded), whose settings then apply:
+        only `progress` may be given beside it.
     model: a model name, folder, or `LoadedModel` (default: the bundled model).
     classes: names, keys or synonyms, or one such string (default: all the model's classes). Parents and pair
         partners the post-processing needs are computed too, and returned only with
@@ -213,15 +134,34 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     """
     return_large_blocks()  # fixed 32 MB mmap threshold; lower ones save memory but cost time (runtime.py)
     report = _Progress(progress)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     report(0.0, "reading image")
-    reference = _read(image, allow_non_ct, series_uid)
-    dev = resolve_device(device)
-    loaded = _load(model, dev)
+    if isinstance(image, PredictRequest):
+        _only_progress_beside_a_request(locals())
+        request = image
+    else:
+        settings = PredictSettings(fast, keep_probabilities, postprocess, plausibility, include_helper_classes,
+                                   sw_batch_size, class_chunk, cache_features)
+        request = resolve_request(image, model, classes, device, allow_non_ct=allow_non_ct, series_uid=series_uid,
+                                  settings=settings)
+    return _run(request, report)
+
+
+def _only_progress_beside_a_request(arguments: dict) -> None:
+    """A request carries its settings: `predict(request, progress=...)` takes nothing else."""
+    defaults = {name: p.default for name, p in inspect.signature(predict).parameters.items()}
+    given = [name for name in defaults if name not in ("image", "progress") and arguments[name] != defaults[name]]
+    if given:
+        raise TypeError(f"predict(request) takes its settings from the request; also given: {', '.join(given)}")
+
+
+def _run(request: PredictRequest, report: _Progress) -> SegmentationResult:
+    """`predict` for a resolved request."""
+    t0 = time.perf_counter()
+    reference, loaded, dev, settings = request.image, request.model, request.device, request.settings
+    fast, postprocess, plausibility = settings.fast, settings.postprocess, settings.plausibility
     manifest, net = loaded.manifest, loaded.model
-    wanted, computed = needed_classes(manifest, classes)
-    timings["read_and_load_s"] = time.perf_counter() - t0
+    wanted, computed = list(request.wanted), list(request.computed)
+    timings = {"read_and_load_s": request.resolve_s}  # the checks and the model loading (resolve_request)
 
     report(_READ, "preprocessing")
     t = time.perf_counter()
@@ -231,38 +171,26 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
 
     t = time.perf_counter()
     overlap = min(pre.overlap, FAST_OVERLAP) if fast else pre.overlap
-    batch = sw_batch_size or ((8 if fast else 4) if dev.type == "cuda" else 1)
+    batch = settings.sw_batch_size or ((8 if fast else 4) if dev.type == "cuda" else 1)
     amp = dev.type == "cuda" or (fast and dev.type == "cpu" and cpu_has_native_bf16())
     index = {k: i for i, k in enumerate(manifest.class_keys)}
-    computed_keys = {c.key for c in computed}
     masks: dict[str, BoxMask] = {}
     confidence: dict[str, float] = {}
     probabilities: dict[str, np.ndarray | None] = {}
-    values: dict[str, np.ndarray] = {}  # voxel probabilities of classes whose later rules change the mask
+    values: dict[str, np.ndarray] = {}  # voxel probabilities of classes whose later rules read them
     windows = report.span(_PREP, _WINDOWS)
     restorers: dict[int, SlabRestorer] = {}
-    separated = set(disjoint_keys(computed)) if postprocess else set()
-    outside = set(outside_vessel_keys(computed)) if separated else set()
-    # With the plausibility check, components in an arm go before a rule picks the largest one: the
-    # bundled model's 221 ml "aorta" in an arm otherwise wins over the real aorta (issue 25).
-    deferred = postprocess and plausibility
-    early_largest: set[str] = set()  # classes whose largest component is then taken after the arms go
+    rules = Postprocessing(computed, postprocess, plausibility)
     with torch.inference_mode():
         for slab in probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
-                                      overlap, dev, sw_batch_size=batch, class_chunk=class_chunk, amp=amp,
-                                      cache_features=cache_features, progress=windows):
+                                      overlap, dev, sw_batch_size=batch, class_chunk=settings.class_chunk,
+                                      amp=amp, cache_features=settings.cache_features, progress=windows):
             info = computed[slab.position]
             if slab.position not in restorers:
-                # A single organ's rule needs nothing else: apply it as soon as the class is complete.
-                largest = postprocess and (info.postprocess == "largest_component" or (
-                    info.postprocess == "split_pair" and info.pair not in computed_keys))
-                if largest and deferred:
-                    early_largest.add(info.key)
-                    largest = False
-                later = postprocess and (info.key in separated or info.key in early_largest or (
-                    info.postprocess in ("split_pair", "within_parents") and not largest))
-                restorers[slab.position] = SlabRestorer(prepared.grid, reference, pre.threshold, keep_probabilities,
-                                                        largest_only=largest, keep_values=later)
+                how = rules.restoration(info)
+                restorers[slab.position] = SlabRestorer(prepared.grid, reference, pre.threshold,
+                                                        settings.keep_probabilities,
+                                                        largest_only=how.largest_only, keep_values=how.keep_values)
             restorers[slab.position].add(slab.start, slab.values, slab.last)
             if slab.last:
                 restored = restorers.pop(slab.position).finish()
@@ -276,35 +204,10 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
 
     report(_WINDOWS, "post-processing")
     t = time.perf_counter()
-    reasons: dict[str, str] = {}
-    if values:
-        infos = {c.key: c for c in computed}
-        if deferred:  # as the restorer would, but without the arms' components: then the same rules
-            pruned, reasons = without_limbs(masks, infos, reference)
-            pruned = apply_rules(pruned, {k: infos[k] for k in early_largest}, reference, pre.spacing,
-                                 rules=("split_pair", "largest_component"))
-            confidence.update({k: mean_within(pruned[k], [(masks[k], values[k])]) for k in early_largest})
-        resolved = disjoint(masks, values, [k for k in infos if k in separated],
-                            {k: confidence[k] for k in infos if k in outside})
-        if deferred:
-            resolved = {k: _both(m, pruned[k]) if k in early_largest or k in reasons else m
-                        for k, m in resolved.items()}
-        for key in outside:  # no voxel values: an organ keeps its mean unless it is gone
-            confidence[key] = confidence[key] if resolved[key] else 0.0
-        final = apply_rules(resolved, infos, reference, pre.spacing, rules=("split_pair", "within_parents"))
-        for key in (k for k in values if final[k] is not masks[k]):
-            # a side may have received voxels its pair predicted: read them there
-            sources = [(masks[k], values[k]) for k in (key, infos[key].pair) if k in values]
-            confidence[key] = mean_within(final[key], sources)
-        masks = final
-    if deferred:
-        checked = check_plausibility(masks, confidence, {c.key: c for c in computed}, reference)
-        masks, confidence = checked.masks, checked.confidence
-        reasons = {k: "; ".join(r for r in (reasons.get(k), checked.reasons.get(k)) if r)
-                   for k in set(reasons) | set(checked.reasons)}
+    masks, confidence, reasons = rules.apply(reference, pre.spacing, masks, confidence, values)
     timings["postprocess_s"] = time.perf_counter() - t
 
-    shown = computed if include_helper_classes else wanted
+    shown = computed if settings.include_helper_classes else wanted
     results = [ClassResult(c, masks[c.key], confidence[c.key], probabilities[c.key], reasons.get(c.key, ""))
                for c in shown]
     _cut_off_warning(results, reference)
@@ -314,7 +217,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
         "computed_classes": [c.key for c in computed],
         "model_grid_size": list(prepared.grid.size), "model_spacing": list(pre.spacing),
         "postprocessed": postprocess, "plausibility_checked": postprocess and plausibility, **timings,
-        "total_s": time.perf_counter() - t0,
+        "total_s": time.perf_counter() - t0 + request.resolve_s,
     }
     report(_POST, "done")
     report(1.0, "done")

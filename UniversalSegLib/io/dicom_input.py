@@ -446,14 +446,25 @@ def read_stack(stack: DicomStack) -> sitk.Image:
     return image
 
 
-def dicom_seg_problem(files: Sequence[str | os.PathLike]) -> str | None:
+def source_headers(source: Sequence[str | os.PathLike] | DicomStack) -> tuple[list[Path], list[pydicom.Dataset]]:
+    """(files, headers) of a DICOM source: a `DicomStack` keeps the headers its folder scan read (so a
+    series is read once per run); a list of files has them read here."""
+    if isinstance(source, DicomStack):
+        return source.files, source.headers
+    files = [Path(f) for f in source]
+    return files, [read_header(f) for f in files]
+
+
+def dicom_seg_problem(source: Sequence[str | os.PathLike] | DicomStack) -> str | None:
     """Why a DICOM SEG cannot be derived from these source files (what the SEG IOD needs from them), or None.
 
+    Args:
+        source: the source files, or the `DicomStack` they were read as.
     An empty dataset SOP Class UID is no problem: the writer takes it from the file meta.
     """
+    files, headers = source_headers(source) if source else ([], [])
     if not files:
         return "the input was not a DICOM series"
-    headers = [read_header(Path(f)) for f in files]
     for attribute, what in (("StudyInstanceUID", "Study Instance UID"), ("SeriesInstanceUID", "Series Instance UID"),
                             ("SOPInstanceUID", "SOP Instance UID"), ("FrameOfReferenceUID", "Frame of Reference UID")):
         lacking = [Path(f).name for f, ds in zip(files, headers) if not str(getattr(ds, attribute, "") or "").strip()]

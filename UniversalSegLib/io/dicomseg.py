@@ -21,7 +21,7 @@ from UniversalSegLib import __version__
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.io.atomic import atomic_write
-from UniversalSegLib.io.dicom_input import dicom_seg_problem, read_header, sop_class_uid
+from UniversalSegLib.io.dicom_input import DicomStack, dicom_seg_problem, sop_class_uid, source_headers
 from UniversalSegLib.io.geometry import check_masks, grid_shape, mask_parts
 
 ALGORITHM_NAME = "UniversalSeg"
@@ -65,15 +65,15 @@ def _description(number: int, c: ClassResult,
     return description
 
 
-def _sources_by_slice(reference: sitk.Image, files: Sequence[Path]) -> dict[int, pydicom.Dataset]:
+def _sources_by_slice(reference: sitk.Image, source: Sequence[Path] | DicomStack) -> dict[int, pydicom.Dataset]:
     """Source datasets (headers only) by the reference's slice index k; checks each lies on the grid once.
 
     Grid slices without a source are allowed: a missing slice the reader filled by interpolation
     (io/dicom_input.py) has no instance to reference, so the SEG has no frame there.
     """
     by_slice: dict[int, pydicom.Dataset] = {}
-    for f in files:
-        ds = read_header(f)
+    files, headers = source_headers(source)
+    for f, ds in zip(files, headers):
         position = [float(v) for v in ds.ImagePositionPatient]
         i, j, k = reference.TransformPhysicalPointToContinuousIndex(position)
         if max(abs(i), abs(j), abs(k - round(k))) > _POSITION_TOLERANCE or not 0 <= round(k) < reference.GetSize()[2]:
@@ -94,7 +94,8 @@ def _sorted_sources(reference: sitk.Image, files: Sequence[Path]) -> list[pydico
     return [by_slice[k] for k in sorted(by_slice)]
 
 
-def write_dicom_seg(result: SegmentationResult, path: str | os.PathLike, source_files: Sequence[str | os.PathLike],
+def write_dicom_seg(result: SegmentationResult, path: str | os.PathLike,
+                    source_files: Sequence[str | os.PathLike] | DicomStack,
                     series_number: int = 300) -> Path:
     """Write a binary DICOM SEG of every class of `result`, derived from the DICOM series `source_files`."""
     import highdicom as hd
@@ -104,7 +105,8 @@ def write_dicom_seg(result: SegmentationResult, path: str | os.PathLike, source_
     problem = dicom_seg_problem(source_files)
     if problem:
         raise InputError(f"cannot write a DICOM SEG: {problem}")
-    by_slice = _sources_by_slice(result.reference, [Path(f) for f in source_files])
+    by_slice = _sources_by_slice(result.reference, source_files if isinstance(source_files, DicomStack)
+                                 else [Path(f) for f in source_files])
     covered = sorted(by_slice)
     algorithm = hd.AlgorithmIdentificationSequence(name=ALGORITHM_NAME, family=codes.cid7162.ArtificialIntelligence,
                                                    version=f"{__version__} ({result.model_name})"[:64])

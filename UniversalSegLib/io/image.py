@@ -10,13 +10,14 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from UniversalSegLib.errors import InputError, UniversalSegWarning
-from UniversalSegLib.io.dicom_input import DicomSeriesWarning, find_series, is_dicom_file, read_stack
+from UniversalSegLib.io.dicom_input import DicomSeriesWarning, DicomStack, find_series, is_dicom_file, read_stack
 from UniversalSegLib.io.header_checks import check_file_header
 from UniversalSegLib.io.itk_log import capture_itk_output
 
@@ -47,7 +48,22 @@ class ThinScanWarning(UniversalSegWarning):
     """The image has fewer than MIN_SIZE slices along one axis: structures are cut off at its faces."""
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """An image as `read_image_source` read it, and the DICOM series it came from (None for a file):
+    the series' headers, read once by the folder scan, serve every later DICOM check and writer."""
+
+    image: sitk.Image
+    dicom: DicomStack | None = None
+
+
 def read_image(path: str | os.PathLike, allow_non_ct: bool = False, series_uid: str | None = None) -> sitk.Image:
+    """Read a 3D CT in Hounsfield units with its geometry, and check it (see `read_image_source`)."""
+    return read_image_source(path, allow_non_ct, series_uid).image
+
+
+def read_image_source(path: str | os.PathLike, allow_non_ct: bool = False,
+                      series_uid: str | None = None) -> ImageSource:
     """Read a 3D CT in Hounsfield units with its geometry, and check it (see `check_image`).
 
     Args:
@@ -62,13 +78,17 @@ def read_image(path: str | os.PathLike, allow_non_ct: bool = False, series_uid: 
         raise InputError(f"input image {path} does not exist")
     if series_uid and not (path.is_dir() or is_dicom_file(path)):
         raise InputError(f"a series UID ({series_uid}) selects a series of a DICOM folder; {path} is not DICOM")
+    stack = None
     with capture_itk_output():  # ITK's log lines become ITKWarnings (see itk_log)
-        image = _read_dicom(path, series_uid) if path.is_dir() or is_dicom_file(path) else _read_file(path)
+        if path.is_dir() or is_dicom_file(path):
+            image, stack = _read_dicom(path, series_uid)
+        else:
+            image = _read_file(path)
     if image.GetPixelID() == sitk.sitkFloat64:
         image = _cast_keep_metadata(image, sitk.sitkFloat32)
     check_image(image, name=str(path), allow_non_ct=allow_non_ct)
     warn_if_thin(image, str(path))
-    return image
+    return ImageSource(image, stack)
 
 
 def thin_axis(image: sitk.Image) -> tuple[str, int] | None:
@@ -171,14 +191,14 @@ def read_error(path: Path, error: RuntimeError, log: str = "") -> str:
     return f"cannot read {path}: {_ITK_PREFIX.sub('', last)}"
 
 
-def _read_dicom(path: Path, series_uid: str | None) -> sitk.Image:
+def _read_dicom(path: Path, series_uid: str | None) -> tuple[sitk.Image, DicomStack]:
     stack = find_series(path, series_uid, supported=_SUPPORTED)
     image = read_stack(stack)
     # Remember the source files so the DICOM SEG writer can reference the instances.
     image.SetMetaData(DICOM_FOLDER_KEY, str(stack.files[0].parent.resolve()))
     image.SetMetaData(DICOM_SERIES_KEY, stack.series_uid)
     image.SetMetaData(DICOM_FILES_KEY, json.dumps([str(f.resolve()) for f in stack.files]))
-    return image
+    return image, stack
 
 
 def _cast_keep_metadata(image: sitk.Image, pixel_id: int) -> sitk.Image:

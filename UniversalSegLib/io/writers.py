@@ -15,7 +15,7 @@ from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.result import SegmentationResult
 from UniversalSegLib.io.atomic import replace_dir
 from UniversalSegLib.io.destination import check_destination, destination_error, remove_stale_staging, staging_folder
-from UniversalSegLib.io.dicom_input import dicom_seg_problem
+from UniversalSegLib.io.dicom_input import DicomStack, dicom_seg_problem
 from UniversalSegLib.io.dicomseg import write_dicom_seg
 from UniversalSegLib.io.image import dicom_source_files
 from UniversalSegLib.io.itk_log import capture_itk_output
@@ -45,7 +45,7 @@ def parse_formats(formats: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
-def dicom_seg_refusal(sources: Sequence[str | os.PathLike] | None) -> str | None:
+def dicom_seg_refusal(sources: Sequence[str | os.PathLike] | DicomStack | None) -> str | None:
     """Why "dicom-seg" cannot be written for an input read from `sources` (its DICOM files), or None.
 
     Cheap (headers only), so callers check it before the model runs: an explicit request is refused,
@@ -59,7 +59,7 @@ def dicom_seg_refusal(sources: Sequence[str | os.PathLike] | None) -> str | None
 
 
 def _writers(result: SegmentationResult, stage: Path,
-             dicom_source: Sequence[Path] | None) -> dict[str, Callable[[], dict[str, Path]]]:
+             dicom_source: Sequence[Path] | DicomStack | None) -> dict[str, Callable[[], dict[str, Path]]]:
     """Per format, a function writing it into `stage` and returning {output name: staged path}."""
     def labelmap() -> dict[str, Path]:
         files = write_label_map(result, stage / LABELMAP)
@@ -84,7 +84,7 @@ def _writers(result: SegmentationResult, stage: Path,
 
 
 def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats: str | Sequence[str],
-                  dicom_source: Sequence[str | os.PathLike] | None = None) -> dict[str, Path]:
+                  dicom_source: Sequence[str | os.PathLike] | DicomStack | None = None) -> dict[str, Path]:
     """Write `formats` (see FORMATS) of `result` into `outdir`; returns {output name: final path}.
 
     Output names are the format names (the main file, or the masks folder for "nifti") plus
@@ -92,15 +92,17 @@ def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats
     `segmentation.seg.nrrd`, `masks/<key>.nii.gz`, `labelmap.nii.gz` (+ `labelmap.labels.json`,
     `labelmap-colors.csv`), `segmentation.dcm`, `statistics.csv` + `statistics.json`, `preview.png`.
 
-    "dicom-seg" needs the source DICOM files: `dicom_source`, or else the series `result.reference`
-    was read from by `read_image`. Asking for it without a DICOM input, or with one lacking what a SEG
-    must reference (`dicom_seg_refusal`), raises InputError before anything is written (it is not
+    "dicom-seg" needs the source DICOM files: `dicom_source` (files, or the `DicomStack` read, whose
+    headers are then not read again), or else the series `result.reference` was read from by
+    `read_image`. Asking for it without a DICOM input, or with one lacking what a SEG must reference
+    (`dicom_seg_refusal`), raises InputError before anything is written (it is not
     silently skipped: the user asked for a file they would not get).
     """
     names = parse_formats(formats)
     sources = None
     if "dicom-seg" in names:
-        sources = [Path(f) for f in dicom_source] if dicom_source else dicom_source_files(result.reference)
+        sources = dicom_source if isinstance(dicom_source, DicomStack) else (
+            [Path(f) for f in dicom_source] if dicom_source else dicom_source_files(result.reference))
         refusal = dicom_seg_refusal(sources)
         if refusal:
             raise InputError(refusal)

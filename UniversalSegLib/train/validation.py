@@ -1,10 +1,14 @@
-"""Validation during training: Dice and normalised surface Dice per class per dataset on whole cases.
+"""Validation: Dice and normalised surface Dice per class per dataset on whole cases, on the shipped path.
 
-Each validation case is run through MONAI's sliding-window inference (Gaussian blending) at the
-training patch size, only for the classes its dataset annotates; sigmoid > threshold gives the
-masks, and MONAI's metrics score them against the labels. This deliberately does not use the
-production inference pipeline (UniversalSegLib.inference): validation runs on cases that are
-already preprocessed into model space.
+Two kinds of case, one inference:
+- `validate` (training): cases already preprocessed into model space. Each runs through
+  `predict`'s own sliding window and stitching (`inference.sliding_window`: its windows, its
+  Gaussian weights, logits blended and then the sigmoid), only for the classes its dataset
+  annotates; probability > threshold gives the masks on the model grid.
+- `validate_images`: cases on their own grid (a CT in HU and its label masks). Each runs through
+  `predict` itself (preprocessing, windows, restoration to the input grid, post-processing rules),
+  so the Dice is the Dice of the masks a user gets.
+MONAI's metrics score the masks against the labels.
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from monai.metrics import compute_dice, compute_surface_dice
 from torch import nn
+
+from UniversalSegLib.inference.sliding_window import class_probabilities
+
+if TYPE_CHECKING:
+    from UniversalSegLib.store import LoadedModel
 
 
 @dataclass
@@ -33,20 +42,28 @@ class ClassScore:
     nsd: float
 
 
-@torch.no_grad()
-def predict_case(model: nn.Module, image: torch.Tensor, classes: torch.Tensor, patch_size: Sequence[int],
-                 device: torch.device, overlap: float = 0.25, sw_batch_size: int = 1,
+def predict_case(model: nn.Module, image: torch.Tensor, classes: torch.Tensor | Sequence[int],
+                 patch_size: Sequence[int], device: torch.device, overlap: float = 0.25, sw_batch_size: int = 1,
                  amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Sigmoid probabilities (n, *spatial) on the CPU for `classes` of one (1, *spatial) image."""
+    """Sigmoid probabilities (n, *spatial) on the CPU for `classes` of one (1, *spatial) model-space image,
+    by `predict`'s sliding window and stitching (`sliding_window.class_probabilities`).
 
-    def predictor(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return torch.sigmoid(model(x, classes).float())
-
-    x = torch.as_tensor(image, dtype=torch.float32)[None]
-    probs = sliding_window_inference(x, list(patch_size), sw_batch_size, predictor, overlap=overlap,
-                                     mode="gaussian", sw_device=device, device="cpu")
-    return probs[0]
+    Args:
+        model: a UniversalModel (or one wrapped in DistributedDataParallel).
+        image: the preprocessed image, (1, *spatial).
+        classes: indices into the model's classes.
+        patch_size, overlap, sw_batch_size: the windows.
+        amp_dtype: mixed precision when set (on CUDA float16, on CPU bfloat16, as `predict` runs).
+    """
+    net = getattr(model, "module", model)  # DDP: the model itself
+    volume = np.ascontiguousarray(torch.as_tensor(image, dtype=torch.float32)[0].cpu().numpy())
+    positions = [int(c) for c in torch.as_tensor(classes).flatten().tolist()]
+    probs = torch.zeros((len(positions), *volume.shape))
+    with torch.inference_mode():
+        for position, values in class_probabilities(net, volume, positions, patch_size, overlap, device,
+                                                    sw_batch_size=sw_batch_size, amp=amp_dtype is not None):
+            probs[position] = torch.from_numpy(values)
+    return probs
 
 
 def score_case(probs: torch.Tensor, label: torch.Tensor, spacing: Sequence[float], tolerance_mm: float,
@@ -106,3 +123,33 @@ def summarise(scores: Iterable[ClassScore]) -> dict[tuple[str, str], tuple[float
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else math.nan
+
+
+def validate_images(model: LoadedModel, cases: Iterable[dict], device: torch.device | str = "cpu",
+                    tolerance_mm: float = 2.0, **predict_options) -> list[ClassScore]:
+    """Score cases on their own grid through `predict`: the Dice of the masks a user gets.
+
+    Args:
+        model: the model (and its manifest) to run; trained weights in place, as `predict` takes it.
+        cases: dicts with "image" (a SimpleITK CT in HU), "labels" ({class key: bool (z, y, x) on the
+            image's grid}), "dataset" and "case" names.
+        device: where `predict` runs.
+        tolerance_mm: the NSD tolerance.
+        predict_options: more `predict` settings (e.g. postprocess=False, fast=True).
+    """
+    from UniversalSegLib.inference.predict import predict
+
+    was_training = model.model.training
+    scores: list[ClassScore] = []
+    try:
+        for case in cases:
+            keys = list(case["labels"])
+            result = predict(case["image"], model=model, classes=keys, device=device, **predict_options)
+            pred = np.stack([result[k].mask for k in keys]).astype(np.float32)
+            label = np.stack([np.asarray(case["labels"][k], dtype=np.float32) for k in keys])
+            spacing = tuple(reversed(case["image"].GetSpacing()))  # (z, y, x), as the arrays
+            dice, nsd = score_case(torch.from_numpy(pred), torch.from_numpy(label), spacing, tolerance_mm)
+            scores += [ClassScore(str(case["dataset"]), str(case["case"]), k, d, n) for k, d, n in zip(keys, dice, nsd)]
+    finally:
+        model.model.train(was_training)
+    return scores

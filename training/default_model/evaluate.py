@@ -4,7 +4,9 @@ Used for the leave-one-scan-out checks (train with --drop, evaluate the dropped 
     python training/default_model/evaluate.py MODEL_DIR [--json out.json]
 With --holdout-top F (a model trained with the same flag) it scores the held-out top fraction of
 every scan and, for comparison, the trained slices below it.
-The production path (`universalseg predict` on the input grid) is checked in Testing/.
+The windows and their stitching are `predict`'s (`train.validation.predict_case`); on the input
+grid, with restoration and the post-processing rules, `train.validation.validate_images` scores
+exactly what `predict` gives users.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from UniversalSegLib.store import load_model
+from UniversalSegLib.train.validation import predict_case
 
 HERE = Path(__file__).resolve().parent
 
@@ -28,14 +30,14 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def predict_probabilities(loaded, image: np.ndarray, window: int | None = None,
                           classes: list[int] | None = None) -> np.ndarray:
-    """Sigmoid maps (classes, X, Y, Z) of a model-space image by sliding windows; `loaded`:
-    `load_model`'s; `classes`: model indices to run (default: all)."""
-    size = (window,) * 3 if window else tuple(loaded.manifest.preprocessing.patch_size)
-    x = torch.from_numpy(image.astype(np.float32))[None, None]
-    with torch.no_grad():
-        logits = sliding_window_inference(x, size, 4, lambda w: loaded.model(w, classes=classes), overlap=0.5,
-                                          mode="gaussian")
-    return torch.sigmoid(logits)[0].numpy()
+    """Sigmoid maps (classes, X, Y, Z) of a model-space image by `predict`'s sliding window and stitching;
+    `loaded`: `load_model`'s; `classes`: model indices to run (default: all)."""
+    pre = loaded.manifest.preprocessing
+    size = (window,) * 3 if window else tuple(pre.patch_size)
+    indices = list(range(len(loaded.manifest.class_keys))) if classes is None else classes
+    x = torch.from_numpy(image.astype(np.float32))[None]
+    return predict_case(loaded.model, x, indices, size, torch.device("cpu"), overlap=pre.overlap,
+                        sw_batch_size=4).numpy()
 
 
 def predict_masks(loaded, image: np.ndarray, window: int | None = None) -> np.ndarray:
