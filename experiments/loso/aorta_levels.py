@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from experiments.model_space_dice import dice, predict_masks  # the recipe's model-space evaluation
 from experiments.paths import BUNDLE, RECIPE
-from training.default_model.evaluate import dice, predict_masks  # the recipe's model-space evaluation
 from UniversalSegLib.store import load_model
 
 # direction -> (held-out source, where the shared level is: at/below or at/above T12)

@@ -14,8 +14,8 @@ import sys
 import numpy as np
 
 from experiments.loso.aorta_levels import source_labels
+from experiments.model_space_dice import predict_probabilities  # the recipe's model-space evaluation
 from experiments.paths import BUNDLE
-from training.default_model.evaluate import predict_probabilities  # the recipe's model-space evaluation
 from UniversalSegLib.store import load_model
 
 SHOWN = ("aorta", "vertebrae_T12", "vertebrae_L1", "vertebrae_L2", "spinal_cord")

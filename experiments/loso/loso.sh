@@ -4,7 +4,7 @@
 #   noA: scan A's aorta and T12 labels are not used; they are scored on A
 # Each direction runs the recipe (`universalseg train`, a config written beside the run) as two stages
 # from scratch: `basic` (learn the anatomy), then `generalise` started from stage 1 (domain
-# randomisation, exclusion loss), then evaluate.py.
+# randomisation, exclusion loss), then experiments/model_space_dice.py.
 #
 #   bash experiments/loso/loso.sh [RUN_DIR]          # env: DEVICE, STAGE1_STEPS, STAGE2_STEPS, DIRECTIONS,
 #                                                   #   GENERALISE_SET (stage 2's --generalise-set, e.g. "p_split_lumen=0.5")
@@ -74,8 +74,8 @@ for item in filter(None, os.environ.get("GENERALISE_SET", "").split()):
 yaml.safe_dump(c, open(path, "w"), sort_keys=False)
 PY
   python -m UniversalSegLib train "$out.yaml" --device "$DEVICE" --resume --no-progress
-  # evaluate.py still reads prepare.py's build/bundle.npz (issue 26: to be moved to the predict path)
-  python training/default_model/evaluate.py "$out/model" --json "$out/dice.json"
+  # model_space_dice reads the retired prepare.py's build/bundle.npz (experiments/README.md, *bundle*)
+  python -m experiments.model_space_dice "$out/model" --json "$out/dice.json"
 }
 
 for name in "${directions[@]}"; do

@@ -1,7 +1,7 @@
 """Dice of the production path on scan A: `predict` on A's own grid, post-processed, for every class
 the two A sources label, beside the model-space Dice of `evaluate.py` when its JSON is given.
 
-    python training/default_model/evaluate.py MODEL --json model_space.json      # optional
+    python -m experiments.model_space_dice MODEL --json model_space.json      # optional
     python -m experiments.v0_4_thorax_context.production_dice_A \
         [--model MODEL] [--model-space model_space.json] [--json out.json]
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import SimpleITK as sitk
 import yaml
 
+from experiments.model_space_dice import dice  # the recipe's model-space evaluation
 from experiments.paths import RECIPE, REPO
-from training.default_model.evaluate import dice  # the recipe's model-space evaluation
 from UniversalSegLib.inference.predict import predict
 
 A_SOURCES = ("abdomen-organs", "abdomen-gi-vessels-bones")

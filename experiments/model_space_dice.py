@@ -1,7 +1,9 @@
 """Dice of a model on the prepared scans, in model space, for every labelled class of every source.
 
+Reads the retired recipe scripts' `build/bundle.npz` (experiments/README.md, "Running": *bundle*).
+
 Used for the leave-one-scan-out checks (train with --drop, evaluate the dropped labels here):
-    python training/default_model/evaluate.py MODEL_DIR [--json out.json]
+    python -m experiments.model_space_dice MODEL_DIR [--json out.json]
 With --holdout-top F (a model trained with the same flag) it scores the held-out top fraction of
 every scan and, for comparison, the trained slices below it.
 The windows and their stitching are `predict`'s (`train.validation.predict_case`); on the input
@@ -18,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from experiments.paths import BUNDLE
 from UniversalSegLib.store import load_model
 from UniversalSegLib.train.validation import predict_case
-
-HERE = Path(__file__).resolve().parent
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -56,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     loaded = load_model(args.model)
     keys = loaded.manifest.class_keys
-    data = np.load(HERE / "build" / "bundle.npz")
+    data = np.load(BUNDLE)
     meta = json.loads(str(data["meta"]))
     results, masks = {}, {}
     for i, src in enumerate(meta["sources"]):
