@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from UniversalSegLib.device import resolve_device
 from UniversalSegLib.errors import ClassNotInModelError, InputError, UnknownClassError
 from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.inference.plausibility import check as check_plausibility
@@ -27,29 +28,13 @@ from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.restore import SlabRestorer
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16, probability_slabs
+from UniversalSegLib.progress import Monotonic, ProgressFn
 from UniversalSegLib.registry import ClassInfo, Registry
-from UniversalSegLib.runtime import return_large_blocks
 from UniversalSegLib.store import DEFAULT_MODEL, LoadedModel, Manifest, load_model
 
-ProgressFn = Callable[[float, str], None]
 FAST_OVERLAP = 0.25
 # Shares of the progress bar per stage (sliding window dominates).
 _READ, _PREP, _WINDOWS, _POST = 0.02, 0.06, 0.92, 0.99
-
-
-class _Progress:
-    """Forwards (fraction, message) to the user's callback, never going backwards."""
-
-    def __init__(self, callback: ProgressFn | None):
-        self.callback, self.last = callback, 0.0
-
-    def __call__(self, fraction: float, message: str) -> None:
-        self.last = max(self.last, min(1.0, fraction))
-        if self.callback:
-            self.callback(self.last, message)
-
-    def span(self, start: float, end: float) -> ProgressFn:
-        return lambda f, m: self(start + (end - start) * f, m)
 
 
 def _both(a: BoxMask, b: BoxMask) -> BoxMask:
@@ -57,19 +42,6 @@ def _both(a: BoxMask, b: BoxMask) -> BoxMask:
     if not a or not b:
         return BoxMask.empty(a.shape)
     return BoxMask(a.shape, a.start, a.crop() & b.region(a.start, a.stop))
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" picks CUDA when available; asking for an absent CUDA is a user error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
-    return dev
 
 
 def load_for_inference(model: str | os.PathLike | LoadedModel | None,
@@ -164,7 +136,7 @@ def _resolve_in_model(manifest: Manifest, registry: Registry, name: str) -> Clas
 
 def _cut_off_warning(results: Sequence[ClassResult], reference: sitk.Image) -> None:
     """On a thin scan, name the structures that reach its first or last slice (they go on beyond it)."""
-    from UniversalSegLib.io.geometry import mask_parts
+    from UniversalSegLib.geometry import mask_parts
     from UniversalSegLib.io.image import ThinScanWarning, thin_axis
 
     thin = thin_axis(reference)
@@ -211,8 +183,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     series_uid: for a DICOM folder holding several series, the SeriesInstanceUID to segment (default:
         the CT series with the most slices, named in a `DicomSeriesWarning`).
     """
-    return_large_blocks()  # fixed 32 MB mmap threshold; lower ones save memory but cost time (runtime.py)
-    report = _Progress(progress)
+    report = Monotonic(progress)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     report(0.0, "reading image")

@@ -10,6 +10,8 @@ import os
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from UniversalSegLib.device import resolve_device
+    from UniversalSegLib.runtime import retain_freed_memory
     from UniversalSegLib.train.config import load_config
     from UniversalSegLib.train.run import run_training
 
@@ -23,6 +25,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides["progress"] = False
     config = load_config(args.config, train_overrides=overrides, output=args.output)
+    if resolve_device(config.train.device).type == "cpu":
+        retain_freed_memory()  # no page-fault churn between steps: ~2x faster CPU steps (see runtime.py)
     final = run_training(config, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole job
         print(final)

@@ -28,8 +28,8 @@ import SimpleITK as sitk
 from stacking import stack_above  # this script's directory (sys.path[0], or the tests' path)
 
 from UniversalSegLib.continual.evaluate import dice
+from UniversalSegLib.geometry import full_mask, mask_parts
 from UniversalSegLib.inference.predict import predict
-from UniversalSegLib.io.geometry import full_mask, mask_parts
 from UniversalSegLib.io.preview import write_preview
 from UniversalSegLib.io.stats import compute_statistics, write_statistics
 from UniversalSegLib.store import load_model
