@@ -195,8 +195,7 @@ def test_predict_many_yields_results_and_isolates_bad_cases(cohort):
 def _dicom_study(root: Path) -> None:
     """study/series: a CT series plus a localiser in one folder; study/mr: an MR series."""
     import pydicom
-
-    from UniversalSegLib.io import write_dicom_series
+    from support import write_dicom_series
 
     ct = sitk.ReadImage(str(shared("ct-abdomen", "ct_small.nii.gz")))[20:80, 20:80, :]
     write_dicom_series(ct[:, :, 0:12], root / "series")

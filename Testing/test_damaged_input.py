@@ -126,7 +126,7 @@ def _folder_of_text(tmp: Path) -> Path:
 
 
 def _dicom_slab(tmp: Path, slices: slice) -> Path:
-    from UniversalSegLib.io import write_dicom_series
+    from support import write_dicom_series
 
     write_dicom_series(sitk.ReadImage(str(SAMPLE))[:, :, slices], tmp / "series")
     return tmp / "series"

@@ -363,8 +363,10 @@ def test_foreground_crop_keeps_labels_aligned(tmp_path):
     write(tmp_path / "labels" / "c.nii.gz", liver)
     spec = load(tmp_path, {"format": "plain", "root": str(tmp_path), "label_map": {1: "liver"}})[0]
     image, labels, _ = preprocess_case(spec.cases[0], spec, ["liver"], Preprocessing(spacing=[SPACING] * 3))
-    assert image.shape == (10, 10, 8)  # the body box plus one voxel each side
-    assert np.array_equal(np.argwhere(labels[0]).min(0), [3, 3, 2]) and labels[0].sum() == liver.sum()
+    # Inference's crop rule (geometry.crop_box): the body box grown by 6 mm = 4 voxels of 1.5 mm each side,
+    # within the image: x 6..13 -> 2..17, y 4..11 -> 0..15, z 5..10 -> 1..14.
+    assert image.shape == (16, 16, 14)
+    assert np.array_equal(np.argwhere(labels[0]).min(0), [8 - 2, 6 - 0, 6 - 1]) and labels[0].sum() == liver.sum()
 
 
 # --- names, errors, the demo spec ----------------------------------------------------------------------

@@ -20,6 +20,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from conftest import SAMPLE_DIR
+from support import published_layout
 from torch import nn
 
 from UniversalSegLib.cli import main as cli_main
@@ -28,7 +29,6 @@ from UniversalSegLib.importers.clip_driven_universal import (
     LICENSE,
     build_imported_model,
     import_checkpoint,
-    published_layout,
 )
 from UniversalSegLib.model.genesis_unet import BatchStatsNorm3d, UpStage, upsample_2x
 from UniversalSegLib.model.swin_merging import ReferencePatchMerging
@@ -122,8 +122,8 @@ def test_published_layout_imports_every_tensor(tmp_path, backbone, module, bare_
     assert m.provenance["source_sha256"] == sha256_file(ckpt)
     assert m.provenance["source_file"] == ckpt.name and m.provenance["format"] == "clip-driven-universal"
     p = m.preprocessing
-    assert (p.spacing, p.hu_window, p.patch_size, p.overlap, p.blend, p.threshold) == (
-        [1.5] * 3, [-175.0, 250.0], [96] * 3, 0.5, "gaussian", 0.5)
+    assert (p.spacing, p.hu_window, p.patch_size, p.overlap, p.threshold) == (
+        [1.5] * 3, [-175.0, 250.0], [96] * 3, 0.5, 0.5)
 
     if not run:
         return

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 import torch
 from conftest import SAMPLE_DIR, shared
 from scipy import ndimage
+from support import write_dicom_series
 from torch import nn
 
 from UniversalSegLib.errors import UnknownClassError
@@ -25,6 +26,7 @@ from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.inference.predict import needed_classes, predict
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.restore import SlabRestorer, to_input_grid
+from UniversalSegLib.inference.sliding_window import class_probabilities
 from UniversalSegLib.model.heads import HEAD_PARAMS
 from UniversalSegLib.registry import ClassInfo, default_registry
 from UniversalSegLib.store import LoadedModel, Manifest, Preprocessing, create_model, load_model, save_model
@@ -136,10 +138,9 @@ def test_coarser_model_grid_still_aligns():
 
 
 def test_dicom_series_input(tmp_path):
-    io = pytest.importorskip("UniversalSegLib.io")
-    if not hasattr(io, "write_dicom_series"):
-        pytest.skip("io.write_dicom_series not available")
-    io.write_dicom_series(sitk.DICOMOrient(sample_crop(), "LPS"), tmp_path / "series")
+    from UniversalSegLib import io
+
+    write_dicom_series(sitk.DICOMOrient(sample_crop(), "LPS"), tmp_path / "series")
     result = predict(tmp_path / "series", model=stub_model(3.0), device="cpu")
     image = io.read_image(tmp_path / "series")
     assert_same_grid(result, image)
@@ -277,7 +278,7 @@ def test_one_window_equals_the_models_own_forward(tiny_model):
     volume = np.random.default_rng(1).random((32, 32, 32), dtype=np.float32)
     with torch.inference_mode():
         expected = torch.sigmoid(model(torch.from_numpy(volume)[None, None], [4, 0, 2]))[0].numpy()
-        got = dict(sliding_window.class_probabilities(model, volume, [4, 0, 2], [32] * 3, 0.5, torch.device("cpu")))
+        got = dict(class_probabilities(model, volume, [4, 0, 2], [32] * 3, 0.5, torch.device("cpu")))
     for position in range(3):
         assert np.abs(got[position] - expected[position]).max() < 2e-3
 

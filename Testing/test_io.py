@@ -16,8 +16,10 @@ import SimpleITK as sitk
 import slicerio
 from conftest import shared
 from scipy import ndimage
+from support import write_dicom_series
 
 from UniversalSegLib.errors import InputError
+from UniversalSegLib.geometry import full_mask, ijk_to_lps, mask_parts
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.io import (
     atomic_write,
@@ -26,15 +28,13 @@ from UniversalSegLib.io import (
     merge_label_map,
     read_image,
     write_class_masks,
-    write_dicom_series,
     write_label_map,
     write_outputs,
     write_preview,
     write_seg_nrrd,
 )
 from UniversalSegLib.io import writers as writers_module
-from UniversalSegLib.io.dicomseg import _sorted_sources
-from UniversalSegLib.io.geometry import full_mask, ijk_to_lps, mask_parts
+from UniversalSegLib.io.dicomseg import _sources_by_slice
 from UniversalSegLib.io.image import NonCTWarning
 from UniversalSegLib.io.preview import _lps_view
 from UniversalSegLib.io.segnrrd import pack_layers
@@ -354,7 +354,8 @@ def test_dicom_series_round_trip_and_dicom_seg(abdomen, tmp_path):
     assert [s.TrackingID for s in seg.SegmentSequence] == abdomen.keys
     assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
     uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
-    assert [ds.SOPInstanceUID for ds in _sorted_sources(image, files[::-1])] == uids  # any file order works
+    by_slice = _sources_by_slice(image, files[::-1])  # any file order works
+    assert [by_slice[k].SOPInstanceUID for k in sorted(by_slice)] == uids
     pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=list(range(1, len(abdomen.classes) + 1)),
                                                assert_missing_frames_are_empty=True)
     for n, c in enumerate(abdomen.classes):

@@ -136,13 +136,14 @@ def test_segresnet_backbone_equals_monai_decode(grad):
         assert backbone.net.convInit.conv.weight.grad is not None
 
 
-def test_import_keeps_monai_lean():
-    # MONAI eagerly imports optional extras (transformers, sklearn, ...); UniversalSeg skips them while
-    # MONAI initialises (faster start, less memory) and they stay importable afterwards.
+def test_lean_monai_skips_extras_and_keeps_them_importable():
+    # MONAI eagerly imports optional extras (transformers, sklearn, ...); the `universalseg` command
+    # (cli.main installs `_lean_monai`) skips them while MONAI initialises (faster start, less memory)
+    # and they stay importable afterwards.
     import subprocess
     import sys
 
-    code = ("import sys, UniversalSegLib, monai.networks.nets; "
+    code = ("import sys; from UniversalSegLib import _lean_monai; _lean_monai.install(); import monai.networks.nets; "
             "print(sorted(m for m in ('transformers', 'sklearn', 'matplotlib', 'scipy.signal', 'scipy.stats') "
             "if m in sys.modules)); "
             "import transformers, matplotlib, scipy.signal; print('importable')")
@@ -155,7 +156,7 @@ def test_lean_monai_keeps_the_metrics_we_use():
     import subprocess
     import sys
 
-    code = ("import UniversalSegLib, torch; "
+    code = ("from UniversalSegLib import _lean_monai; _lean_monai.install(); import torch; "
             "from monai.metrics import SurfaceDiceMetric, HausdorffDistanceMetric, DiceMetric; "
             "a = torch.zeros(1, 1, 12, 12, 12); a[..., 3:8, 3:8, 3:8] = 1; b = torch.roll(a, 1, 2); "
             "print(float(SurfaceDiceMetric([0.5], include_background=True)(b, a)), "

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import SyntheticPartialDataset, tiny_model
 
 from UniversalSegLib.errors import UniversalSegError
 from UniversalSegLib.train.checkpoint import (
@@ -22,7 +23,6 @@ from UniversalSegLib.train.checkpoint import (
 from UniversalSegLib.train.config import TrainSettings, load_config, parse_config
 from UniversalSegLib.train.loop import Trainer, lr_factor
 from UniversalSegLib.train.losses import PartialLabelLoss
-from UniversalSegLib.train.synthetic import SyntheticPartialDataset, tiny_model
 from UniversalSegLib.train.validation import score_case
 
 KEYS = ["liver", "spleen", "pancreas"]
@@ -425,11 +425,3 @@ def test_config_errors_name_the_field_in_one_line(tmp_path, change, message):
     assert str(info.value) == message
 
 
-def test_config_preprocessing_section_mirrors_the_model_file():
-    """The config's typed `preprocessing` section has exactly the model file's fields and defaults."""
-    from dataclasses import asdict
-
-    from UniversalSegLib.store import Preprocessing
-    from UniversalSegLib.train.config import PreprocessingSection
-
-    assert PreprocessingSection().model_dump() == asdict(Preprocessing())

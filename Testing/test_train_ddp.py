@@ -19,9 +19,10 @@ SCRIPT = r'''
 import hashlib, json, sys
 import torch
 from UniversalSegLib.train.config import TrainSettings
-from UniversalSegLib.train.distributed import dist_info_from_env, init_distributed, resolve_device, shutdown_distributed
+from UniversalSegLib.device import resolve_device
+from UniversalSegLib.train.distributed import dist_info_from_env, init_distributed, shutdown_distributed
 from UniversalSegLib.train.loop import Trainer
-from UniversalSegLib.train.synthetic import SyntheticPartialDataset, tiny_model
+from support import SyntheticPartialDataset, tiny_model
 
 torch.set_num_threads(1)
 out = sys.argv[1]
@@ -61,7 +62,7 @@ def test_two_cpu_ranks_hold_identical_weights(tmp_path):
     """Acceptance: torchrun --nproc_per_node 2 on CPU (gloo); ranks see different data and end equal."""
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "Testing")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

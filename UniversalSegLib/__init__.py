@@ -9,11 +9,11 @@ Public API (imported lazily so `import UniversalSegLib` stays cheap):
 
 from __future__ import annotations
 
-from UniversalSegLib import _lean_monai
 from UniversalSegLib._lazy import lazy_getattr
 
 __version__ = "0.1.0"
-_lean_monai.install()  # before anything imports MONAI (standard library only, so still cheap)
+# Importing the package changes nothing process-wide: the lean MONAI import (`_lean_monai`) and the
+# allocator tuning (`runtime`) are the `universalseg` command's (cli.main), not a library user's.
 
 _LAZY = {
     "load_model": "UniversalSegLib.store",

@@ -109,7 +109,19 @@ EXTRA_COMMANDS: list[tuple[str, str]] = [
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `universalseg` sub-command; returns the exit code (2 for a user error).
+
+    Process-wide settings are made here, not on `import UniversalSegLib`: the lean MONAI import (before
+    any sub-command imports MONAI) and the allocator tuning the sub-command wants.
+
+    Args:
+        argv: the arguments after the program name (default: sys.argv[1:]).
+    """
+    from UniversalSegLib import _lean_monai, runtime
+
+    _lean_monai.install()
     args = build_parser().parse_args(argv)
+    runtime.tune_for_command(args.command)
     try:
         return args.func(args)
     except UniversalSegError as e:

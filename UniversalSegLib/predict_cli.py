@@ -16,7 +16,7 @@ import json
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,26 +70,6 @@ def _warnings_on_one_line(category: type[Warning] | None = None) -> Iterator[Non
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
-def _json_progress(fraction: float, message: str) -> None:
-    print(json.dumps({"progress": round(fraction, 4), "message": message}), flush=True)
-
-
-class _Bar:
-    """A tqdm bar on stderr driven by (fraction, message) callbacks."""
-
-    def __init__(self) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=1000, file=sys.stderr, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
-
-    def __call__(self, fraction: float, message: str) -> None:
-        self.bar.set_description(message, refresh=False)
-        self.bar.update(max(0, int(fraction * 1000) - self.bar.n))
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _remove_new(outdir: Path, existed: bool, before: set[str]) -> None:
     """Undo this run's traces in `outdir`: the folder if we made it, else the entries we added."""
     if not outdir.exists():
@@ -106,6 +86,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from UniversalSegLib.inference.predict import predict
     from UniversalSegLib.inference.request import PredictSettings, resolve_request
     from UniversalSegLib.io import write_outputs
+    from UniversalSegLib.progress import FractionBar, ProgressFn, json_progress
 
     # every check, once, before any output (the input's own warnings, e.g. which series, on one line each)
     with _warnings_on_one_line(UserWarning):
@@ -116,8 +97,8 @@ def run_predict(args: argparse.Namespace) -> int:
     outdir = request.output
     existed = outdir.exists()
     before = {e.name for e in outdir.iterdir()} if existed else set()
-    bar = None if args.progress_json else _Bar()
-    progress: Callable[[float, str], None] = _json_progress if args.progress_json else bar
+    bar = None if args.progress_json else FractionBar()
+    progress: ProgressFn = json_progress if args.progress_json else bar
     try:
         with _warnings_on_one_line():
             result = predict(request, progress=progress)

@@ -62,3 +62,21 @@ def retain_freed_memory() -> bool:
     ok &= mallopt(_M_TRIM_THRESHOLD, 2**30)  # only give back more than 1 GiB of free top
     ok &= mallopt(_M_TOP_PAD, 64 * 2**20)  # grow the heap in 64 MB steps
     return bool(ok)
+
+
+# Sub-commands that segment CTs: their peak memory matters more than a few percent of time.
+_RETURN_LARGE_BLOCKS = frozenset({"predict", "cohort"})
+
+
+def tune_for_command(command: str) -> None:
+    """The allocator setting of a `universalseg` sub-command (the CLI calls it once, before the work).
+
+    Only the command line tunes the allocator: `import UniversalSegLib` and library calls (`predict`,
+    `run_training`) leave a host process's allocator as they find it. Training tunes itself in its
+    sub-command once the device is known (CPU only: `train/cli.py`).
+
+    Args:
+        command: the sub-command's name, e.g. "predict".
+    """
+    if command in _RETURN_LARGE_BLOCKS:
+        return_large_blocks()  # fixed 32 MB mmap threshold; lower ones save memory but cost time

@@ -8,7 +8,7 @@ sample CT (122 x 101 pixels per slice) and the same resampled to 512 x 512 pixel
 matrix), each as uncompressed int16 slices and JPEG 2000 compressed. Each reader runs `--repeats`
 times; the best time of each is reported (the machine is shared: the minimum is the fairest figure).
 
-    python benchmarks/bench_dicom_read.py [--repeats 3]
+    python -m benchmarks.bench_dicom_read [--repeats 3]    # from the repository root (imports Testing.support)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.uid import JPEG2000Lossless
 
-from UniversalSegLib.io import write_dicom_series
+from Testing.support import write_dicom_series
 from UniversalSegLib.io.dicom_input import find_series, read_stack
 
 REPO = Path(__file__).resolve().parents[1]

@@ -63,7 +63,8 @@ def main() -> int:
     import torch
 
     from UniversalSegLib.continual import extend_model
-    from UniversalSegLib.continual.command import human_progress, parse_new_class
+    from UniversalSegLib.continual.command import parse_new_class
+    from UniversalSegLib.progress import stage_lines
 
     torch.set_num_threads(args.threads)
     if not Path(args.data).exists():
@@ -77,7 +78,7 @@ def main() -> int:
                               warmup_heads_steps=args.warmup_steps, time_budget_s=args.time_budget,
                               patch_size=args.patch_size, naive_baseline=args.naive,
                               retention_images=["sample"] if args.retention else [], device=args.device,
-                              progress=human_progress())
+                              progress=stage_lines())
         wall = time.perf_counter() - t0
     t = report.timing_s
     print(f"base model: {report.parent['name']} ({'tiny random' if args.tiny else args.model}); "

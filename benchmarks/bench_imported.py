@@ -50,11 +50,8 @@ def make_imported_model(backbone: str, folder: Path) -> tuple[Path, float, int]:
     """Published-layout checkpoint with random weights -> our model file. Returns (path, import s, bytes)."""
     import torch
 
-    from UniversalSegLib.importers.clip_driven_universal import (
-        build_imported_model,
-        import_checkpoint,
-        published_layout,
-    )
+    from Testing.support import published_layout
+    from UniversalSegLib.importers.clip_driven_universal import build_imported_model, import_checkpoint
 
     torch.manual_seed(0)
     model = build_imported_model(backbone)
@@ -71,8 +68,10 @@ def child(model: str, image: str, threads: int, fast: bool) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    from UniversalSegLib import runtime
     from UniversalSegLib.inference.predict import predict
 
+    runtime.tune_for_command("predict")  # the allocator setting `universalseg predict` makes (cli.main)
     t = time.perf_counter()
     result = predict(image, model=model, classes=None, device="cpu", fast=fast)
     seconds = time.perf_counter() - t

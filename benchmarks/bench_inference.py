@@ -102,8 +102,9 @@ def _peak_rss_mb() -> float:
 
 
 def run_ours(model: Path, image_path: Path, device: str, sw_batch: int | None) -> dict:
-    from UniversalSegLib import predict
+    from UniversalSegLib import predict, runtime
 
+    runtime.tune_for_command("predict")  # the allocator setting `universalseg predict` makes (cli.main)
     result = predict(image_path, model=model, device=device, sw_batch_size=sw_batch)
     return {"counts": [c.voxel_count for c in result.classes], "stages": {
         k: round(v, 2) for k, v in result.metadata.items() if k.endswith("_s")}}
@@ -115,9 +116,9 @@ def run_baseline(model: Path, image_path: Path, device: str, sw_batch: int | Non
     import torch
     from monai.inferers import sliding_window_inference
 
+    from UniversalSegLib.device import resolve_device
     from UniversalSegLib.inference.masks import BoxMask
     from UniversalSegLib.inference.postprocess import apply_rules, disjoint, disjoint_keys, outside_vessel_keys
-    from UniversalSegLib.inference.predict import resolve_device
     from UniversalSegLib.inference.preprocess import preprocess
     from UniversalSegLib.io import read_image
     from UniversalSegLib.store import load_model
@@ -151,7 +152,7 @@ def run_baseline(model: Path, image_path: Path, device: str, sw_batch: int | Non
 
 
 def run_floor(model: Path, image_path: Path, device: str, sw_batch: int | None) -> dict:
-    from UniversalSegLib.inference.predict import resolve_device
+    from UniversalSegLib.device import resolve_device
     from UniversalSegLib.io import read_image
     from UniversalSegLib.store import load_model
 

@@ -161,9 +161,10 @@ def worker(case: str, image_path: str) -> dict:
     if case == "256":
         counts = _window_and_restore_only(_grown(256), image_path)
     else:
-        from UniversalSegLib import predict
+        from UniversalSegLib import predict, runtime
         from UniversalSegLib.io import write_outputs
 
+        runtime.tune_for_command("predict")  # the allocator setting `universalseg predict` makes (cli.main)
         result = predict(image_path, classes=CASES[case], device="cpu")
         keep = os.environ.get("BENCH_STAGES_KEEP")  # the driver's --keep: outputs stay there
         with tempfile.TemporaryDirectory() as tmp:

@@ -39,10 +39,10 @@ def measure(args: argparse.Namespace, datasets: int, accumulate: bool) -> dict:
     import psutil
     import torch
 
+    from Testing.support import SyntheticPartialDataset, tiny_model
     from UniversalSegLib.registry import default_registry
     from UniversalSegLib.train.config import TrainSettings
     from UniversalSegLib.train.loop import Trainer
-    from UniversalSegLib.train.synthetic import SyntheticPartialDataset, tiny_model
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

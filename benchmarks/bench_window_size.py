@@ -30,7 +30,7 @@ from UniversalSegLib.store import load_model
 size, image, labels = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 t = time.perf_counter()
 model = load_model(None)
-model.manifest.preprocessing = dataclasses.replace(model.manifest.preprocessing, patch_size=[size] * 3)
+model.manifest.preprocessing = model.manifest.preprocessing.model_copy(update={"patch_size": [size] * 3})
 result = predict(image, model, device="cpu")
 seconds = time.perf_counter() - t
 peak_kb = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])

@@ -31,8 +31,8 @@ from UniversalSegLib.continual.evaluate import dice
 from UniversalSegLib.data.stacking import stack_above  # the recipe's `stack` composite
 from UniversalSegLib.evaluation.variants import centred_slab, pad_plane, resample, slab
 from UniversalSegLib.evaluation.variants import mid_slice as mid_slice_of_ids
+from UniversalSegLib.geometry import full_mask, mask_parts
 from UniversalSegLib.inference.predict import predict
-from UniversalSegLib.io.geometry import full_mask, mask_parts
 from UniversalSegLib.io.preview import write_preview
 from UniversalSegLib.io.stats import compute_statistics, write_statistics
 from UniversalSegLib.store import load_model

@@ -83,7 +83,8 @@ def _run(args: argparse.Namespace, out: Path, discovery) -> int:
 
     from UniversalSegLib.cohort.runner import CohortRunner
     from UniversalSegLib.cohort.table import CohortTable
-    from UniversalSegLib.train.distributed import barrier, dist_info_from_env, resolve_device, shutdown_distributed
+    from UniversalSegLib.device import resolve_device
+    from UniversalSegLib.train.distributed import barrier, dist_info_from_env, shutdown_distributed
 
     start = time.perf_counter()
     info = dist_info_from_env()

@@ -8,9 +8,10 @@ JSON lines follow the protocol the Slicer module reads from `universalseg predic
 
 from __future__ import annotations
 
-import json
 import sys
 import time
+
+from UniversalSegLib.progress import bar, json_progress
 
 _JSON_EVERY_S = 0.5  # inner progress of a case is thinned out; case boundaries always print
 
@@ -28,10 +29,8 @@ class CohortProgress:
         self.done, self.fraction, self.start, self.last_line = 0, 0.0, time.monotonic(), 0.0
         self.bar = None
         if not json_lines:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, file=sys.stderr, unit="case", dynamic_ncols=True,
-                            bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]{postfix}")
+            self.bar = bar(total=total, unit="case",
+                           bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]{postfix}")
             self._describe()
 
     def eta_s(self) -> float | None:
@@ -69,8 +68,8 @@ class CohortProgress:
     def _line(self, message: str) -> None:
         self.last_line = time.monotonic()
         eta = self.eta_s()
-        print(json.dumps({"progress": round(self.fraction, 4), "message": message, "cases_done": self.done,
-                          "cases_total": self.total, "eta_s": None if eta is None else round(eta, 1)}), flush=True)
+        json_progress(self.fraction, message, cases_done=self.done, cases_total=self.total,
+                      eta_s=None if eta is None else round(eta, 1))
 
     def close(self) -> None:
         if self.bar is not None:

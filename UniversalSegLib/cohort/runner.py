@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +35,8 @@ from UniversalSegLib.cohort.record import (
 )
 from UniversalSegLib.errors import InputError, UniversalSegError
 from UniversalSegLib.inference.result import SegmentationResult
+from UniversalSegLib.progress import ProgressFn
 
-ProgressFn = Callable[[float, str], None]
 OK, SKIPPED, REFUSED, FAILED = "ok", "skipped", "refused", "failed"
 
 
@@ -110,7 +110,7 @@ class CohortRunner:
     def __init__(self, model: Any = None, classes: Sequence[str] | None = None, *, device: Any = "auto",
                  fast: bool = False, formats: str | Sequence[str] | None = None, allow_non_ct: bool = False,
                  output: str | os.PathLike | None = None):
-        from UniversalSegLib.inference.predict import resolve_device
+        from UniversalSegLib.device import resolve_device
         from UniversalSegLib.inference.request import needed_classes
         from UniversalSegLib.io import parse_formats
         from UniversalSegLib.store import LoadedModel, find_model, read_manifest

@@ -11,11 +11,9 @@ the wizard sends); --group / --parent / --synonym fill in what a class leaves un
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 EXIT_CANCELLED = 3
@@ -75,22 +73,6 @@ def new_class_specs(args: argparse.Namespace) -> list[dict]:
             + [parse_new_class(text, *defaults) for text in args.new_class or []])
 
 
-def _emit(obj: dict) -> None:
-    print(json.dumps(obj), flush=True)
-
-
-def human_progress() -> Callable[[float, str], None]:
-    last = {"message": None}
-
-    def show(fraction: float, message: str) -> None:
-        head = message.split(":")[0]
-        if head != last["message"]:
-            print(f"[{fraction:5.1%}] {message}", file=sys.stderr, flush=True)
-            last["message"] = head
-
-    return show
-
-
 def _cmd_extend(args: argparse.Namespace) -> int:
     cancel = threading.Event()
     if threading.current_thread() is threading.main_thread():  # signals can only be set there
@@ -107,13 +89,14 @@ def _cmd_extend(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, cancel: threading.Event) -> int:
     from UniversalSegLib.continual import ExtensionCancelled, extend_model
     from UniversalSegLib.errors import UniversalSegError
+    from UniversalSegLib.progress import json_line, json_progress, stage_lines
 
     retention = [] if args.retention_image == ["none"] else (args.retention_image or ["sample"])
     if args.progress_json:
-        progress = lambda f, m: _emit({"progress": round(f, 4), "message": m})  # noqa: E731
-        on_step = lambda s, loss: _emit({"loss": round(loss, 5), "step": s})  # noqa: E731
+        progress = json_progress
+        on_step = lambda s, loss: json_line(loss=round(loss, 5), step=s)  # noqa: E731
     else:
-        progress, on_step = human_progress(), None
+        progress, on_step = stage_lines(), None
     try:
         report = extend_model(
             args.model, new_class_specs(args), args.data, args.output, train=args.train,
@@ -124,17 +107,17 @@ def _run(args: argparse.Namespace, cancel: threading.Event) -> int:
             seed=args.seed, overwrite=args.overwrite, progress=progress, on_step=on_step, cancel=cancel)
     except ExtensionCancelled as e:
         if args.progress_json:
-            _emit({"done": False, "cancelled": True, "error": str(e)})
+            json_line(done=False, cancelled=True, error=str(e))
         print(f"universalseg: {e}", file=sys.stderr)
         return EXIT_CANCELLED
     except UniversalSegError as e:
         if args.progress_json:
-            _emit({"done": False, "error": str(e)})
+            json_line(done=False, error=str(e))
         raise
     if args.report:
         report.write(args.report)
     if args.progress_json:
-        _emit({"done": True, "model": report.model_path, "report": report.to_dict()})
+        json_line(done=True, model=report.model_path, report=report.to_dict())
     else:
         print(report.summary())
     return 0

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Union
 
 from UniversalSegLib.errors import UniversalSegError
+from UniversalSegLib.progress import ProgressFn, within
 
-ProgressFn = Callable[[float, str], None]
 StepFn = Callable[[int, float], None]
 Cancel = Union[threading.Event, Callable[[], bool], None]
 
@@ -37,16 +37,16 @@ class Reporter:
     def __init__(self, progress: ProgressFn | None, on_step: StepFn | None, cancel: Cancel):
         self._progress, self._on_step = progress, on_step
         self.cancelled = cancel_checker(cancel)
-        self._lo, self._hi = 0.0, 1.0
+        self._stage = progress
 
     def stage(self, lo: float, hi: float) -> None:
         """Subsequent `update(fraction)` calls map into [lo, hi] of the whole run."""
-        self._lo, self._hi = lo, hi
+        self._stage = within(self._progress, lo, hi) if self._progress is not None else None
 
     def update(self, fraction: float, message: str) -> None:
         self.check()
-        if self._progress is not None:
-            self._progress(self._lo + (self._hi - self._lo) * min(max(fraction, 0.0), 1.0), message)
+        if self._stage is not None:
+            self._stage(fraction, message)
 
     def step(self, step: int, loss: float) -> None:
         if self._on_step is not None:

@@ -43,6 +43,7 @@ from UniversalSegLib.continual.pseudo import PseudoLabelCache
 from UniversalSegLib.continual.report import ExtensionReport
 from UniversalSegLib.continual.trainable import check_mode
 from UniversalSegLib.continual.trainer import TrainPlan, build_pool, score_rows, train_heads, train_main
+from UniversalSegLib.device import resolve_device
 from UniversalSegLib.errors import InputError, ModelFileError
 from UniversalSegLib.model import PerClassLPG, UniversalModel
 from UniversalSegLib.registry import ClassInfo, Registry, default_registry
@@ -93,15 +94,6 @@ def _resolve_steps(steps: int | None, epochs: float | None, time_budget_s: float
             raise InputError("steps must be >= 0")
         return int(steps)
     return 10**9 if time_budget_s is not None else DEFAULT_STEPS
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"unknown device {device!r}: {e}") from None
 
 
 def _patch_size(patch_size: Sequence[int] | None, manifest: Manifest, multiple: int) -> tuple[int, int, int]:
@@ -359,7 +351,7 @@ def extend_model(base: str | Path | LoadedModel, new_classes: Sequence[ClassSpec
     new = make_new_classes(new_classes, loaded.manifest)
     emb = embed_new_classes(new, loaded.manifest, loaded.model.class_embeddings.shape[1], text_encoder)
     registry = _extended_registry(loaded.manifest, new)
-    dev = _device(device)
+    dev = resolve_device(device)
     plan = TrainPlan(mode=train, warmup_steps=warmup_heads_steps, lr=lr, head_lr=head_lr, batch_size=batch_size,
                      patch_size=_patch_size(patch_size, loaded.manifest, loaded.model.patch_multiple),
                      pool_size=pool_size, old_classes_per_step=old_classes_per_step, loss_voxels=loss_voxels,

@@ -1,8 +1,8 @@
 """Preprocessing of training cases, and an on-disk cache so epochs never re-resample a volume.
 
 `preprocess_case` turns one case into arrays on the model's grid: RAS, `spacing` mm (image linear,
-labels nearest), HU clipped to `hu_window` and scaled to [0, 1], cropped to the body (HU above the
-window's lower bound), and a multi-hot target in the model's class order with the papers' rules.
+labels nearest), HU clipped to `hu_window` and scaled to [0, 1], cropped to the body as inference crops
+it (`geometry.crop_box`), and a multi-hot target in the model's class order with the papers' rules.
 
 `PreprocessedCache` keeps one folder per (case files, labels, annotated classes, preprocessing, class
 keys): image.npy (float16), labels.npy (annotated channels bit-packed, uint8), locations.npz (sampled
@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -34,18 +32,19 @@ import numpy as np
 
 from UniversalSegLib.data.labels import apply_label_rules, pair_sides
 from UniversalSegLib.data.spec import Case, DatasetSpec, LabelMapSource, MaskSource, StackedCase
-from UniversalSegLib.data.volume import ModelGrid, read_ct, read_label
+from UniversalSegLib.data.volume import CaseGrid, read_ct, read_label
 from UniversalSegLib.errors import InputError
+from UniversalSegLib.io.atomic import atomic_dir
+from UniversalSegLib.progress import CountFn
 from UniversalSegLib.registry import Registry, default_registry, safe_file_name
 
 if TYPE_CHECKING:  # importing the store pulls in the models; pool workers should stay light
     from UniversalSegLib.store.manifest import Preprocessing
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the body crop is inference's (-500 HU, 6 mm margin), no longer the HU window's low end
 LOCATIONS_PER_CLASS = 4096
 _STALE_TMP_SECONDS = 24 * 3600
 
-Progress = Callable[[int, int, str], None]
 
 
 # --- preprocessing --------------------------------------------------------------------------------
@@ -62,7 +61,7 @@ def _relevant_keys(annotated: set[str], registry: Registry, keys: Iterable[str])
     return out
 
 
-def _source_masks(case: Case, grid: ModelGrid, relevant: set[str]) -> dict[str, np.ndarray]:
+def _source_masks(case: Case, grid: CaseGrid, relevant: set[str]) -> dict[str, np.ndarray]:
     masks: dict[str, np.ndarray] = {}
 
     def add(key: str, mask: np.ndarray) -> None:
@@ -80,7 +79,7 @@ def _source_masks(case: Case, grid: ModelGrid, relevant: set[str]) -> dict[str, 
     return masks
 
 
-def structure_map(case: Case, spec: DatasetSpec, grid: ModelGrid) -> np.ndarray:
+def structure_map(case: Case, spec: DatasetSpec, grid: CaseGrid) -> np.ndarray:
     """The case's anatomy as an int16 structure map on `grid` (synth.build_structure_map), from its label
     files: with `spec.structure_ids == "totalsegmentator"` a label map's values are TotalSegmentator v2
     ids, used as they are (every structure, annotated or not); otherwise each labelled class's id."""
@@ -156,9 +155,9 @@ def preprocess_annotated(case: Case, spec: DatasetSpec, class_keys: list[str], p
     if str(preprocessing.orientation).upper() != "RAS":
         raise InputError(f"training preprocessing supports orientation RAS only, not {preprocessing.orientation!r}")
     lo, hi = (float(v) for v in preprocessing.hu_window)
-    # The crop box is the body (HU above the window's low end), found before resampling so every label
-    # volume goes through one cheap crop; new border voxels get `lo`, i.e. 0 after scaling.
-    grid = ModelGrid(read_ct(case.image), preprocessing.spacing, lo if preprocessing.foreground_crop else None)
+    # The crop box is the body as inference finds it (geometry.crop_box), found before resampling so every
+    # label volume goes through one cheap crop; new border voxels get `lo`, i.e. 0 after scaling.
+    grid = CaseGrid(read_ct(case.image), preprocessing.spacing, bool(preprocessing.foreground_crop))
     image = grid.image(default_hu=lo)
     image = ((np.clip(image, lo, hi) - lo) / (hi - lo)).astype(np.float16)
 
@@ -302,10 +301,9 @@ class CachedCase:
 
 def _write_entry(final: Path, image: np.ndarray, stack: np.ndarray, channels: list[int], meta: dict,
                  structure: np.ndarray | None = None) -> None:
-    """Write all files into a temporary folder beside `final`, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
+    """Write all files into a temporary folder beside `final`, then rename it into place (another process
+    that wrote the same entry first wins: its arrays may already be memory-mapped by a reader)."""
+    with atomic_dir(final, replace=False) as tmp:
         np.save(tmp / "image.npy", image)
         np.save(tmp / "labels.npy", np.packbits(stack, axis=0))
         if structure is not None:
@@ -313,15 +311,8 @@ def _write_entry(final: Path, image: np.ndarray, stack: np.ndarray, channels: li
         rng = np.random.default_rng(int(meta["key"][:8], 16))
         np.savez(tmp / "locations.npz", **_locations(stack, rng))
         (tmp / "meta.json").write_text(json.dumps({**meta, "channels": channels, "shape": list(image.shape)}))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():  # not just another process winning the race
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if not (final / "meta.json").is_file():  # a folder in the way that is no complete entry
+        raise InputError(f"cache entry {final} is incomplete; remove it and run again")
 
 
 def _plain(preprocessing: Preprocessing) -> SimpleNamespace:
@@ -369,7 +360,7 @@ class PreprocessedCache:
         return CachedCase.open(path)
 
     def ensure(self, specs: list[DatasetSpec], class_keys: list[str], preprocessing: Preprocessing,
-               progress: Progress | None = None, workers: int = 0) -> int:
+               progress: CountFn | None = None, workers: int = 0) -> int:
         """Preprocess every case of `specs` that has no entry yet; returns how many were computed.
 
         `workers` > 1 runs a process pool; `progress(done, total, case_id)` is called after each case.

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from UniversalSegLib.data.cache import CachedCase, PreprocessedCache, Progress
+from UniversalSegLib.data.cache import CachedCase, PreprocessedCache
 from UniversalSegLib.data.spec import DatasetSpec
 from UniversalSegLib.data.transforms import training_transforms
 from UniversalSegLib.errors import InputError
+from UniversalSegLib.progress import CountFn
 
 if TYPE_CHECKING:
     from UniversalSegLib.store.manifest import Preprocessing
@@ -154,7 +155,7 @@ def build_training_dataset(specs: list[DatasetSpec], class_keys: list[str], prep
                            cache_dir: str | Path, sampling: str = "uniform", patch_size: Sequence[int] | None = None,
                            samples_per_epoch: int = 250, seed: int = 0, transforms: Callable | bool | None = None,
                            *, fg_fraction: float = 2 / 3, prepare: bool = True, workers: int = 0,
-                           progress: Progress | None = None, label_dtype: torch.dtype = torch.float32,
+                           progress: CountFn | None = None, label_dtype: torch.dtype = torch.float32,
                            structure_maps: bool = False) -> PatchDataset:
     """Fill the cache (all cases, training and held out, unless `prepare` is False) and return the
     patch dataset over the training cases.
@@ -213,7 +214,7 @@ class ValidationCases:
 
 def build_validation_cases(specs: list[DatasetSpec], class_keys: list[str], preprocessing: Preprocessing,
                            cache_dir: str | Path, which: str = "val", *, prepare: bool = True,
-                           workers: int = 0, progress: Progress | None = None) -> ValidationCases:
+                           workers: int = 0, progress: CountFn | None = None) -> ValidationCases:
     """The held-out cases (`which="val"`), the training cases ("train") or all of them ("all")."""
     if which not in ("val", "train", "all"):
         raise InputError(f"which must be val, train or all, not {which!r}")

@@ -1,9 +1,9 @@
 """Training volumes on the model grid, with the same geometry code as inference (`UniversalSegLib.geometry`).
 
 Images and label files are read with SimpleITK (a DICOM folder through `io.image.read_image`); labels
-stored on another grid than their image are brought onto it. `ModelGrid` then applies one
-reorientation (RAS), crop and resampling to the image and to every label volume, so all arrays come
-out in the (x, y, z) model layout on one grid.
+stored on another grid than their image are brought onto it. `CaseGrid` then applies one
+reorientation (RAS), crop (inference's body box, `geometry.crop_box`) and resampling to the image
+and to every label volume, so all arrays come out in the (x, y, z) model layout on one grid.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from UniversalSegLib.errors import InputError
-from UniversalSegLib.geometry import array_xyz, resample_to_spacing, to_ras
+from UniversalSegLib.geometry import array_xyz, crop_box, resample_to_spacing, to_ras
 
 
 def read_ct(path: Path) -> sitk.Image:
@@ -58,25 +58,15 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
             and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
 
 
-def body_box(image_ras: sitk.Image, threshold: float) -> tuple[slice, slice, slice]:
-    """(x, y, z) bounding box, one voxel of margin, of voxels above `threshold` (all of it if none)."""
-    above = sitk.GetArrayViewFromImage(image_ras) > threshold  # (z, y, x)
-    box = []
-    for axis, n in enumerate(image_ras.GetSize()):
-        hit = np.flatnonzero(above.any(axis=tuple(a for a in range(3) if a != 2 - axis)))
-        box.append(slice(max(0, int(hit[0]) - 1), min(n, int(hit[-1]) + 2)) if hit.size else slice(0, n))
-    return tuple(box)
+class CaseGrid:
+    """The model grid of one training case: RAS, cropped by `geometry.crop_box` (the rule inference uses),
+    resampled to `spacing` mm; the image and each of its label volumes go through the same steps."""
 
-
-class ModelGrid:
-    """The preprocessed grid of one image: RAS, cropped to `box`, resampled to `spacing` mm."""
-
-    def __init__(self, image: sitk.Image, spacing, crop_threshold: float | None):
+    def __init__(self, image: sitk.Image, spacing, foreground_crop: bool):
         self.source = image
         self.spacing = tuple(float(s) for s in spacing)
         self.ras = ras = to_ras(image)
-        whole = tuple(slice(0, n) for n in ras.GetSize())
-        self.box = body_box(ras, crop_threshold) if crop_threshold is not None else whole
+        self.box = crop_box(ras, foreground_crop)
 
     def _apply(self, image: sitk.Image, interpolator, default: float) -> sitk.Image:
         ras = self.ras if image is self.source else to_ras(image)

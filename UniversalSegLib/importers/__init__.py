@@ -11,7 +11,6 @@ _LAZY = {
     "import_checkpoint": "UniversalSegLib.importers.clip_driven_universal",
     "read_checkpoint_state": "UniversalSegLib.importers.clip_driven_universal",
     "map_state_dict": "UniversalSegLib.importers.clip_driven_universal",
-    "published_layout": "UniversalSegLib.importers.clip_driven_universal",
 }
 
 

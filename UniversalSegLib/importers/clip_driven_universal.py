@@ -60,10 +60,10 @@ BACKBONES = {
 
 
 def published_preprocessing() -> Preprocessing:
-    """The authors' inference settings: RAS, 1.5 mm, HU [-175, 250], 96^3 windows, overlap 0.5, Gaussian."""
+    """The authors' inference settings: RAS, 1.5 mm, HU [-175, 250], 96^3 windows, overlap 0.5 (Gaussian
+    blending, as our sliding window always blends)."""
     return Preprocessing(orientation="RAS", spacing=[1.5, 1.5, 1.5], hu_window=[-175.0, 250.0],
-                         patch_size=[96, 96, 96], foreground_crop=True, overlap=0.5, blend="gaussian",
-                         threshold=0.5)
+                         patch_size=[96, 96, 96], foreground_crop=True, overlap=0.5, threshold=0.5)
 
 
 def _weights_only_reason(error: Exception) -> str:
@@ -118,18 +118,6 @@ def _ours_to_published(name: str, spec: BackboneSpec) -> str:
         if name.startswith(ours):
             return theirs + name.removeprefix(ours)
     return name
-
-
-def published_layout(state: Mapping[str, torch.Tensor], backbone: str) -> dict[str, torch.Tensor]:
-    """Our state dict spelled as the published file spells it (`module.`, bare Swin names): for tests and benchmarks."""
-    spec = BACKBONES[backbone]
-    out = {}
-    for name, value in state.items():
-        theirs = _ours_to_published(name, spec)
-        if spec.bare_names is not None and spec.bare_names.match(theirs.removeprefix("backbone.")):
-            theirs = theirs.removeprefix("backbone.")
-        out["module." + theirs] = value
-    return out
 
 
 def _listing(names: list[str]) -> str:

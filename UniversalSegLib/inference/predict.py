@@ -12,13 +12,13 @@ import inspect
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from UniversalSegLib.errors import InputError
+from UniversalSegLib.device import resolve_device
 from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.request import (  # noqa: F401 - needed_classes: also imported from here
@@ -32,41 +32,12 @@ from UniversalSegLib.inference.restore import SlabRestorer
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.inference.rules import Postprocessing
 from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16, probability_slabs
-from UniversalSegLib.runtime import return_large_blocks
+from UniversalSegLib.progress import Monotonic, ProgressFn
 from UniversalSegLib.store import LoadedModel
 
-ProgressFn = Callable[[float, str], None]
 FAST_OVERLAP = 0.25
 # Shares of the progress bar per stage (sliding window dominates).
 _READ, _PREP, _WINDOWS, _POST = 0.02, 0.06, 0.92, 0.99
-
-
-class _Progress:
-    """Forwards (fraction, message) to the user's callback, never going backwards."""
-
-    def __init__(self, callback: ProgressFn | None):
-        self.callback, self.last = callback, 0.0
-
-    def __call__(self, fraction: float, message: str) -> None:
-        self.last = max(self.last, min(1.0, fraction))
-        if self.callback:
-            self.callback(self.last, message)
-
-    def span(self, start: float, end: float) -> ProgressFn:
-        return lambda f, m: self(start + (end - start) * f, m)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" picks CUDA when available; asking for an absent CUDA is a user error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
-    return dev
 
 
 def load_for_inference(model: str | os.PathLike | LoadedModel | None,
@@ -82,7 +53,7 @@ def load_for_inference(model: str | os.PathLike | LoadedModel | None,
 
 def _cut_off_warning(results: Sequence[ClassResult], reference: sitk.Image) -> None:
     """On a thin scan, name the structures that reach its first or last slice (they go on beyond it)."""
-    from UniversalSegLib.io.geometry import mask_parts
+    from UniversalSegLib.geometry import mask_parts
     from UniversalSegLib.io.image import ThinScanWarning, thin_axis
 
     thin = thin_axis(reference)
@@ -132,8 +103,7 @@ def predict(image: str | os.PathLike | sitk.Image | PredictRequest,
     series_uid: for a DICOM folder holding several series, the SeriesInstanceUID to segment (default:
         the CT series with the most slices, named in a `DicomSeriesWarning`).
     """
-    return_large_blocks()  # fixed 32 MB mmap threshold; lower ones save memory but cost time (runtime.py)
-    report = _Progress(progress)
+    report = Monotonic(progress)
     report(0.0, "reading image")
     if isinstance(image, PredictRequest):
         _only_progress_beside_a_request(locals())
@@ -154,7 +124,7 @@ def _only_progress_beside_a_request(arguments: dict) -> None:
         raise TypeError(f"predict(request) takes its settings from the request; also given: {', '.join(given)}")
 
 
-def _run(request: PredictRequest, report: _Progress) -> SegmentationResult:
+def _run(request: PredictRequest, report: Monotonic) -> SegmentationResult:
     """`predict` for a resolved request."""
     t0 = time.perf_counter()
     reference, loaded, dev, settings = request.image, request.model, request.device, request.settings

@@ -20,6 +20,7 @@ from pathlib import Path
 import SimpleITK as sitk
 import torch
 
+from UniversalSegLib.device import resolve_device
 from UniversalSegLib.errors import ClassNotInModelError, InputError, UniversalSegWarning, UnknownClassError
 from UniversalSegLib.inference.rules import helper_keys
 from UniversalSegLib.io.image import ImageSource
@@ -87,8 +88,6 @@ def resolve_request(image: str | os.PathLike | sitk.Image, model: str | os.PathL
         settings: how `predict` runs.
     Raises InputError, ModelFileError or UnknownClassError (one line each) for anything that cannot work.
     """
-    from UniversalSegLib.inference.predict import resolve_device
-
     start = time.perf_counter()
     outdir = Path(output).expanduser() if output is not None else None
     if outdir is not None and outdir.exists() and not outdir.is_dir():

@@ -315,7 +315,7 @@ def probability_slabs(model: UniversalModel, volume: np.ndarray, classes: Sequen
 def class_probabilities(model: UniversalModel, volume: np.ndarray, classes: Sequence[int], patch: Sequence[int],
                         overlap: float, device: torch.device, **kwargs) -> Iterator[tuple[int, np.ndarray]]:
     """(position in `classes`, float32 probability (x, y, z) on the model grid) per class, assembled from
-    `probability_slabs` (holds a whole class chunk at once: for tests and small volumes)."""
+    `probability_slabs` (holds a whole class chunk at once: for validation cases and small volumes)."""
     pending: dict[int, list[np.ndarray]] = {}
     for slab in probability_slabs(model, volume, classes, patch, overlap, device, **kwargs):
         pending.setdefault(slab.position, []).append(slab.values)

@@ -62,15 +62,37 @@ def replace_dir(src: Path, dst: Path) -> None:
     _remove(old)
 
 
+def publish(staged: Path, final: Path) -> Path:
+    """Move a finished file or folder into place, replacing what was there; returns `final`."""
+    if staged.is_dir():
+        replace_dir(staged, final)
+    else:
+        os.replace(staged, final)
+    return final
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; on success it replaces `path`, on failure it is deleted."""
+def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success it becomes `path`, on failure it is deleted.
+
+    Args:
+        path: the folder to write.
+        replace: True: an existing `path` is replaced. False: the first writer wins; if `path` exists
+            by the time this one finishes (another process wrote it), this one's folder is dropped.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path, "tmp")
     tmp.mkdir()
     try:
         yield tmp
-        replace_dir(tmp, path)
+        if replace:
+            replace_dir(tmp, path)
+        else:
+            try:
+                os.rename(tmp, path)  # refuses an existing non-empty folder: never half of two entries
+            except OSError:
+                if not path.is_dir():  # not just another writer winning the race
+                    raise
     finally:
         _remove(tmp)

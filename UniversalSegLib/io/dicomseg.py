@@ -19,10 +19,10 @@ import SimpleITK as sitk
 
 from UniversalSegLib import __version__
 from UniversalSegLib.errors import InputError
+from UniversalSegLib.geometry import check_masks, grid_shape, mask_parts
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.io.atomic import atomic_write
 from UniversalSegLib.io.dicom_input import DicomStack, dicom_seg_problem, sop_class_uid, source_headers
-from UniversalSegLib.io.geometry import check_masks, grid_shape, mask_parts
 
 ALGORITHM_NAME = "UniversalSeg"
 _FALLBACK_CATEGORY = ("SCT", "123037004", "Anatomical Structure")
@@ -86,12 +86,6 @@ def _sources_by_slice(reference: sitk.Image, source: Sequence[Path] | DicomStack
             ds.SOPClassUID = sop_class_uid(ds)  # anonymisers often leave only the file meta's copy
         by_slice[int(round(k))] = ds
     return by_slice
-
-
-def _sorted_sources(reference: sitk.Image, files: Sequence[Path]) -> list[pydicom.Dataset]:
-    """Source datasets (headers only) ordered by the reference's slice index k."""
-    by_slice = _sources_by_slice(reference, files)
-    return [by_slice[k] for k in sorted(by_slice)]
 
 
 def write_dicom_seg(result: SegmentationResult, path: str | os.PathLike,

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from UniversalSegLib.geometry import Slices, array_on_grid, check_masks, grid_shape, mask_parts
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.io.atomic import atomic_dir, atomic_write
-from UniversalSegLib.io.geometry import Slices, array_on_grid, check_masks, grid_shape, mask_parts
 from UniversalSegLib.registry import safe_file_name
 
 # Painting tiers of the merged label map, first painted first (later tiers overwrite).

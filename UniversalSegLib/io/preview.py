@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from UniversalSegLib.geometry import check_masks, full_mask, grid_shape, mask_parts
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.io.atomic import atomic_write
-from UniversalSegLib.io.geometry import check_masks, full_mask, grid_shape, mask_parts
 
 WINDOW_HU = (-160.0, 240.0)  # soft-tissue window (level 40, width 400)
 FILL_ALPHA = 0.35

@@ -15,9 +15,9 @@ import numpy as np
 import slicerio
 from slicerio.segmentation import terminology_entry_from_string
 
+from UniversalSegLib.geometry import Slices, check_masks, grid_shape, ijk_to_lps, mask_parts
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.io.atomic import atomic_write
-from UniversalSegLib.io.geometry import Slices, check_masks, grid_shape, ijk_to_lps, mask_parts
 
 # gzip level 1 is several times faster than slicerio's default 9 and barely larger on binary layers.
 COMPRESSION_LEVEL = 1

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from UniversalSegLib.geometry import Slices, check_masks, mask_parts
 from UniversalSegLib.inference.result import SegmentationResult
 from UniversalSegLib.io.atomic import atomic_write
-from UniversalSegLib.io.geometry import Slices, check_masks, mask_parts
 
 COLUMNS = ("key", "name", "group", "voxel_count", "volume_ml", "mean_hu", "std_hu", "mean_confidence",
            "low_confidence", "touches_border", "empty", "reason")

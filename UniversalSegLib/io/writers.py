@@ -13,7 +13,7 @@ from pathlib import Path
 
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.result import SegmentationResult
-from UniversalSegLib.io.atomic import replace_dir
+from UniversalSegLib.io.atomic import publish
 from UniversalSegLib.io.destination import check_destination, destination_error, remove_stale_staging, staging_folder
 from UniversalSegLib.io.dicom_input import DicomStack, dicom_seg_problem
 from UniversalSegLib.io.dicomseg import write_dicom_seg
@@ -118,7 +118,7 @@ def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats
         with capture_itk_output():  # ITK writers print warnings from C++: they become ITKWarnings
             for name in names:
                 staged.update(writers[name]())
-        return {name: _publish(path, outdir / path.name) for name, path in staged.items()}
+        return {name: publish(path, outdir / path.name) for name, path in staged.items()}
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         if created and outdir.exists() and not any(outdir.iterdir()):
@@ -131,9 +131,4 @@ def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _publish(staged: Path, final: Path) -> Path:
-    if staged.is_dir():
-        replace_dir(staged, final)
-    else:
-        os.replace(staged, final)
-    return final
+

@@ -111,7 +111,3 @@ def build_backbone(name: str, config: dict[str, Any] | None = None) -> Backbone:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
     return BACKBONES[name](**(config or {}))
-
-
-# Backbones defined in their own modules register themselves on import.
-from UniversalSegLib.model import genesis_unet  # noqa: E402, F401

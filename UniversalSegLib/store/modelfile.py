@@ -11,16 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from UniversalSegLib.errors import ModelFileError
+from UniversalSegLib.io.atomic import atomic_dir, atomic_write
 from UniversalSegLib.store.folder import check_plain_name, inside_path, open_inside
 from UniversalSegLib.store.integrity import RECORD_KEY, check_record, covered, make_record
-from UniversalSegLib.store.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
+from UniversalSegLib.store.manifest import DEFAULT_WEIGHTS_FILE, FORMAT_NAME, FORMAT_VERSION, Manifest
 
 if TYPE_CHECKING:  # torch and the model load only when a model is built: listing models stays fast
     import torch
@@ -78,9 +77,7 @@ def save_model(model: UniversalModel, manifest: Manifest, directory: str | Path,
     if directory.exists() and not overwrite:
         raise ModelFileError(f"{directory} already exists; choose another name or remove it")
     check_plain_name(manifest.weights_file, "weights_file", str(directory))
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:  # a reader sees the old folder or the whole new one
         dtype = getattr(torch, weights_dtype)
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
                    for k, v in model.state_dict().items()}
@@ -92,12 +89,6 @@ def save_model(model: UniversalModel, manifest: Manifest, directory: str | Path,
         stamped = stamp(manifest.to_dict())
         manifest.integrity = stamped[RECORD_KEY]
         (tmp / MANIFEST_FILE).write_text(manifest_text(stamped), encoding="utf-8")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -182,7 +173,7 @@ def read_manifest_dict(directory: Path) -> dict:
     if not isinstance(data.get("format_version", 0), int) or data.get("format_version", 0) > FORMAT_VERSION:
         raise ModelFileError(f"{where}: model format {data.get('format_version')!r} is newer than this UniversalSeg "
                              f"understands ({FORMAT_VERSION}); please update UniversalSeg")
-    check_plain_name(data.get("weights_file", Manifest.weights_file), "weights_file", where)
+    check_plain_name(data.get("weights_file", DEFAULT_WEIGHTS_FILE), "weights_file", where)
     return data
 
 
@@ -367,15 +358,13 @@ def rehash_model(name_or_path: str | Path, new_weights: bool = False) -> tuple[P
         new_weights: accept weights that differ from the manifest's recorded SHA-256 (else refused:
             that is what a corrupted or replaced weights file looks like).
     """
-    from UniversalSegLib.io.atomic import atomic_write
-
     directory = find_model(name_or_path)
     data = read_manifest_dict(directory)
     try:
         Manifest.from_dict(data)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelFileError(f"{directory}: unreadable model manifest ({e}); not re-stamped") from None
-    name = data.get("weights_file", Manifest.weights_file)
+    name = data.get("weights_file", DEFAULT_WEIGHTS_FILE)
     real, weights_sha, head, size = _hash_weights(directory, name)
     check_safetensors(real, head, size, f"{directory}: {name}")
     recorded = data.get("weights_sha256", "")

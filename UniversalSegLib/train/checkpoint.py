@@ -13,11 +13,9 @@ Nothing is unpickled on resume: tensors come from safetensors, the rest from JSO
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from UniversalSegLib.errors import UniversalSegError
+from UniversalSegLib.io.atomic import atomic_dir, atomic_write
 from UniversalSegLib.store import Manifest, load_model, save_model
 
 LAST_FILE = "last.json"
@@ -114,8 +113,7 @@ def save_checkpoint(root: str | Path, step: int, epoch: int, model: torch.nn.Mod
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+    with atomic_dir(final) as tmp:
         save_model(model, manifest, tmp / MODEL_DIR)
         tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
         rng_tensors, rng_meta = _rng_state()
@@ -123,12 +121,6 @@ def save_checkpoint(root: str | Path, step: int, epoch: int, model: torch.nn.Mod
         meta = {"step": step, "epoch": epoch, "optimizer": optim_meta, "scheduler": _scheduler_state(scheduler),
                 "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_meta, "extra": extra or {}}
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _write_json_atomic(root / LAST_FILE, {"checkpoint": final.name, "step": step})
     _prune(root, final.name, keep_last, keep_every)
     return final
@@ -140,10 +132,8 @@ def _scheduler_state(scheduler: Any) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data))
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

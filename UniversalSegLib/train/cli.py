@@ -11,6 +11,8 @@ import os
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from UniversalSegLib.device import resolve_device
+    from UniversalSegLib.runtime import retain_freed_memory
     from UniversalSegLib.train.config import load_config
     from UniversalSegLib.train.run import check_run, run_training
 
@@ -28,6 +30,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device_type = None if args.device in (None, "auto") else args.device.split(":")[0]
         print("\n".join(check_run(config, device_type)))
         return 0
+    if resolve_device(config.settings("cuda").device).type == "cpu":
+        retain_freed_memory()  # no page-fault churn between steps: ~2x faster CPU steps (see runtime.py)
     final = run_training(config, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole job
         print(final)

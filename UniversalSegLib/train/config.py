@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from UniversalSegLib.config_file import read_config_file, typed, validate_section
 from UniversalSegLib.errors import UniversalSegError
@@ -160,30 +160,9 @@ class StageSection(_Section):
     average: AverageSection | None = None
 
 
-_PRE = Preprocessing()  # the model file's defaults are the config's
-
-
-class PreprocessingSection(_Section):
-    """The `preprocessing` section, checked; becomes the model's `store.Preprocessing`."""
-
-    orientation: Text = _PRE.orientation
-    spacing: typed(list[typed(float, "positive", gt=0)], "three positive numbers (mm)", min_length=3,
-                   max_length=3) = Field(default_factory=lambda: list(_PRE.spacing))
-    hu_window: typed(list[float], "[low, high] with low < high", min_length=2, max_length=2) = Field(
-        default_factory=lambda: list(_PRE.hu_window))
-    patch_size: typed(list[typed(int, "positive", gt=0)], "three positive integers", min_length=3,
-                      max_length=3) = Field(default_factory=lambda: list(_PRE.patch_size))
-    foreground_crop: Flag = _PRE.foreground_crop
-    overlap: OpenFraction = _PRE.overlap
-    blend: Text = _PRE.blend
-    threshold: typed(float, "a number in (0, 1)", gt=0, lt=1) = _PRE.threshold
-
-    @field_validator("hu_window")
-    @classmethod
-    def _low_below_high(cls, window: list[float]) -> list[float]:
-        if window[0] >= window[1]:
-            raise ValueError("low must be below high")
-        return window
+# The `preprocessing` section is the model file's own typed schema (store/manifest.py): same fields,
+# defaults and one-line errors, and it becomes the model's `Preprocessing` as it is.
+PreprocessingSection = Preprocessing
 
 
 class ConfigFile(_Section):
@@ -247,7 +226,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "output": str(self.output), "model": self.model.model_dump(),
-                "preprocessing": asdict(self.preprocessing), "datasets": self.datasets,
+                "preprocessing": self.preprocessing.model_dump(), "datasets": self.datasets,
                 "train": self.train.model_dump(), "generalise": self.generalise.model_dump(),
                 "stages": [asdict(s) for s in self.stages]}
 
@@ -367,7 +346,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".",
         data = {**data, "train": {**(data.get("train") or {}), **overrides}}
     file = validate_section(ConfigFile, data, "", UniversalSegError, prefix="config: ")
     name, base = file.name, Path(base_dir).resolve()
-    preprocessing = Preprocessing(**file.preprocessing.model_dump())
+    preprocessing = file.preprocessing
     model = _validate_model(file.model)
     stages, patches = _resolve_stages(file, overrides, base)
     _check_architecture(model, {"preprocessing.patch_size": preprocessing.patch_size, **patches})

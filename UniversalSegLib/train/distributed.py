@@ -45,22 +45,6 @@ def dist_info_from_env() -> DistInfo:
     return DistInfo(rank=rank, local_rank=local, world_size=world)
 
 
-def resolve_device(requested: str, info: DistInfo) -> torch.device:
-    """'auto' -> this rank's GPU if there is one, else CPU; 'cuda' -> cuda:LOCAL_RANK under DDP."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UniversalSegError("device 'cuda' requested but no CUDA GPU is available (use --device cpu)")
-        if requested == "cuda":
-            requested = f"cuda:{info.local_rank if info.enabled else torch.cuda.current_device()}"
-        torch.cuda.set_device(torch.device(requested))
-    try:
-        return torch.device(requested)
-    except RuntimeError as e:
-        raise UniversalSegError(f"unknown device {requested!r}: {e}") from None
-
-
 def init_distributed(info: DistInfo, device: torch.device) -> None:
     """Join the process group (NCCL on CUDA, gloo on CPU); nothing to do for a single process."""
     if not info.enabled or dist.is_initialized():

@@ -371,10 +371,9 @@ class Trainer:
     def _progress_bar(self, start: int):
         if not (self.dist.is_main and self.settings.progress):
             return None
-        from tqdm.auto import tqdm
+        from UniversalSegLib.progress import bar
 
-        return tqdm(total=self.total_steps, initial=start, desc=f"training {self.manifest.name}", unit="step",
-                    dynamic_ncols=True)
+        return bar(total=self.total_steps, initial=start, desc=f"training {self.manifest.name}", unit="step")
 
     def _after_step(self, loss: float, parts: dict[str, float], elapsed: float, bar) -> None:
         if self.dist.enabled:

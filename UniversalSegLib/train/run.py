@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from UniversalSegLib.device import resolve_device
 from UniversalSegLib.errors import UniversalSegError
-from UniversalSegLib.runtime import retain_freed_memory
+from UniversalSegLib.progress import CountBar
 from UniversalSegLib.store import load_model, save_model, user_model_dir
 from UniversalSegLib.train.config import RunConfig, Stage, TrainSettings
 from UniversalSegLib.train.distributed import (
@@ -28,7 +29,6 @@ from UniversalSegLib.train.distributed import (
     barrier,
     dist_info_from_env,
     init_distributed,
-    resolve_device,
     shutdown_distributed,
 )
 from UniversalSegLib.train.loop import FINAL_MODEL_DIR, Trainer
@@ -41,15 +41,8 @@ def _say(info: DistInfo, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _cache_progress(info: DistInfo, what: str):
-    if not info.is_main:
-        return None
-
-    def report(done: int, total: int, case_id: str) -> None:
-        print(f"\rpreprocessing {what}: {done}/{total} ({case_id})" + (" " * 10) + ("\n" if done == total else ""),
-              end="", file=sys.stderr, flush=True)
-
-    return report
+def _cache_progress(info: DistInfo, what: str) -> CountBar | None:
+    return CountBar(f"preprocessing {what}") if info.is_main else None
 
 
 def check_coverage(config: RunConfig, specs: list) -> None:
@@ -237,8 +230,6 @@ def run_training(config: RunConfig, resume: bool = False) -> Path:
     """Train per `config` (continuing its last checkpoint if `resume`); returns the final model folder."""
     info = dist_info_from_env()
     device = resolve_device(config.settings("cuda").device, info)
-    if device.type == "cpu":
-        retain_freed_memory()  # no page-fault churn between steps: ~2x faster CPU steps (see runtime.py)
     init_distributed(info, device)
     try:
         _say(info, f"training {config.name} on {device} x {info.world_size} process(es); run folder {config.output}")

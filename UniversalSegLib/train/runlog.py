@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from UniversalSegLib.io.atomic import atomic_write
 from UniversalSegLib.train.validation import ClassScore
 
 TRAIN_CSV = "train_log.csv"
@@ -70,12 +69,10 @@ def _read(path: Path) -> list[dict[str, str]]:
 
 
 def _write_atomic(path: Path, fields: Sequence[str], rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _append(path: Path, fields: Sequence[str], rows: list[dict]) -> None:
@@ -125,8 +122,6 @@ def plot_curves(train_csv: Path, val_csv: Path, png: Path) -> Path:
     if per_dataset:
         ax_dice.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{png.stem}.", suffix=".png", dir=png.parent)
-    os.close(fd)
-    fig.savefig(tmp)
-    os.replace(tmp, png)
+    with atomic_write(png) as tmp:  # the temporary name keeps ".png": savefig picks the format from it
+        fig.savefig(tmp)
     return png
