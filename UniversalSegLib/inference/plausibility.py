@@ -22,6 +22,10 @@ Each registry class says where it may lie (`ClassInfo.location`, documented in
 A removed component is named in the class's `reason`; a violated position rule keeps the mask,
 halves its confidence (so the statistics flag it) and says why. Only "trunk" removes voxels: it is
 the one rule that does not depend on the scan's coverage or the patient's size.
+
+Before the model runs, `blank_limbs` sets the arms beside the trunk to air in the model's input
+(same limb finder: limb cores lying left or right of the trunk, grown back to the skin), so its
+context and body crop are those of a scan without arms; skipped when a class may lie in a limb.
 """
 
 from __future__ import annotations
@@ -384,9 +388,10 @@ def _beside(limb_cores: np.ndarray, trunk: np.ndarray) -> np.ndarray:
     columns): an arm; not a breast or the chin in front of it, which the model must still see."""
     columns = np.flatnonzero(trunk.any(axis=0))
     labels, n = cc3d.connected_components(limb_cores, connectivity=8, return_N=True)
-    centres = ndimage.center_of_mass(limb_cores, labels, range(1, n + 1))
-    lateral = [i + 1 for i, (_, x) in enumerate(centres) if not columns[0] <= x <= columns[-1]]
-    return np.isin(labels, lateral)
+    which = labels[labels > 0]
+    x = np.nonzero(labels)[1]
+    centre = np.bincount(which, weights=x, minlength=n + 1)[1:] / np.bincount(which, minlength=n + 1)[1:]
+    return np.isin(labels, np.flatnonzero((centre < columns[0]) | (centre > columns[-1])) + 1)
 
 
 def blank_limbs(reference: sitk.Image, classes: Iterable[ClassInfo]) -> tuple[sitk.Image, float]:
