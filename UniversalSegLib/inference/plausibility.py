@@ -360,11 +360,12 @@ def check(masks: Mapping[str, BoxMask], confidence: Mapping[str, float], classes
 def limbs_to_blank(reference: sitk.Image) -> np.ndarray:
     """The limbs of `reference` as the model should not see them: bool, in the input's array order.
 
-    Per axial slice, each limb core (`_cores_slice`) grown back to its skin and `LIMB_MARGIN_MM`
-    beyond (partial-volume edges, the coarse grid's step), never within the trunk's reach (its
-    cores grown by `TRUNK_CORE_MM` + `TRUNK_MARGIN_MM`, as `body_frame` draws the trunk). Kept only
-    where the limb lies beside the trunk (`_beside`); thin parts without a core (the table, air
-    specks) never are limbs here. Empty on scans A, B and C.
+    Per axial slice, each limb core (`_cores_slice`) lying beside the trunk (`_beside`) grown back
+    to its skin and `LIMB_MARGIN_MM` beyond (partial-volume edges, the coarse grid's step), where
+    it is at least as near as the trunk's cores, and never the trunk's cores grown by
+    `TRUNK_CORE_MM` (its body to the skin). A touching arm is then blanked to the contact, so the
+    body crop is the trunk's. Thin parts without a core (the table, air specks) are never limbs
+    here. Empty on scans A, B and C.
 
     Args:
         reference: the CT in HU.
@@ -375,10 +376,13 @@ def limbs_to_blank(reference: sitk.Image) -> np.ndarray:
         cores = _cores_slice(_body_slice(coarse[z]), coarse_spacing)
         if cores is None or not cores[1].any():
             continue
-        trunk = _within(cores[0], coarse_spacing, TRUNK_CORE_MM + TRUNK_MARGIN_MM)
-        limb = _beside(cores[1], trunk)
+        limb = _beside(cores[1], _within(cores[0], coarse_spacing, TRUNK_CORE_MM + TRUNK_MARGIN_MM))
         if limb.any():
-            blank[z] = _within(limb, coarse_spacing, TRUNK_CORE_MM + LIMB_MARGIN_MM) & ~trunk
+            to_limb = ndimage.distance_transform_edt(~limb, sampling=coarse_spacing)
+            to_trunk = ndimage.distance_transform_edt(~cores[0], sampling=coarse_spacing)
+            # An arm pressed on the trunk meets it midway between their cores: the nearer core
+            # decides; the trunk's cores grown to its skin (`TRUNK_CORE_MM`) are never blanked.
+            blank[z] = (to_limb <= TRUNK_CORE_MM + LIMB_MARGIN_MM) & (to_limb <= to_trunk) & (to_trunk > TRUNK_CORE_MM)
     inverse = tuple(int(i) for i in np.argsort(axes))
     return _full(blank, step, hu.shape).transpose(inverse)
 
