@@ -252,9 +252,10 @@ def test_average_interpolates_weights_and_records_it(tmp_path, minilm):
 def test_exclusion_loss_trains_the_unannotated_heads_where_other_classes_are(tmp_path, per_dataset):
     """Nobody annotates pancreas: without the exclusion loss its head gets no gradient; with it, it
     learns 'not pancreas' on the liver and spleen voxels, in one pass or one pass per dataset."""
+    from support import SyntheticPartialDataset, tiny_model
+
     from UniversalSegLib.train.config import TrainSettings
     from UniversalSegLib.train.loop import Trainer
-    from support import SyntheticPartialDataset, tiny_model
 
     keys, patch = ["liver", "spleen", "pancreas"], (16, 16, 16)
     data = SyntheticPartialDataset({"A": [0, 1], "C": [1]}, len(keys), patch, length=4)
@@ -273,9 +274,10 @@ def test_exclusion_loss_trains_the_unannotated_heads_where_other_classes_are(tmp
 
 
 def test_the_batch_transform_runs_on_each_batch_seeded_by_the_step(tmp_path):
+    from support import SyntheticPartialDataset, tiny_model
+
     from UniversalSegLib.train.config import TrainSettings
     from UniversalSegLib.train.loop import Trainer
-    from support import SyntheticPartialDataset, tiny_model
 
     class Recorder:
         def __init__(self):

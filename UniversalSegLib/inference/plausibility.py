@@ -22,11 +22,15 @@ Each registry class says where it may lie (`ClassInfo.location`, documented in
 A removed component is named in the class's `reason`; a violated position rule keeps the mask,
 halves its confidence (so the statistics flag it) and says why. Only "trunk" removes voxels: it is
 the one rule that does not depend on the scan's coverage or the patient's size.
+
+Before the model runs, `blank_limbs` sets the arms beside the trunk to air in the model's input
+(same limb finder: limb cores lying left or right of the trunk, grown back to the skin), so its
+context and body crop are those of a scan without arms; skipped when a class may lie in a limb.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import cc3d
@@ -43,9 +47,11 @@ BONE_HU = 200.0
 TRUNK_CORE_MM = 20.0  # an arm's neck where it touches the trunk is narrower than twice this
 CORE_SHARE = 0.3  # an arm's core is ~0.1 of the trunk's in the same slice; a thigh's ~1 of the other's
 TRUNK_MARGIN_MM = 5.0
+LIMB_MARGIN_MM = 6.0  # a blanked limb reaches this far past its skin: partial volume, the coarse grid's step
 LIMB_SHARE = 0.5  # of a component in a limb: it is removed
 COARSE_MM = 3.0  # the frame is built on an in-plane grid no finer than this (coarse anatomy; fast)
 IMPLAUSIBLE_CONFIDENCE_FACTOR = 0.5  # a mask in an implausible position keeps half its confidence
+BLANK_HU = -1000.0  # air: what the model sees where a limb was
 SPINE_PREFIXES = ("vertebrae_", "sacrum", "spinal_cord")
 SPINE_CONFIDENCE = 0.9  # the statistics' low-confidence flag (io/stats.py)
 
@@ -119,18 +125,50 @@ def _body_slice(hu: np.ndarray) -> np.ndarray:
     return ~np.isin(labels, border[border > 0])
 
 
-def _trunk_slice(body: np.ndarray, spacing_yx: tuple[float, float]) -> np.ndarray:
-    """The trunk of one axial body slice: cores of at least `CORE_SHARE` of the largest, grown back."""
+def _cores_slice(body: np.ndarray, spacing_yx: tuple[float, float]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(trunk cores, limb cores) of one axial body slice: the body eroded by `TRUNK_CORE_MM` splits
+    into cores; those of at least `CORE_SHARE` of the largest are the trunk's, the others limbs'.
+    None where the body has no core (empty, or thin: a slab's edge, the table)."""
     if not body.any():
-        return body
+        return None
     depth = ndimage.distance_transform_edt(body, sampling=spacing_yx)
     labels, n = cc3d.connected_components(depth > TRUNK_CORE_MM, connectivity=8, return_N=True)
     if n == 0:
-        return body  # a thin body (a slab's edge): nothing to tell apart
+        return None
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    kept = np.isin(labels, np.flatnonzero(sizes >= CORE_SHARE * sizes.max()) + 1)
-    reach = ndimage.distance_transform_edt(~kept, sampling=spacing_yx)
-    return body & (reach <= TRUNK_CORE_MM + TRUNK_MARGIN_MM)
+    trunk = np.isin(labels, np.flatnonzero(sizes >= CORE_SHARE * sizes.max()) + 1)
+    return trunk, (labels > 0) & ~trunk
+
+
+def _within(cores: np.ndarray, spacing_yx: tuple[float, float], mm: float) -> np.ndarray:
+    """The voxels of a slice within `mm` of `cores`."""
+    return ndimage.distance_transform_edt(~cores, sampling=spacing_yx) <= mm
+
+
+def _trunk_slice(body: np.ndarray, spacing_yx: tuple[float, float]) -> np.ndarray:
+    """The trunk of one axial body slice: its cores grown back into the body (`_cores_slice`)."""
+    cores = _cores_slice(body, spacing_yx)
+    if cores is None:
+        return body  # nothing to tell apart
+    return body & _within(cores[0], spacing_yx, TRUNK_CORE_MM + TRUNK_MARGIN_MM)
+
+
+def _axial(reference: sitk.Image) -> tuple[tuple[int, int, int], tuple[float, float, float], np.ndarray,
+                                           list[int], np.ndarray, tuple[float, float]]:
+    """(axes, spacing along them, the HU array in the axial frame, in-plane step of the coarse grid,
+    the coarse HU array, its in-plane spacing) of `reference`; the frame as in `BodyFrame`."""
+    axes = _axes(reference)[0]
+    spacing_xyz = reference.GetSpacing()
+    spacing = tuple(float(spacing_xyz[2 - a]) for a in axes)
+    hu = sitk.GetArrayViewFromImage(reference).transpose(axes)
+    step = [max(1, int(COARSE_MM // s)) for s in spacing[1:]]  # in-plane only: slices stay exact
+    coarse = hu[:, ::step[0], ::step[1]]
+    return axes, spacing, hu, step, coarse, (spacing[1] * step[0], spacing[2] * step[1])  # type: ignore[return-value]
+
+
+def _full(coarse: np.ndarray, step: list[int], shape: tuple[int, ...]) -> np.ndarray:
+    """A coarse in-plane array repeated back onto the full grid of `shape`."""
+    return np.repeat(np.repeat(coarse, step[0], axis=1), step[1], axis=2)[:, :shape[1], :shape[2]]
 
 
 def body_frame(reference: sitk.Image, spine: np.ndarray | None = None) -> BodyFrame:
@@ -141,20 +179,14 @@ def body_frame(reference: sitk.Image, spine: np.ndarray | None = None) -> BodyFr
         spine: optional bool (z, y, x) in the input's array order: the vertebrae, sacrum and spinal
             cord masks; without it the midline comes from bone HU.
     """
-    axes, left_sign, _posterior_sign, superior_sign = _axes(reference)
-    spacing_xyz = reference.GetSpacing()
-    spacing = tuple(float(spacing_xyz[2 - a]) for a in axes)
-    hu = sitk.GetArrayViewFromImage(reference).transpose(axes)
-    step = [max(1, int(COARSE_MM // s)) for s in spacing[1:]]  # in-plane only: slices stay exact
-    coarse = hu[:, ::step[0], ::step[1]]
-    coarse_spacing = (spacing[1] * step[0], spacing[2] * step[1])
+    _, left_sign, _posterior_sign, superior_sign = _axes(reference)
+    axes, spacing, hu, step, coarse, coarse_spacing = _axial(reference)
     body = np.zeros(coarse.shape, dtype=bool)
     trunk = np.zeros_like(body)
     for z in range(body.shape[0]):
         body[z] = _body_slice(coarse[z])
         trunk[z] = _trunk_slice(body[z], coarse_spacing)
-    limbs_coarse = body & ~trunk
-    limbs = np.repeat(np.repeat(limbs_coarse, step[0], axis=1), step[1], axis=2)[:, :hu.shape[1], :hu.shape[2]]
+    limbs = _full(body & ~trunk, step, hu.shape)
     columns = np.arange(trunk.shape[2]) * step[1] + (step[1] - 1) / 2
     half_width = np.full(trunk.shape[0], np.nan)
     centre = np.full(trunk.shape[0], np.nan)
@@ -323,3 +355,70 @@ def check(masks: Mapping[str, BoxMask], confidence: Mapping[str, float], classes
         note = "implausible position: " + "; ".join(found)
         out.reasons[key] = f"{out.reasons[key]}; {note}" if key in out.reasons else note
     return out
+
+
+def limbs_to_blank(reference: sitk.Image) -> np.ndarray:
+    """The limbs of `reference` as the model should not see them: bool, in the input's array order.
+
+    Per axial slice, each limb core (`_cores_slice`) lying beside the trunk (`_beside`) grown back
+    to its skin and `LIMB_MARGIN_MM` beyond (partial-volume edges, the coarse grid's step), where
+    it is at least as near as the trunk's cores, and never the trunk's cores grown by
+    `TRUNK_CORE_MM` (its body to the skin). A touching arm is then blanked to the contact, so the
+    body crop is the trunk's. Thin parts without a core (the table, air specks) are never limbs
+    here. Empty on scans A, B and C.
+
+    Args:
+        reference: the CT in HU.
+    """
+    axes, _spacing, hu, step, coarse, coarse_spacing = _axial(reference)
+    blank = np.zeros(coarse.shape, dtype=bool)
+    for z in range(coarse.shape[0]):
+        cores = _cores_slice(_body_slice(coarse[z]), coarse_spacing)
+        if cores is None or not cores[1].any():
+            continue
+        limb = _beside(cores[1], _within(cores[0], coarse_spacing, TRUNK_CORE_MM + TRUNK_MARGIN_MM))
+        if limb.any():
+            to_limb = ndimage.distance_transform_edt(~limb, sampling=coarse_spacing)
+            to_trunk = ndimage.distance_transform_edt(~cores[0], sampling=coarse_spacing)
+            # An arm pressed on the trunk meets it midway between their cores: the nearer core
+            # decides; the trunk's cores grown to its skin (`TRUNK_CORE_MM`) are never blanked.
+            blank[z] = (to_limb <= TRUNK_CORE_MM + LIMB_MARGIN_MM) & (to_limb <= to_trunk) & (to_trunk > TRUNK_CORE_MM)
+    inverse = tuple(int(i) for i in np.argsort(axes))
+    return _full(blank, step, hu.shape).transpose(inverse)
+
+
+def _beside(limb_cores: np.ndarray, trunk: np.ndarray) -> np.ndarray:
+    """The limb cores of a slice whose centre lies beside the trunk (left or right of all its
+    columns): an arm; not a breast or the chin in front of it, which the model must still see."""
+    columns = np.flatnonzero(trunk.any(axis=0))
+    labels, n = cc3d.connected_components(limb_cores, connectivity=8, return_N=True)
+    which = labels[labels > 0]
+    x = np.nonzero(labels)[1]
+    centre = np.bincount(which, weights=x, minlength=n + 1)[1:] / np.bincount(which, minlength=n + 1)[1:]
+    return np.isin(labels, np.flatnonzero((centre < columns[0]) | (centre > columns[-1])) + 1)
+
+
+def blank_limbs(reference: sitk.Image, classes: Iterable[ClassInfo]) -> tuple[sitk.Image, float]:
+    """`reference` with its limbs (`limbs_to_blank`) set to air, for the model's eyes only, and the
+    millilitres blanked. An arm beside the trunk moves the model's own output (its context, the
+    body crop's box); blanked, the model sees the scan as without arms (issue 25). Masks and HU
+    statistics still come from `reference`.
+
+    Unchanged (the same image, 0.0) when a class may lie in a limb (`Location.trunk` false: its
+    voxels would be blanked) or when no limb is found.
+
+    Args:
+        reference: the CT in HU.
+        classes: the classes the model computes.
+    """
+    if not all(Location.of(info).trunk for info in classes):
+        return reference, 0.0
+    blank = limbs_to_blank(reference)
+    if not blank.any():
+        return reference, 0.0
+    hu = sitk.GetArrayFromImage(reference)
+    hu = hu.astype(np.promote_types(hu.dtype, np.int16))  # an unsigned array cannot hold air
+    hu[blank] = BLANK_HU
+    out = sitk.GetImageFromArray(hu)
+    out.CopyInformation(reference)
+    return out, float(np.count_nonzero(blank) * np.prod(reference.GetSpacing())) / 1000.0

@@ -20,6 +20,7 @@ import torch
 
 from UniversalSegLib.device import resolve_device
 from UniversalSegLib.inference.masks import BoxMask
+from UniversalSegLib.inference.plausibility import blank_limbs
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.request import (  # noqa: F401 - needed_classes: also imported from here
     PredictRequest,
@@ -98,8 +99,10 @@ def predict(image: str | os.PathLike | sitk.Image | PredictRequest,
     cache_features: keep the windows' backbone features between class chunks (None: only when cheap;
         see `sliding_window`); True is faster for many classes on CPU, at some memory.
     postprocess: apply the registry's rules (largest component, left/right split, within parents).
-    plausibility: then check where each mask lies (`inference/plausibility.py`): components in an
-        arm are removed, masks in an implausible position flagged; the reason is in `ClassResult.reason`.
+    plausibility: arms beside the trunk are blanked to air in the model's input (when no computed
+        class may lie in a limb), and each mask's position is checked (`inference/plausibility.py`):
+        components in an arm are removed, masks in an implausible position flagged; the reason is in
+        `ClassResult.reason`.
     series_uid: for a DICOM folder holding several series, the SeriesInstanceUID to segment (default:
         the CT series with the most slices, named in a `DicomSeriesWarning`).
     """
@@ -136,7 +139,11 @@ def _run(request: PredictRequest, report: Monotonic) -> SegmentationResult:
     report(_READ, "preprocessing")
     t = time.perf_counter()
     pre = manifest.preprocessing
-    prepared = preprocess(reference, pre)
+    # The model does not see arms beside the trunk: they move its output elsewhere (context, body
+    # crop). Only its input: masks and HU statistics keep `reference` (plausibility.blank_limbs).
+    seen, blanked_ml = blank_limbs(reference, computed) if plausibility else (reference, 0.0)
+    prepared = preprocess(seen, pre)
+    del seen
     timings["preprocess_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -189,6 +196,8 @@ def _run(request: PredictRequest, report: Monotonic) -> SegmentationResult:
         "postprocessed": postprocess, "plausibility_checked": postprocess and plausibility, **timings,
         "total_s": time.perf_counter() - t0 + request.resolve_s,
     }
+    if blanked_ml:  # named only when it happened: a scan without arms keeps its metadata
+        metadata["limbs_blanked_ml"] = round(blanked_ml, 1)
     report(_POST, "done")
     report(1.0, "done")
     return SegmentationResult(reference, results, manifest.name, metadata)
