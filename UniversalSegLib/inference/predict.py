@@ -26,7 +26,8 @@ from UniversalSegLib.inference.postprocess import apply_rules, disjoint, disjoin
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.restore import SlabRestorer
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
-from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16, probability_slabs
+from UniversalSegLib.inference.roi import subset_probability_slabs
+from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16
 from UniversalSegLib.registry import ClassInfo, Registry
 from UniversalSegLib.runtime import return_large_blocks
 from UniversalSegLib.store import DEFAULT_MODEL, LoadedModel, Manifest, load_model
@@ -184,7 +185,8 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
             progress: ProgressFn | None = None, keep_probabilities: bool = False, allow_non_ct: bool = False,
             *, postprocess: bool = True, include_helper_classes: bool = False, sw_batch_size: int | None = None,
             class_chunk: int | None = None, cache_features: bool | None = None,
-            series_uid: str | None = None, plausibility: bool = True) -> SegmentationResult:
+            series_uid: str | None = None, plausibility: bool = True,
+            subset_windows: bool = True) -> SegmentationResult:
     """Segment `image` and return every requested class as its own mask on the input's exact grid.
 
     image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU.
@@ -208,6 +210,9 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     postprocess: apply the registry's rules (largest component, left/right split, within parents).
     plausibility: then check where each mask lies (`inference/plausibility.py`): components in an
         arm are removed, masks in an implausible position flagged; the reason is in `ClassResult.reason`.
+    subset_windows: for a subset of classes, run windows only around where the requested classes (and their
+        pair partners) are, found by a coarse half-resolution pass (`inference/roi.py`); masks then differ
+        slightly from a full run's. False: the full grid, masks as in a run of all classes.
     series_uid: for a DICOM folder holding several series, the SeriesInstanceUID to segment (default:
         the CT series with the most slices, named in a `DicomSeriesWarning`).
     """
@@ -247,10 +252,16 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
     # bundled model's 221 ml "aorta" in an arm otherwise wins over the real aorta (issue 25).
     deferred = postprocess and plausibility
     early_largest: set[str] = set()  # classes whose largest component is then taken after the arms go
+    roi_classes = None  # a subset's requested classes and their pair partners bound the windows
+    if subset_windows and classes is not None and len(wanted) < len(manifest.class_keys):
+        one = {c.key: c.postprocess in ("largest_component", "split_pair") for c in computed}
+        roi_classes = {index[k]: one[k] for c in wanted for k in (c.key, c.pair) if k in computed_keys}
+    window_info: dict = {}
     with torch.inference_mode():
-        for slab in probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
-                                      overlap, dev, sw_batch_size=batch, class_chunk=class_chunk, amp=amp,
-                                      cache_features=cache_features, progress=windows):
+        for slab in subset_probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
+                                             overlap, dev, roi_classes=roi_classes, sw_batch_size=batch,
+                                             class_chunk=class_chunk, amp=amp, cache_features=cache_features,
+                                             progress=windows, info=window_info):
             info = computed[slab.position]
             if slab.position not in restorers:
                 # A single organ's rule needs nothing else: apply it as soon as the class is complete.
@@ -313,7 +324,7 @@ def predict(image: str | os.PathLike | sitk.Image, model: str | os.PathLike | Lo
         "overlap": overlap, "sw_batch_size": batch, "mixed_precision": amp,
         "computed_classes": [c.key for c in computed],
         "model_grid_size": list(prepared.grid.size), "model_spacing": list(pre.spacing),
-        "postprocessed": postprocess, "plausibility_checked": postprocess and plausibility, **timings,
+        "postprocessed": postprocess, "plausibility_checked": postprocess and plausibility, **window_info, **timings,
         "total_s": time.perf_counter() - t0,
     }
     report(_POST, "done")
