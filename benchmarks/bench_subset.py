@@ -54,7 +54,7 @@ def worker(case: str, classes: str, image: str, out: str) -> None:
     hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                if line.startswith("VmHWM:"))
     meta = result.metadata
-    print(json.dumps({"wall": wall, "cpu": cpu, "vmhwm_mb": hwm / 1024, "windows": meta.get("windows"),
+    print(json.dumps({"wall": wall, "cpu": cpu, "vmhwm_mb": hwm / 1024, "windows": meta.get("windows", "full grid"),
                       "roi": meta.get("window_roi"), "inference_s": meta["inference_s"]}))
 
 

@@ -131,15 +131,16 @@ def subset_probability_slabs(model: UniversalModel, volume: np.ndarray, classes:
             partners), each mapped to whether only its largest component counts; None runs the full grid.
         amp: mixed precision (both passes).
         progress: called with (fraction, message); the coarse pass takes the first 5 %.
-        info: filled with what ran: "window_roi" ([start, stop] per axis of the model grid, or None for
-            the full grid), "windows" and "full_grid_windows".
+        info: for a subset (`roi_classes` given), filled with what ran: "window_roi" ([start, stop] per axis
+            of the model grid, or None for the full grid), "windows" (coarse pass included) and
+            "full_grid_windows"; left empty otherwise (all-class outputs stay as they were).
         kwargs: passed on to `probability_slabs` (sw_batch_size, class_chunk, cache_features).
     """
     info = {} if info is None else info
-    full = len(WindowPlan.make(volume.shape, patch, overlap).starts)
-    info.update(window_roi=None, windows=full, full_grid_windows=full)
     roi = None
     if roi_classes:
+        full = len(WindowPlan.make(volume.shape, patch, overlap).starts)
+        info.update(window_roi=None, windows=full, full_grid_windows=full)
         box = coarse_box(model, volume, roi_classes, patch, device, amp)
         coarse = len(WindowPlan.make(half_resolution(volume).shape, patch, COARSE_OVERLAP).starts)
         if box is not None:
