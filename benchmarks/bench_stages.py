@@ -12,11 +12,12 @@ Stages (exclusive times, summed over the run; measured by wrapping the functions
   other        the rest of `predict` (reading, preprocessing, the loop's bookkeeping)
 
 The bundled model (46 classes) runs through `predict` for 1 (vertebrae_L3), 14 (`--classes liver`
-brings 13 vessels) and 46 classes. "256" grows the model to 256 heads (copies of its own) and runs
-the sliding window and restoration only (no registry holds 256 classes; rules and writers are
-skipped). CPU time (the process's own) is steadier than wall time on a shared machine: other
-processes' load stretches the wall clock, hardly a process's CPU seconds. Each case runs in a fresh
-process (peak RSS is that process's VmHWM; peak RssAnon is sampled, see `AnonymousPeak`).
+brings 13 vessels) and 46 classes, all on the full grid of windows; "liver-roi" is `--classes liver`
+with the class-subset windows `predict` uses by default (`inference/roi.py`). "256" grows the model
+to 256 heads (copies of its own) and runs the sliding window and restoration only (no registry holds
+256 classes; rules and writers are skipped). CPU time (the process's own) is steadier than wall time
+on a shared machine: other processes' load stretches the wall clock, hardly a process's CPU seconds.
+Each case runs in a fresh process (peak RSS is that process's VmHWM; peak RssAnon is sampled, see `AnonymousPeak`).
 `--baseline DIR` runs the same cases with the code of another checkout (e.g. main) interleaved with ours, so ratios
 come from one run on the same (possibly busy) machine.
 
@@ -40,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "UniversalSegLib" / "resources" / "sample" / "ct_abdomen.nii.gz"
 CLINICAL_SPACING = (0.8, 0.8, 1.5)
-CASES = {"1": ["vertebrae_L3"], "14": ["liver"], "46": None, "256": None}
+CASES = {"1": ["vertebrae_L3"], "14": ["liver"], "46": None, "256": None, "liver-roi": ["liver"]}
 STAGES = ("backbone", "heads", "blending", "sigmoid", "restoration", "rules", "writers")
 
 
@@ -161,11 +162,18 @@ def worker(case: str, image_path: str) -> dict:
     if case == "256":
         counts = _window_and_restore_only(_grown(256), image_path)
     else:
+        import inspect
+
         from UniversalSegLib import predict, runtime
         from UniversalSegLib.io import write_outputs
 
-        runtime.tune_for_command("predict")  # the allocator setting `universalseg predict` makes (cli.main)
-        result = predict(image_path, classes=CASES[case], device="cpu")
+        if hasattr(runtime, "tune_for_command"):
+            runtime.tune_for_command("predict")  # the allocator setting `universalseg predict` makes (cli.main)
+        # 1 and 14 classes profile the full grid; "liver-roi" is `--classes liver` as shipped (windows
+        # only around the liver, inference/roi.py). A checkout without ROI windows runs its full grid.
+        options = {"subset_windows": case == "liver-roi"} if "subset_windows" in inspect.signature(
+            predict).parameters else {}
+        result = predict(image_path, classes=CASES[case], device="cpu", **options)
         keep = os.environ.get("BENCH_STAGES_KEEP")  # the driver's --keep: outputs stay there
         with tempfile.TemporaryDirectory() as tmp:
             clock._run("writers", write_outputs, result, keep or tmp, ["nifti", "stats"])

@@ -31,8 +31,9 @@ from UniversalSegLib.inference.request import (  # noqa: F401 - needed_classes: 
 )
 from UniversalSegLib.inference.restore import SlabRestorer
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
+from UniversalSegLib.inference.roi import subset_probability_slabs
 from UniversalSegLib.inference.rules import Postprocessing
-from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16, probability_slabs
+from UniversalSegLib.inference.sliding_window import cpu_has_native_bf16
 from UniversalSegLib.progress import Monotonic, ProgressFn
 from UniversalSegLib.store import LoadedModel
 
@@ -75,7 +76,8 @@ def predict(image: str | os.PathLike | sitk.Image | PredictRequest,
             progress: ProgressFn | None = None, keep_probabilities: bool = False, allow_non_ct: bool = False,
             *, postprocess: bool = True, include_helper_classes: bool = False, sw_batch_size: int | None = None,
             class_chunk: int | None = None, cache_features: bool | None = None,
-            series_uid: str | None = None, plausibility: bool = True) -> SegmentationResult:
+            series_uid: str | None = None, plausibility: bool = True,
+            subset_windows: bool = True) -> SegmentationResult:
     """Segment `image` and return every requested class as its own mask on the input's exact grid.
 
     image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU; or a
@@ -103,6 +105,9 @@ def predict(image: str | os.PathLike | sitk.Image | PredictRequest,
         class may lie in a limb), and each mask's position is checked (`inference/plausibility.py`):
         components in an arm are removed, masks in an implausible position flagged; the reason is in
         `ClassResult.reason`.
+    subset_windows: for a subset of classes, run windows only around where the requested classes (and their
+        pair partners) are, found by a coarse half-resolution pass (`inference/roi.py`); masks then differ
+        slightly from a full run's. False: the full grid, masks as in a run of all classes.
     series_uid: for a DICOM folder holding several series, the SeriesInstanceUID to segment (default:
         the CT series with the most slices, named in a `DicomSeriesWarning`).
     """
@@ -113,7 +118,7 @@ def predict(image: str | os.PathLike | sitk.Image | PredictRequest,
         request = image
     else:
         settings = PredictSettings(fast, keep_probabilities, postprocess, plausibility, include_helper_classes,
-                                   sw_batch_size, class_chunk, cache_features)
+                                   sw_batch_size, class_chunk, cache_features, subset_windows)
         request = resolve_request(image, model, classes, device, allow_non_ct=allow_non_ct, series_uid=series_uid,
                                   settings=settings)
     return _run(request, report)
@@ -158,10 +163,18 @@ def _run(request: PredictRequest, report: Monotonic) -> SegmentationResult:
     windows = report.span(_PREP, _WINDOWS)
     restorers: dict[int, SlabRestorer] = {}
     rules = Postprocessing(computed, postprocess, plausibility)
+    roi_classes = None  # a subset's requested classes and their pair partners bound the windows
+    if settings.subset_windows and len(wanted) < len(manifest.class_keys):
+        computed_keys = {c.key for c in computed}
+        one = {c.key: c.postprocess in ("largest_component", "split_pair") for c in computed}
+        roi_classes = {index[k]: one[k] for c in wanted for k in (c.key, c.pair) if k in computed_keys}
+    window_info: dict = {}
     with torch.inference_mode():
-        for slab in probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
-                                      overlap, dev, sw_batch_size=batch, class_chunk=settings.class_chunk,
-                                      amp=amp, cache_features=settings.cache_features, progress=windows):
+        for slab in subset_probability_slabs(net, prepared.volume, [index[c.key] for c in computed], pre.patch_size,
+                                             overlap, dev, roi_classes=roi_classes, sw_batch_size=batch,
+                                             class_chunk=settings.class_chunk, amp=amp,
+                                             cache_features=settings.cache_features, progress=windows,
+                                             info=window_info):
             info = computed[slab.position]
             if slab.position not in restorers:
                 how = rules.restoration(info)
@@ -193,7 +206,8 @@ def _run(request: PredictRequest, report: Monotonic) -> SegmentationResult:
         "overlap": overlap, "sw_batch_size": batch, "mixed_precision": amp,
         "computed_classes": [c.key for c in computed],
         "model_grid_size": list(prepared.grid.size), "model_spacing": list(pre.spacing),
-        "postprocessed": postprocess, "plausibility_checked": postprocess and plausibility, **timings,
+        "postprocessed": postprocess, "plausibility_checked": postprocess and plausibility, **window_info,
+        **timings,
         "total_s": time.perf_counter() - t0 + request.resolve_s,
     }
     if blanked_ml:  # named only when it happened: a scan without arms keeps its metadata

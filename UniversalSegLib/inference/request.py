@@ -46,6 +46,7 @@ class PredictSettings:
     sw_batch_size: int | None = None
     class_chunk: int | None = None
     cache_features: bool | None = None
+    subset_windows: bool = True  # a class subset runs windows only around its classes (inference/roi.py)
 
 
 @dataclass(frozen=True)
