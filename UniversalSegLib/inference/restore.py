@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from UniversalSegLib.components import connected_components, largest_k
+from UniversalSegLib.geometry import ijk_to_lps
 from UniversalSegLib.inference.masks import BoxMask, bounding_box
 from UniversalSegLib.inference.preprocess import ModelGrid
 
@@ -36,10 +37,7 @@ class Restored:
 
 def _lps_to_index(reference: sitk.Image) -> np.ndarray:
     """4x4 matrix from LPS millimetres to the reference's continuous (x, y, z) index."""
-    matrix = np.eye(4)
-    matrix[:3, :3] = np.reshape(reference.GetDirection(), (3, 3)) @ np.diag(reference.GetSpacing())
-    matrix[:3, 3] = reference.GetOrigin()
-    return np.linalg.inv(matrix)
+    return np.linalg.inv(ijk_to_lps(reference))
 
 
 def input_box(grid: ModelGrid, start: np.ndarray, stop: np.ndarray,

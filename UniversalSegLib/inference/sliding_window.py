@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,8 +34,8 @@ import torch
 from monai.data.utils import compute_importance_map
 
 from UniversalSegLib.model import UniversalModel, apply_dynamic_heads
+from UniversalSegLib.progress import ProgressFn
 
-ProgressFn = Callable[[float, str], None]
 FEATURE_CHANNELS = 8
 CPU_HEAD_TILE = 4096  # voxels per thread and head call on CPU (at least one x-plane of the window)
 # Classes per head call on CPU: their hidden activations (chunk x 8 x tile float32, 1 MB at 4 classes
