@@ -324,14 +324,21 @@ def extend_model(base: str | Path | LoadedModel, new_classes: Sequence[ClassSpec
                  on_step: StepFn | None = None, cancel: Cancel = None) -> ExtensionReport:
     """Add `new_classes` to `base` using only `data`; write the result as a new model `output_name`.
 
-    base: model name, folder or LoadedModel (never modified). new_classes: ClassInfo, dict
-    (key, name, prompt, group, parents, colour, synonyms) or key. data: spec file, folder or list of
-    (image, {class_key: mask}) pairs (see `continual.data`). train: "heads" | "heads+decoder" | "all".
-    Length: `steps` or `epochs` (main-phase optimiser steps) and/or `time_budget_s` (training
-    seconds, warm-up included; training stops at whichever ends first; default 60 steps).
-    init: "auto" (measure similar vs fresh), "similar" or "fresh". The head loss is estimated on
-    `loss_voxels` random voxels per patch (None: all). progress(fraction, message) and
-    on_step(step, loss) report; `cancel` (Event or callable) stops the run and nothing is written.
+    Args:
+        base: model name, folder or LoadedModel (never modified).
+        new_classes: ClassInfo, dict (key, name, prompt, group, parents, colour, synonyms) or key.
+        data: spec file, folder or list of (image, {class_key: mask}) pairs (see `continual.data`).
+        output_name: the new model's name or folder.
+        train: which weights learn: "heads" | "heads+decoder" | "all".
+        steps, epochs, time_budget_s: length: `steps` or `epochs` (main-phase optimiser steps) and/or
+            `time_budget_s` (training seconds, warm-up included); training stops at whichever ends
+            first (default 60 steps).
+        init: "auto" (measure similar vs fresh), "similar" or "fresh" head initialisation.
+        loss_voxels: the head loss is estimated on this many random voxels per patch (None: all).
+        progress, on_step: progress(fraction, message) and on_step(step, loss) report.
+        cancel: an Event or callable; when set the run stops and nothing is written.
+        The other keywords tune the optimiser, sampling and the retention check (see docs/continual.md).
+
     Returns the ExtensionReport (its model_path is the new model's folder).
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()

@@ -80,36 +80,37 @@ def predict(image: str | os.PathLike | sitk.Image | PredictRequest,
             subset_windows: bool = True) -> SegmentationResult:
     """Segment `image` and return every requested class as its own mask on the input's exact grid.
 
-    image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU; or a
-        `PredictRequest` (`resolve_request`: checked, model loaded), whose settings then apply:
-        only `progress` may be given beside it.
-    model: a model name, folder, or `LoadedModel` (default: the bundled model).
-    classes: names, keys or synonyms, or one such string (default: all the model's classes). Parents and pair
-        partners the post-processing needs are computed too, and returned only with
-        `include_helper_classes`.
-    device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N". Mixed precision on CUDA.
-    fast: window overlap 0.25 instead of the manifest's (about 2-3x fewer windows in 3D), on CUDA
-        twice the window batch, and on CPUs with native bfloat16 (AVX512-BF16/AMX) a bfloat16
-        backbone (about 2x faster); expect slightly rougher borders. Without `fast`, CPU runs are
-        float32 throughout and CUDA runs use float16 mixed precision.
-    progress: called as progress(fraction, message) with fractions rising to 1.0.
-    keep_probabilities: also return each class's probability (uint8 0..255) on the input grid.
-    allow_non_ct: segment an image that does not look like CT (a warning instead of an error).
-    sw_batch_size: windows per forward pass (default 1 on CPU, 4 on CUDA).
-    class_chunk: classes stitched at once (memory: class_chunk x one patch of model-grid rows x 2 bytes;
-        None: as many as a share of the free memory holds, so the backbone usually runs once per window).
-    cache_features: keep the windows' backbone features between class chunks (None: only when cheap;
-        see `sliding_window`); True is faster for many classes on CPU, at some memory.
-    postprocess: apply the registry's rules (largest component, left/right split, within parents).
-    plausibility: arms beside the trunk are blanked to air in the model's input (when no computed
-        class may lie in a limb), and each mask's position is checked (`inference/plausibility.py`):
-        components in an arm are removed, masks in an implausible position flagged; the reason is in
-        `ClassResult.reason`.
-    subset_windows: for a subset of classes, run windows only around where the requested classes (and their
-        pair partners) are, found by a coarse half-resolution pass (`inference/roi.py`); masks then differ
-        slightly from a full run's. False: the full grid, masks as in a run of all classes.
-    series_uid: for a DICOM folder holding several series, the SeriesInstanceUID to segment (default:
-        the CT series with the most slices, named in a `DicomSeriesWarning`).
+    Args:
+        image: a NIfTI/NRRD/MHA file, a DICOM series folder, or a SimpleITK image in HU; or a
+            `PredictRequest` (`resolve_request`: checked, model loaded), whose settings then apply:
+            only `progress` may be given beside it.
+        model: a model name, folder, or `LoadedModel` (default: the bundled model).
+        classes: names, keys or synonyms, or one such string (default: all the model's classes). Parents and pair
+            partners the post-processing needs are computed too, and returned only with
+            `include_helper_classes`.
+        device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N". Mixed precision on CUDA.
+        fast: window overlap 0.25 instead of the manifest's (about 2-3x fewer windows in 3D), on CUDA
+            twice the window batch, and on CPUs with native bfloat16 (AVX512-BF16/AMX) a bfloat16
+            backbone (about 2x faster); expect slightly rougher borders. Without `fast`, CPU runs are
+            float32 throughout and CUDA runs use float16 mixed precision.
+        progress: called as progress(fraction, message) with fractions rising to 1.0.
+        keep_probabilities: also return each class's probability (uint8 0..255) on the input grid.
+        allow_non_ct: segment an image that does not look like CT (a warning instead of an error).
+        sw_batch_size: windows per forward pass (default 1 on CPU, 4 on CUDA).
+        class_chunk: classes stitched at once (memory: class_chunk x one patch of model-grid rows x 2 bytes;
+            None: as many as a share of the free memory holds, so the backbone usually runs once per window).
+        cache_features: keep the windows' backbone features between class chunks (None: only when cheap;
+            see `sliding_window`); True is faster for many classes on CPU, at some memory.
+        postprocess: apply the registry's rules (largest component, left/right split, within parents).
+        plausibility: arms beside the trunk are blanked to air in the model's input (when no computed
+            class may lie in a limb), and each mask's position is checked (`inference/plausibility.py`):
+            components in an arm are removed, masks in an implausible position flagged; the reason is in
+            `ClassResult.reason`.
+        subset_windows: for a subset of classes, run windows only around where the requested classes (and their
+            pair partners) are, found by a coarse half-resolution pass (`inference/roi.py`); masks then differ
+            slightly from a full run's. False: the full grid, masks as in a run of all classes.
+        series_uid: for a DICOM folder holding several series, the SeriesInstanceUID to segment (default:
+            the CT series with the most slices, named in a `DicomSeriesWarning`).
     """
     report = Monotonic(progress)
     report(0.0, "reading image")

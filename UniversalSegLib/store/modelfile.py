@@ -67,8 +67,14 @@ def save_model(model: UniversalModel, manifest: Manifest, directory: str | Path,
     """Write a model folder atomically (temporary folder, then rename); returns its path.
 
     The manifest gets the weights' SHA-256 and its integrity record (store/integrity.py).
-    `weights_dtype="float16"` stores floating-point tensors in half precision (bundled demo
-    models); the default float32 round-trips bit for bit.
+
+    Args:
+        model: the network to store (its state dict goes to safetensors).
+        manifest: what the model is (classes, backbone, preprocessing, provenance).
+        directory: the model folder to create.
+        overwrite: replace an existing folder (default: refuse).
+        weights_dtype: "float16" stores floating-point tensors in half precision (bundled demo
+            models); the default "float32" round-trips bit for bit.
     """
     import torch
     from safetensors.torch import save_file
@@ -134,7 +140,8 @@ def scan_models(check_weights: bool = False) -> list[ModelEntry]:
 
 
 def list_models() -> list[tuple[Path, Manifest]]:
-    """Every installed model whose manifest passes its checks: the user's folder first, then the bundled ones."""
+    """Every installed model whose manifest passes its checks, as (folder, manifest): the user's folder
+    first, then the bundled ones."""
     return [(e.path, e.manifest) for e in scan_models() if e.manifest is not None]
 
 
@@ -288,6 +295,11 @@ def read_tensors(path: Path) -> dict:
 def load_model(name_or_path: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Find, verify (closed folder, integrity record, SHA-256, safetensors header) and load a model.
 
+    Args:
+        name_or_path: an installed model's name (your model folder first, then the bundled ones) or a
+            model folder; default: the bundled model.
+        device: where the weights go ("cpu", "cuda", "cuda:N" or a torch.device).
+
     Raises ModelFileError on any corruption, tampering or file outside the model folder.
     """
     from safetensors import SafetensorError
@@ -333,7 +345,17 @@ def _build_unallocated(manifest: Manifest, class_embeddings: torch.Tensor) -> Un
 
 def create_model(name: str, class_keys: list[str], backbone: str = "segresnet", backbone_config: dict | None = None,
                  text_encoder=None, registry=None, **manifest_fields) -> tuple[UniversalModel, Manifest]:
-    """A fresh (untrained) model for registry classes, with their prompts embedded once."""
+    """A fresh (untrained) model for registry classes, with their prompts embedded once.
+
+    Args:
+        name: the model's name (its folder name when saved).
+        class_keys: registry keys, names or synonyms of the classes, in output order.
+        backbone: a registered backbone ("segresnet", "swinunetr", "unet").
+        backbone_config: keyword arguments of the backbone's network.
+        text_encoder: the prompt encoder (default: the offline MiniLM).
+        registry: the class registry (default: the bundled one).
+        manifest_fields: further `Manifest` fields (preprocessing, lpg_hidden, ...).
+    """
     from UniversalSegLib.registry import default_registry
     from UniversalSegLib.text import embed_prompts, get_text_encoder
 

@@ -227,7 +227,12 @@ def _run_stages(config: RunConfig, info: DistInfo, device: torch.device, resume:
 
 
 def run_training(config: RunConfig, resume: bool = False) -> Path:
-    """Train per `config` (continuing its last checkpoint if `resume`); returns the final model folder."""
+    """Train per `config`, every stage in order; returns the final model folder.
+
+    Args:
+        config: the checked run configuration (`train.config.load_config`).
+        resume: continue from the last checkpoint of the current stage; finished stages are skipped.
+    """
     info = dist_info_from_env()
     device = resolve_device(config.settings("cuda").device, info)
     init_distributed(info, device)
