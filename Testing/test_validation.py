@@ -45,7 +45,8 @@ def test_validation_dice_is_the_dice_of_predicts_masks(crop, loaded):
 
 
 def test_model_space_validation_stitches_as_predict(crop, loaded):
-    # validation on a preprocessed case, restored to the input grid, gives predict's mask (rules off)
+    # validation on a preprocessed case, restored to the input grid, gives predict's mask (rules off;
+    # the full grid's windows, as for all classes: a one-class request otherwise runs ROI windows)
     image, _ = crop
     pre = loaded.manifest.preprocessing
     prepared = preprocess(image, pre)
@@ -53,6 +54,7 @@ def test_model_space_validation_stitches_as_predict(crop, loaded):
     probs = predict_case(loaded.model, torch.from_numpy(prepared.volume)[None], [liver], pre.patch_size,
                          torch.device("cpu"), overlap=pre.overlap)
     restored = to_input_grid(probs[0].numpy(), prepared.grid, image, pre.threshold)
-    shipped = predict(image, model=loaded, classes=["liver"], device="cpu", postprocess=False)["liver"].mask
+    shipped = predict(image, model=loaded, classes=["liver"], device="cpu", postprocess=False,
+                      subset_windows=False)["liver"].mask
     assert restored.mask.count > 1000
     assert np.array_equal(restored.mask.array(), shipped)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,8 +65,7 @@ class Features(torch.nn.Module):
 
 def onnx_session(model, example: torch.Tensor, threads: int, folder: str):
     """(session, export seconds): the backbone exported with the TorchScript exporter, float32."""
-    sys.path.append(os.environ.get("ORT_PATH", ""))  # a --target install kept outside the venv
-    import onnxruntime as ort
+    import onnxruntime as ort  # not a dependency: install it, or put a --target install on PYTHONPATH
 
     path = os.path.join(folder, "features.onnx")
     t = time.perf_counter()

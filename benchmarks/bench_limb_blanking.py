@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from _common import REPO, require_checkout  # benchmarks/_common.py (this script's folder)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+require_checkout()
 from UniversalSegLib.geometry import resample_to_spacing  # noqa: E402
 from UniversalSegLib.inference.plausibility import blank_limbs  # noqa: E402
 from UniversalSegLib.inference.preprocess import preprocess  # noqa: E402
