@@ -70,3 +70,27 @@ def test_count_bar_closes_itself_at_the_total(capsys):
     bar(2, 2, "case_b")
     assert bar.bar is None
     assert "preprocessing training cases" in capsys.readouterr().err
+
+
+def test_json_lines_from_several_threads_stay_one_object_per_line(monkeypatch):
+    """A cohort reads the next case in a thread while the current one reports: print() writes a line's
+    text and its newline separately, so two threads could glue two objects into one unreadable line."""
+    import io
+    import threading
+    import time
+
+    class SlowStdout(io.StringIO):  # a pause in every write lets another thread in, as a busy pipe does
+        def write(self, text):
+            time.sleep(0.001)
+            return super().write(text)
+
+    out = SlowStdout()
+    monkeypatch.setattr("sys.stdout", out)
+    threads = [threading.Thread(target=lambda i=i: [json_progress(0.5, f"thread {i} line {n}") for n in range(20)])
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 80 and all(json.loads(line)["progress"] == 0.5 for line in lines)

@@ -12,7 +12,6 @@ this run added to OUTDIR (OUTDIR itself too when this run created it).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import warnings
@@ -90,7 +89,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from UniversalSegLib.inference.predict import predict
     from UniversalSegLib.inference.request import PredictSettings, resolve_request
     from UniversalSegLib.io import write_outputs
-    from UniversalSegLib.progress import FractionBar, ProgressFn, json_progress
+    from UniversalSegLib.progress import FractionBar, ProgressFn, json_line, json_progress
 
     # every check, once, before any output (the input's own warnings, e.g. which series, on one line each)
     with _warnings_on_one_line(UserWarning):
@@ -114,7 +113,7 @@ def run_predict(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if args.progress_json:
-        print(json.dumps({"done": True, "outputs": {k: str(v) for k, v in outputs.items()}}), flush=True)
+        json_line(done=True, outputs={k: str(v) for k, v in outputs.items()})
     else:
         for name, path in outputs.items():
             print(f"{name}: {path}")

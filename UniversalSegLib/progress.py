@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 ProgressFn = Callable[[float, str], None]
 CountFn = Callable[[int, int, str], None]
 _BAR_STEPS = 1000  # resolution of a fraction bar
+# print() writes the text and its newline separately: two threads (a cohort reads the next case while the
+# current one runs) could interleave them into one unreadable line. One write of the whole line, locked.
+_STDOUT_LOCK = threading.Lock()
 
 
 class Monotonic:
@@ -93,7 +97,10 @@ class CountBar:
 
 def json_line(**fields: Any) -> None:
     """One JSON object on its own line of stdout, flushed at once (the reader is another process)."""
-    print(json.dumps(fields), flush=True)
+    line = json.dumps(fields) + "\n"
+    with _STDOUT_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def json_progress(fraction: float, message: str, **extra: Any) -> None:

@@ -159,8 +159,10 @@ def _finish(runner, discovery, done, table, out: Path, world: int, progress_json
     report_csv, report_json = write_run_report(out, rows, discovery.notes, runner.identity, runner.settings, wall_s)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "refused", "failed")}
     if progress_json:
-        print(json.dumps({"done": True, "outputs": {"table": str(table_path), "report": str(report_csv),
-                                                     "report:json": str(report_json)}, "counts": counts}), flush=True)
+        from UniversalSegLib.progress import json_line
+
+        json_line(done=True, outputs={"table": str(table_path), "report": str(report_csv),
+                                      "report:json": str(report_json)}, counts=counts)
     else:
         print(f"cases: {counts['ok']} segmented, {counts['skipped']} finished earlier, {counts['refused']} refused, "
               f"{counts['failed']} failed ({wall_s:.0f} s)")
