@@ -86,3 +86,13 @@ def test_cli_full_grid_turns_the_subset_windows_off(flag, expected, monkeypatch,
     monkeypatch.setattr(request, "resolve_request", capture)
     code = cli(["predict", str(SAMPLE), "-o", str(tmp_path / "out"), "--classes", "liver", *flag])
     assert code == 2 and seen["settings"].subset_windows is expected
+
+
+def test_a_scan_of_one_window_runs_no_coarse_pass(monkeypatch):
+    """The coarse pass costs a window; where the full grid is one window it cannot pay, so it is skipped."""
+    calls = []
+    monkeypatch.setattr(roi, "coarse_box", lambda *args, **kwargs: calls.append(1))
+    loaded = load_for_inference(None, "cpu")
+    small = sitk.ReadImage(str(SAMPLE))[20:60, 30:70, 40:60]  # 120 x 120 x 60 mm: one 64^3 window at 3 mm
+    result = predict(small, model=loaded, classes="spleen", device="cpu")
+    assert calls == [] and result.metadata["windows"] == result.metadata["full_grid_windows"] == 1

@@ -137,23 +137,7 @@ def subset_probability_slabs(model: UniversalModel, volume: np.ndarray, classes:
         kwargs: passed on to `probability_slabs` (sw_batch_size, class_chunk, cache_features).
     """
     info = {} if info is None else info
-    roi = None
-    if roi_classes:
-        full = len(WindowPlan.make(volume.shape, patch, overlap).starts)
-        info.update(window_roi=None, windows=full, full_grid_windows=full)
-        box = coarse_box(model, volume, roi_classes, patch, device, amp)
-        coarse = len(WindowPlan.make(half_resolution(volume).shape, patch, COARSE_OVERLAP).starts)
-        if box is not None:
-            candidate = grown(box, volume.shape, patch)
-            shape = [hi - lo for lo, hi in candidate]
-            windows = len(WindowPlan.make(shape, patch, overlap).starts)
-            if windows + coarse <= MAX_WINDOW_SHARE * full:
-                roi = candidate
-                info.update(window_roi=[list(r) for r in roi], windows=windows + coarse)
-            else:
-                info.update(windows=full + coarse)
-        else:
-            info.update(windows=full + coarse)
+    roi = _choose_roi(model, volume, roi_classes, patch, overlap, device, amp, info) if roi_classes else None
     fine = (lambda f, m: progress(0.05 + 0.95 * f, m)) if progress and roi_classes else progress
     if roi is None:
         yield from probability_slabs(model, volume, classes, patch, overlap, device, amp=amp, progress=fine, **kwargs)
@@ -161,3 +145,24 @@ def subset_probability_slabs(model: UniversalModel, volume: np.ndarray, classes:
     crop = np.ascontiguousarray(volume[tuple(slice(lo, hi) for lo, hi in roi)])
     yield from embedded(probability_slabs(model, crop, classes, patch, overlap, device, amp=amp, progress=fine,
                                           **kwargs), roi, volume.shape)
+
+
+def _choose_roi(model: UniversalModel, volume: np.ndarray, roi_classes: Mapping[int, bool], patch: Sequence[int],
+                overlap: float, device: torch.device, amp: bool, info: dict) -> Box | None:
+    """The ROI whose windows (plus the coarse pass) are at most MAX_WINDOW_SHARE of the full grid's, or None;
+    fills `info` with the window counts."""
+    full = len(WindowPlan.make(volume.shape, patch, overlap).starts)
+    coarse = len(WindowPlan.make(half_resolution(volume).shape, patch, COARSE_OVERLAP).starts)
+    info.update(window_roi=None, windows=full, full_grid_windows=full)
+    if 1 + coarse > MAX_WINDOW_SHARE * full:  # a small scan: even a one-window ROI would not pay for the pass
+        return None
+    info.update(windows=full + coarse)
+    box = coarse_box(model, volume, roi_classes, patch, device, amp)
+    if box is None:
+        return None
+    roi = grown(box, volume.shape, patch)
+    windows = len(WindowPlan.make([hi - lo for lo, hi in roi], patch, overlap).starts)
+    if windows + coarse > MAX_WINDOW_SHARE * full:
+        return None
+    info.update(window_roi=[list(r) for r in roi], windows=windows + coarse)
+    return roi
