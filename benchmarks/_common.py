@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,3 +39,13 @@ def checkout_env(**extra: str) -> dict[str, str]:
     inherited = os.environ.get("PYTHONPATH")
     path = os.pathsep.join([str(REPO), *([inherited] if inherited else [])])
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def median_seconds(action, repeat: int) -> float:
+    """The median wall time of `repeat` calls of `action()`."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

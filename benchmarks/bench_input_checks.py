@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from _common import REPO, require_checkout  # benchmarks/_common.py (this script's folder)
+from _common import REPO, median_seconds, require_checkout  # benchmarks/_common.py (this script's folder)
 
 require_checkout()
 
@@ -31,15 +29,6 @@ from UniversalSegLib.io import read_image  # noqa: E402
 from UniversalSegLib.io.header_checks import check_file_header  # noqa: E402
 
 SAMPLE = REPO / "UniversalSegLib" / "resources" / "sample" / "ct_abdomen.nii.gz"
-
-
-def _median_s(action, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _large(folder: Path) -> tuple[Path, Path]:
@@ -65,9 +54,9 @@ def main() -> None:
         files = {"sample": SAMPLE, **dict(zip(("large", "large-2-gz"), _large(Path(tmp))))}
         print(f"{'file':12} {'check_s':>8} {'read_image_s':>13} {'sitk_read_s':>12} {'ratio':>6}")
         for name, path in files.items():
-            check = _median_s(lambda p=path: check_file_header(p), args.repeat)
-            ours = _median_s(lambda p=path: read_image(p), args.repeat)
-            base = _median_s(lambda p=path: sitk.ReadImage(str(p)), args.repeat)
+            check = median_seconds(lambda p=path: check_file_header(p), args.repeat)
+            ours = median_seconds(lambda p=path: read_image(p), args.repeat)
+            base = median_seconds(lambda p=path: sitk.ReadImage(str(p)), args.repeat)
             print(f"{name:12} {check:8.3f} {ours:13.3f} {base:12.3f} {ours / base:6.2f}")
 
 

@@ -15,12 +15,10 @@ Prints, per image, the median seconds of blank_limbs and of preprocess, and thei
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import SimpleITK as sitk
-from _common import REPO, require_checkout  # benchmarks/_common.py (this script's folder)
+from _common import REPO, median_seconds, require_checkout  # benchmarks/_common.py (this script's folder)
 
 require_checkout()
 from UniversalSegLib.geometry import resample_to_spacing  # noqa: E402
@@ -31,15 +29,6 @@ from UniversalSegLib.store import DEFAULT_MODEL, find_model, read_manifest  # no
 
 DATA = REPO / "Testing" / "data" / "shared"
 SCANS = {"A": "ct-abdomen/ct.nii.gz", "B": "ct-thorax-aorta/ct.nii.gz", "C": "ct-chest-pa/ct.nii.gz"}
-
-
-def _median_s(action, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _with_arm(image: sitk.Image, radius_mm: float = 45.0, gap_mm: float = 15.0) -> sitk.Image:
@@ -74,8 +63,8 @@ def main() -> None:
     print(f"{'image':16s} {'size':>16s} {'blank_limbs s':>14s} {'preprocess s':>13s} {'ratio':>6s} {'blanked ml':>10s}")
     for name, image in images.items():
         blanked_ml = blank_limbs(image, classes)[1]
-        blank_s = _median_s(lambda image=image: blank_limbs(image, classes), args.repeat)
-        pre_s = _median_s(lambda image=image: preprocess(image, pre), args.repeat)
+        blank_s = median_seconds(lambda image=image: blank_limbs(image, classes), args.repeat)
+        pre_s = median_seconds(lambda image=image: preprocess(image, pre), args.repeat)
         size = "x".join(str(n) for n in image.GetSize())
         print(f"{name:16s} {size:>16s} {blank_s:14.3f} {pre_s:13.3f} {blank_s / pre_s:6.2f} {blanked_ml:10.0f}",
               flush=True)
