@@ -9,6 +9,8 @@ machine's load; CPU seconds of the process are given beside wall seconds):
   batch2/batch4  channels-last, 2 or 4 windows per call (seconds per window)
   compile        `torch.compile` (inductor, CPU) of `features`, channels-last; compile time printed
   onnxruntime    the backbone exported to ONNX (`torch.onnx.export`), ONNX Runtime CPU EP
+  openvino       the same ONNX file read by OpenVINO, CPU plugin, precision hint f32 (its PyTorch
+                 front end fails the tracer's check on this model)
 
 Thread count: `--threads` (torch and ONNX Runtime intra-op). A CPU without AMX: run the script with
 `ONEDNN_MAX_CPU_ISA=AVX512_CORE` (or `AVX2`); ONNX Runtime does not read that variable (its MLAS
@@ -33,7 +35,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "UniversalSegLib" / "resources" / "sample" / "ct_abdomen.nii.gz"
-VARIANTS = ("contiguous", "channels_last", "cl_input", "batch2", "batch4", "compile", "onnxruntime")
+VARIANTS = ("contiguous", "channels_last", "cl_input", "batch2", "batch4", "compile", "onnxruntime", "openvino")
 
 
 def sample_windows(model_path: str | None, patch: int, count: int) -> torch.Tensor:
@@ -76,6 +78,21 @@ def onnx_session(model, example: torch.Tensor, threads: int, folder: str):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return session, time.perf_counter() - t, ort.__version__
+
+
+def openvino_model(model, example: torch.Tensor, threads: int, folder: str):
+    """(compiled model, conversion seconds, version): float32 inference forced (the CPU plugin would
+    otherwise pick bf16 on a CPU with AMX), `threads` inference threads, latency mode."""
+    import openvino as ov  # not a dependency: put a --target install on PYTHONPATH
+
+    path = os.path.join(folder, "features_ov.onnx")
+    t = time.perf_counter()
+    torch.onnx.export(Features(model).eval(), (example,), path, input_names=["x"],
+                      output_names=["image", "voxel"], opset_version=17, dynamo=False)
+    converted = ov.Core().read_model(path)
+    compiled = ov.Core().compile_model(converted, "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    return compiled, time.perf_counter() - t, ov.__version__
 
 
 def main() -> None:
@@ -133,6 +150,17 @@ def main() -> None:
             return torch.from_numpy(np.concatenate([o[0] for o in outs])), torch.from_numpy(
                 np.concatenate([o[1] for o in outs]))
         runners["onnxruntime"] = run_ort
+
+    if "openvino" in args.variants:
+        model.to(memory_format=torch.contiguous_format)
+        compiled_ov, seconds, version = openvino_model(model, x[:1], args.threads, folder)
+        notes["openvino"] = f"openvino {version}, conversion + compilation {seconds:.1f} s"
+
+        def run_ov():
+            outs = [compiled_ov(x[i:i + 1].numpy()) for i in range(4)]
+            return (torch.from_numpy(np.concatenate([o[0] for o in outs])),
+                    torch.from_numpy(np.concatenate([o[1] for o in outs])))
+        runners["openvino"] = run_ov
 
     chosen = [v for v in VARIANTS if v in args.variants and v in runners]
     wall = {v: [] for v in chosen}
