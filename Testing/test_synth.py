@@ -26,6 +26,7 @@ from UniversalSegLib.data.synth import (
     BODY_ID,
     FAT_ID,
     GAS_ID,
+    TISSUES,
     ContrastPhaseAugment,
     SynthesizeFromLabels,
     build_generalisation_pipeline,
@@ -235,6 +236,34 @@ def test_contrast_phase_on_real_image_enhances_and_de_enhances_labelled_vessels(
     native = ContrastPhaseAugment(phase_probs={"native": 1.0}, seed=0, **only_phase)
     back = native({"image": out, "structure_map": sm})["image"]
     assert 20 < float(window_to_hu(back[0][aorta & ~rim_mask(sm.long()[None], 1)[0]].mean())) < 75
+
+
+def test_delayed_and_portal_venous_phases_reach_their_literature_ranges():
+    """The delayed phase (a stage asks for it with `phase_probs`) and the portal-venous venous range
+    widened to the infrarenal IVC's 80 HU: each labelled vessel's interior lands in its phase's range."""
+    hu, labels = _abdomen()
+    crop = (slice(30, 90), slice(20, 80), slice(40, 80))
+    hu, labels = hu[crop], labels[crop]
+    image = hu_to_window(torch.from_numpy(hu))[None]
+    sm = torch.from_numpy(labels)
+    interior = ~rim_mask(sm.long()[None], 1)[0]
+    ivc = (sm == structure_id("inferior_vena_cava")) & interior
+    aorta = (sm == AORTA) & interior
+    assert ivc.sum() > 50 and aorta.sum() > 50
+    only_phase = dict(p=1.0, p_label_guided=1.0, p_remap=0, p_scale_shift=0, p_thick=0, p_blur=0, p_noise=0,
+                      p_gamma=0, spacing_mm=3.0)
+    ivc_means = []
+    for seed in range(12):
+        delayed = ContrastPhaseAugment(phase_probs={"delayed": 1.0}, seed=seed, **only_phase)
+        out = delayed({"image": image, "structure_map": sm})["image"][0]
+        assert delayed.last_phases == ["delayed"]
+        assert 90 < float(window_to_hu(out[aorta].mean())) < 180  # artery (100, 170) +- the draw's jitter
+        venous = ContrastPhaseAugment(phase_probs={"portal_venous": 1.0}, seed=seed, **only_phase)
+        ivc_means.append(float(window_to_hu(venous({"image": image, "structure_map": sm})["image"][0][ivc].mean())))
+    assert min(ivc_means) < 150 and max(ivc_means) < 215  # 150-200 HU before: never a 90 HU IVC
+    assert TISSUES["vein"].mean_range("portal_venous") == (80, 200)
+    with pytest.raises(ValueError, match="phase_probs"):
+        ContrastPhaseAugment(phase_probs={"late": 1.0})
 
 
 # ----------------------------------------------------------------------------------------------- spatial

@@ -52,8 +52,10 @@ from UniversalSegLib.data.fov import (
 
 _NAMES_FILE = Path(__file__).resolve().parents[1] / "resources" / "sample" / "totalsegmentator_v2_label_names.json"
 NUM_IDS = 256  # structure ids are 0..255 (lookup tables of this size)
-PHASES = ("native", "arterial", "portal_venous")
-DEFAULT_PHASE_PROBS = {"native": 0.3, "arterial": 0.35, "portal_venous": 0.35}
+PHASES = ("native", "arterial", "portal_venous", "delayed")
+# "delayed" (equilibrium, 3-5 min) weighs 0 by default, so v0.4.1's stages draw as they did; a stage
+# asks for it with `generalise.phase_probs`.
+DEFAULT_PHASE_PROBS = {"native": 0.3, "arterial": 0.35, "portal_venous": 0.35, "delayed": 0.0}
 
 # ids for model classes that TotalSegmentator v2 lacks, and for unlabelled tissue found by thresholds
 LUNG_ID, BONE_ID, BODY_ID, FAT_ID, GAS_ID = 249, 250, 251, 252, 253
@@ -74,7 +76,7 @@ EXTRA_STRUCTURES: dict[int, str] = {
 class TissueHU:
     """CT appearance of one tissue: ranges (HU) the random draws come from.
 
-    `native`, `arterial`, `portal_venous`: range of the mean in each contrast phase. `std`: voxel
+    `native`, `arterial`, `portal_venous`, `delayed`: range of the mean in each contrast phase. `std`: voxel
     noise inside the structure. `texture`: amplitude of the smooth per-structure texture. `rim`: extra
     intensity of the structure's outer shell per phase (renal cortex, cortical bone, table surface).
     `enhances`: `ContrastPhaseAugment` re-targets it on real images.
@@ -83,9 +85,10 @@ class TissueHU:
     native: tuple[float, float]
     arterial: tuple[float, float]
     portal_venous: tuple[float, float]
+    delayed: tuple[float, float]
     std: tuple[float, float] = (3.0, 15.0)
     texture: tuple[float, float] = (0.0, 20.0)
-    rim: tuple[tuple[float, float], ...] = ((-10.0, 10.0),) * 3
+    rim: tuple[tuple[float, float], ...] = ((-10.0, 10.0),) * len(PHASES)
     enhances: bool = False
 
     def mean_range(self, phase: str) -> tuple[float, float]:
@@ -93,34 +96,38 @@ class TissueHU:
 
 
 def _same(lo: float, hi: float) -> tuple[tuple[float, float], ...]:
-    return ((lo, hi),) * 3
+    return ((lo, hi),) * len(PHASES)
 
 
+# Phase ranges: literature-typical adult values. Portal-venous (60-70 s): the portal vein 110-220 HU and
+# the veins 80-200 (the infrarenal IVC enhances less than the suprarenal; 150-200 until v0.4.1).
+# Delayed (equilibrium, 3-5 min): blood pool 100-170 HU, liver and spleen homogeneous, the kidneys'
+# nephrogram homogeneous (no cortex rim).
 TISSUES: dict[str, TissueHU] = {
     "outside": TissueHU(*_same(-1024, -960), std=(0, 10), texture=(0, 5), rim=_same(0, 0)),
     "gas": TissueHU(*_same(-1010, -850), std=(5, 40), texture=(0, 60), rim=_same(0, 0)),
     "airway": TissueHU(*_same(-1010, -900), std=(5, 20), texture=(0, 20), rim=_same(0, 0)),
     "lung": TissueHU(*_same(-900, -700), std=(20, 60), texture=(20, 120), rim=_same(0, 0)),
     "fat": TissueHU(*_same(-120, -60), std=(5, 20), texture=(0, 20)),
-    "body": TissueHU((0, 60), (10, 70), (20, 80), std=(5, 20), texture=(5, 40)),
-    "muscle": TissueHU((35, 65), (40, 70), (45, 75), texture=(0, 15)),
-    "liver": TissueHU((40, 70), (55, 95), (90, 150), texture=(0, 15), enhances=True),
-    "spleen": TissueHU((35, 60), (80, 170), (90, 150), texture=(0, 25), enhances=True),
-    "kidney": TissueHU((20, 45), (60, 130), (120, 220), texture=(0, 15),
-                       rim=((0, 10), (80, 200), (0, 40)), enhances=True),
-    "organ": TissueHU((25, 60), (70, 140), (60, 120), texture=(0, 15), enhances=True),
-    "thyroid": TissueHU((70, 120), (120, 250), (100, 180), texture=(0, 15), enhances=True),
-    "hollow": TissueHU((-10, 45), (20, 80), (30, 90), std=(5, 25), texture=(10, 60)),
+    "body": TissueHU((0, 60), (10, 70), (20, 80), (20, 80), std=(5, 20), texture=(5, 40)),
+    "muscle": TissueHU((35, 65), (40, 70), (45, 75), (45, 75), texture=(0, 15)),
+    "liver": TissueHU((40, 70), (55, 95), (90, 150), (70, 110), texture=(0, 15), enhances=True),
+    "spleen": TissueHU((35, 60), (80, 170), (90, 150), (80, 120), texture=(0, 25), enhances=True),
+    "kidney": TissueHU((20, 45), (60, 130), (120, 220), (100, 200), texture=(0, 15),
+                       rim=((0, 10), (80, 200), (0, 40), (0, 20)), enhances=True),
+    "organ": TissueHU((25, 60), (70, 140), (60, 120), (60, 100), texture=(0, 15), enhances=True),
+    "thyroid": TissueHU((70, 120), (120, 250), (100, 180), (90, 150), texture=(0, 15), enhances=True),
+    "hollow": TissueHU((-10, 45), (20, 80), (30, 90), (30, 90), std=(5, 25), texture=(10, 60)),
     "fluid": TissueHU(*_same(-5, 25), texture=(0, 8)),
-    "artery": TissueHU((30, 60), (250, 500), (130, 220), texture=(0, 10), enhances=True),
-    "pulmonary_artery": TissueHU((30, 60), (200, 600), (120, 200), texture=(0, 10), enhances=True),
-    "heart": TissueHU((30, 60), (150, 450), (100, 180), texture=(0, 20), enhances=True),
-    "portal": TissueHU((30, 60), (80, 160), (150, 220), texture=(0, 10), enhances=True),
-    "vein": TissueHU((30, 60), (60, 160), (150, 200), texture=(0, 10), enhances=True),
+    "artery": TissueHU((30, 60), (250, 500), (130, 220), (100, 170), texture=(0, 10), enhances=True),
+    "pulmonary_artery": TissueHU((30, 60), (200, 600), (120, 200), (100, 160), texture=(0, 10), enhances=True),
+    "heart": TissueHU((30, 60), (150, 450), (100, 180), (100, 160), texture=(0, 20), enhances=True),
+    "portal": TissueHU((30, 60), (80, 160), (110, 220), (100, 160), texture=(0, 10), enhances=True),
+    "vein": TissueHU((30, 60), (60, 160), (80, 200), (100, 160), texture=(0, 10), enhances=True),
     "bone": TissueHU(*_same(150, 450), std=(20, 60), texture=(30, 150), rim=_same(200, 800)),
     "cartilage": TissueHU(*_same(60, 200), texture=(0, 30)),
     "cns": TissueHU(*_same(20, 45), texture=(0, 10)),
-    "lesion": TissueHU((10, 60), (30, 120), (40, 110), texture=(0, 30)),
+    "lesion": TissueHU((10, 60), (30, 120), (40, 110), (40, 100), texture=(0, 30)),
     "table": TissueHU(*_same(-250, 300), std=(5, 30), texture=(0, 30), rim=_same(150, 700)),
 }
 TISSUE_NAMES = tuple(TISSUES)
@@ -391,8 +398,13 @@ class _IntensityBase(RandomTransform):
         self.axes = axes
 
     def draw_phases(self, n: int) -> torch.Tensor:
-        weights = torch.tensor([self.phase_probs.get(p, 0.0) for p in PHASES])
-        return torch.multinomial(weights, n, replacement=True, generator=self.generator)
+        """(n,) phase indices. One uniform number per sample (inverse CDF), so adding a phase to
+        `PHASES` never shifts the other transforms' random streams (`torch.multinomial`'s
+        consumption depends on the number of categories)."""
+        weights = torch.tensor([self.phase_probs.get(p, 0.0) for p in PHASES], dtype=torch.float64)
+        cdf = torch.cumsum(weights / weights.sum(), 0)
+        u = torch.rand(n, generator=self.generator, dtype=torch.float64)
+        return torch.searchsorted(cdf, u, right=True).clamp(max=len(PHASES) - 1)
 
     def draw_means(self, phases: torch.Tensor, jitter: float) -> torch.Tensor:
         """(B, NUM_IDS) mean HU: one draw per tissue and sample, plus a per-structure jitter."""
@@ -484,7 +496,7 @@ class SynthesizeFromLabels(_IntensityBase):
 
     Parameters:
         p: probability of synthesising a sample (`p_synth`).
-        phase_probs: weights of "native", "arterial", "portal_venous".
+        phase_probs: weights of "native", "arterial", "portal_venous", "delayed".
         p_random_contrast, random_hu: full randomisation probability and its HU range.
         structure_jitter: per-structure deviation from its tissue draw, as a fraction of the range.
         texture_scale: multiplies the texture amplitudes (0: flat structures).
@@ -586,8 +598,8 @@ class SynthesizeFromLabels(_IntensityBase):
             hu = hu + _lookup(coarse, ids) * self._coarse_texture(shape, device)
         hu = hu + _lookup(rims, ids) * rim_mask(ids, self.rim_width(self.rim_mm)).unsqueeze(1)
         split = self.split_lumens(ids, means, self.p_split_lumen, self.split_lumen_drop)
-        if split is not None:
-            hu = hu + split
+        if split is not None:  # a lowered voxel stops at unenhanced blood (noise may start it below the mean)
+            hu = torch.maximum(hu + split, torch.clamp(hu, max=ARTERY_NATIVE_HU))
         present = [torch.nonzero(torch.bincount(ids[b].flatten(), minlength=NUM_IDS)).flatten().tolist()
                    for b in range(n)]
         for b, slot in enumerate(slots):
@@ -634,7 +646,7 @@ class ContrastPhaseAugment(_IntensityBase):
         p: probability per sample (the steps below have their own probabilities).
         class_keys: names of the label channels (model class keys), for label-guided changes without
             a structure map.
-        phase_probs: weights of "native", "arterial", "portal_venous".
+        phase_probs: weights of "native", "arterial", "portal_venous", "delayed".
         p_label_guided, edge_sigma_mm, rim_mm: phase change probability, feathering, cortex thickness.
         p_remap, remap_points, remap_std: random monotonic curve on the window (control points, std).
         p_scale_shift, scale, shift: linear change of the window values.
@@ -782,8 +794,8 @@ def build_generalisation_pipeline(p_synth: float = 0.5, spacing_mm: float | Sequ
                                   class_keys: Sequence[str] | None = None, keep_size: bool = True,
                                   p_deform: float = 0.8, p_zoom: float = 0.15, p_fov: float = 0.25,
                                   p_partial: float = 0.15, p_slab: float = 0.2, p_contrast: float = 0.8,
-                                  p_split_lumen: float = 0.0, axes: Axes = RAS_AXES,
-                                  seed: int | None = None) -> Compose:
+                                  p_split_lumen: float = 0.0, phase_probs: Mapping[str, float] | None = None,
+                                  axes: Axes = RAS_AXES, seed: int | None = None) -> Compose:
     """The domain-randomisation pipeline for the default model, in this order:
 
     ========================  ===========  =================================================================
@@ -800,6 +812,7 @@ def build_generalisation_pipeline(p_synth: float = 0.5, spacing_mm: float | Sequ
 
     `p_split_lumen` (both synthesis and phase change): arteries enhanced on one side of a random
     surface only (`split_lumens`); 0, the default, draws nothing and leaves every stream as before.
+    `phase_probs` (both): weights of the contrast phases (`PHASES`); default `DEFAULT_PHASE_PROBS`.
 
     `keep_size=True` keeps every sample's shape (use on fixed-size patches and batches);
     `keep_size=False` lets RandomFOVPad enlarge whole volumes before the loader crops patches.
@@ -811,8 +824,8 @@ def build_generalisation_pipeline(p_synth: float = 0.5, spacing_mm: float | Sequ
     def child_seed(i: int) -> int | None:
         return None if seed is None else seed + 7919 * i
 
-    contrast = ContrastPhaseAugment(p_contrast, class_keys=class_keys, p_split_lumen=p_split_lumen,
-                                    spacing_mm=spacing_mm, axes=axes, seed=child_seed(7))
+    contrast = ContrastPhaseAugment(p_contrast, class_keys=class_keys, phase_probs=phase_probs,
+                                    p_split_lumen=p_split_lumen, spacing_mm=spacing_mm, axes=axes, seed=child_seed(7))
     return Compose([
         RandomDeformation(p_deform, spacing_mm=spacing_mm, axes=axes, seed=child_seed(0)),
         RandomZoom(p_zoom, axes=axes, seed=child_seed(1)),
@@ -820,5 +833,5 @@ def build_generalisation_pipeline(p_synth: float = 0.5, spacing_mm: float | Sequ
         RandomPartialOrgan(p_partial, seed=child_seed(3)),
         RandomSlab(p_slab, axes=axes, seed=child_seed(4)),
         SynthesizeFromLabels(p_synth, spacing_mm=spacing_mm, class_keys=class_keys, real_transform=contrast, axes=axes,
-                             p_split_lumen=p_split_lumen, seed=child_seed(5)),
+                             phase_probs=phase_probs, p_split_lumen=p_split_lumen, seed=child_seed(5)),
     ])

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from UniversalSegLib.config_file import read_config_file, typed, validate_section
 from UniversalSegLib.errors import UniversalSegError
@@ -138,6 +138,18 @@ class GeneraliseSection(_Section):
     p_partial: Fraction = 0.15  # an annotated structure cut at the patch border
     p_slab: Fraction = 0.2  # 10-40 axial slices, air elsewhere
     p_split_lumen: Fraction = 0.0  # arteries enhanced in part only
+    # weights of the contrast phases drawn (synthesis and the real images' phase change); default
+    # data.synth.DEFAULT_PHASE_PROBS (no delayed phase)
+    phase_probs: typed(dict[Literal["native", "arterial", "portal_venous", "delayed"], NonNegativeFloat],
+                       "a mapping of native / arterial / portal_venous / delayed to weights >= 0 (not all 0)",
+                       min_length=1) | None = None
+
+    @field_validator("phase_probs")
+    @classmethod
+    def _some_weight(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and sum(value.values()) <= 0:
+            raise ValueError("a mapping of native / arterial / portal_venous / delayed to weights >= 0 (not all 0)")
+        return value
 
 
 class AverageSection(_Section):
