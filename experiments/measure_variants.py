@@ -1,5 +1,6 @@
 """Issue 25's figures: the bundled model on scans A, B, C, on arms composed beside them and on A
-re-enhanced to a portal-venous phase (`UniversalSegLib.evaluation.variants`), before and after the plausibility check.
+and B re-enhanced to a portal-venous phase (`UniversalSegLib.evaluation.variants`), before and after the
+plausibility check.
 
     python -m experiments.measure_variants run OUT        # from the repo root; ~2-3 min per variant on 2 cores
     python -m experiments.measure_variants run AFTER --plausibility
@@ -23,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import yaml
 
-from experiments.paths import RECIPE, SHARED_DATA
+from experiments.paths import SHARED_DATA, scan_a_sources
 from UniversalSegLib.components import connected_components
 from UniversalSegLib.continual.evaluate import dice
-from UniversalSegLib.evaluation.variants import Arm, compose_arms, crop_to, portal_venous
+from UniversalSegLib.evaluation.variants import PV_TARGET_HU, Arm, compose_arms, crop_to, portal_venous, reenhance
 from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.inference.plausibility import Outcome, check
 from UniversalSegLib.inference.predict import predict
@@ -49,10 +49,8 @@ ABSENT_IN_CHEST = ("urinary_bladder", "prostate_or_uterus", "sacrum", "vertebrae
 
 
 def a_label_ids() -> dict[str, int]:
-    """Class key -> label id of scan A's two sources in recipe.yaml."""
-    recipe = yaml.safe_load(RECIPE.read_text())
-    return {key: int(label) for s in recipe["sources"] if s["name"].startswith("abdomen-")
-            for label, key in s["labels"].items()}
+    """Class key -> label id of scan A's two datasets in recipe.yaml."""
+    return scan_a_sources()[2]
 
 
 def variants() -> dict[str, tuple[sitk.Image, sitk.Image, np.ndarray | None]]:
@@ -70,6 +68,9 @@ def variants() -> dict[str, tuple[sitk.Image, sitk.Image, np.ndarray | None]]:
         image, _, arm_mask = compose_arms(scans[scan], None, arms, seed=len(name))
         out[name] = (image, scans[scan], arm_mask)
     out["A_portal_venous"] = (portal_venous(scans["A"], labels), scans["A"], None)
+    # B's arteries (arterial phase, an aortic dissection) lowered to portal-venous values
+    b_masks = {k: v for k, v in truths_of("B").items() if k in PV_TARGET_HU}
+    out["B_portal_venous"] = (reenhance(scans["B"], b_masks), scans["B"], None)
     return out
 
 
@@ -122,15 +123,19 @@ def _arm_components(mask: BoxMask, prob: np.ndarray, arm: np.ndarray, voxel_ml: 
     return found
 
 
+def truths_of(scan: str) -> dict[str, np.ndarray]:
+    """The scan's labelled classes' reference masks on its own grid."""
+    if scan == "A":
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(A_LABELS)))
+        return {k: a == i for k, i in a_label_ids().items()}
+    folder = (DATA / SCANS[scan]).parent / "masks"
+    return {p.name.removesuffix(".nii.gz"): sitk.GetArrayFromImage(sitk.ReadImage(str(p))) > 0
+            for p in folder.glob("*.nii.gz")}
+
+
 def truths() -> dict[str, dict[str, np.ndarray]]:
     """Per scan, the labelled classes' reference masks on its own grid."""
-    a = sitk.GetArrayFromImage(sitk.ReadImage(str(A_LABELS)))
-    out = {"A": {k: a == i for k, i in a_label_ids().items()}}
-    for scan in ("B", "C"):
-        folder = (DATA / SCANS[scan]).parent / "masks"
-        out[scan] = {p.name.removesuffix(".nii.gz"): sitk.GetArrayFromImage(sitk.ReadImage(str(p))) > 0
-                     for p in folder.glob("*.nii.gz")}
-    return out
+    return {scan: truths_of(scan) for scan in SCANS}
 
 
 def report(outdir: Path, after_dir: Path | None = None) -> dict:
@@ -200,7 +205,7 @@ def report(outdir: Path, after_dir: Path | None = None) -> dict:
     for name, row in figures.items():
         native = figures.get(name[0], {}).get("dice", {}).get("after")
         if name[1:] and native and "after" in row["dice"]:
-            keys = PV_CLASSES if name == "A_portal_venous" else list(native)
+            keys = PV_CLASSES if name == "A_portal_venous" else list(native)  # B_portal_venous: B's 7 classes
             row["dice_change"] = {k: None if native.get(k) is None or row["dice"]["after"].get(k) is None
                                   else round(row["dice"]["after"][k] - native[k], 3) for k in keys}
             worst = min((v for v in row["dice_change"].values() if v is not None), default=None)

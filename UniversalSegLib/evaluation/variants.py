@@ -14,6 +14,7 @@ on its grid, so Dice against them measures the model, not the variant.
 - `portal_venous` (issue 25): the scan's real voxels plus an offset per structure (vessels to a
   target mean, organs by a fixed enhancement, kidney cortex more than medulla), the offsets blended
   across label borders by a Gaussian so no hard edge appears; the voxels' texture is kept.
+  `reenhance` does the same from per-class masks (scan B's arteries: arterial -> portal-venous).
 
 Used by the experiments (`experiments/check_generalisation.py`, `experiments/measure_variants.py`)
 and by `Testing/test_plausibility.py` and `Testing/test_evaluation_variants.py`.
@@ -40,7 +41,10 @@ AIR_HU = -1000.0
 # Portal-venous phase (about 70 s after injection). Vessels: target mean HU; organs: HU added.
 PV_TARGET_HU = {"aorta": 180.0, "portal_vein_and_splenic_vein": 130.0, "inferior_vena_cava": 90.0,
                 "iliac_artery_left": 170.0, "iliac_artery_right": 170.0,
-                "iliac_vena_left": 90.0, "iliac_vena_right": 90.0}
+                "iliac_vena_left": 90.0, "iliac_vena_right": 90.0,
+                # aortic branches (scan B labels them; TotalSegmentator v2 has no celiac trunk or SMA)
+                "celiac_trunk": 170.0, "superior_mesenteric_artery": 170.0, "subclavian_artery_left": 170.0,
+                "common_carotid_artery_left": 170.0, "brachiocephalic_trunk": 170.0}
 PV_OFFSET_HU = {"liver": 50.0, "spleen": 60.0, "pancreas": 40.0, "adrenal_gland_left": 30.0,
                 "adrenal_gland_right": 30.0, "duodenum": 20.0, "stomach": 10.0}
 KIDNEY_CORTEX_HU, KIDNEY_MEDULLA_HU, KIDNEY_CORTEX_MM = 100.0, 70.0, 6.0
@@ -252,9 +256,24 @@ def portal_venous(image: sitk.Image, labels: sitk.Image, border_sigma_mm: float 
         labels: its TotalSegmentator v2 label map (`label_ids`).
         border_sigma_mm: width of the blend across label borders.
     """
-    hu = sitk.GetArrayFromImage(image).astype(np.float32)
     lab = sitk.GetArrayFromImage(labels)
     ids = label_ids()
+    keys = [*PV_TARGET_HU, *PV_OFFSET_HU, "kidney_left", "kidney_right"]
+    return reenhance(image, {k: lab == ids[k] for k in keys if k in ids}, border_sigma_mm)
+
+
+def reenhance(image: sitk.Image, regions: dict[str, np.ndarray], border_sigma_mm: float = 1.5) -> sitk.Image:
+    """`portal_venous` from per-class masks: each region named in `PV_TARGET_HU` is shifted to its
+    target median, those in `PV_OFFSET_HU` gain their offset, kidneys get cortex and medulla offsets;
+    other regions are left alone.
+
+    Args:
+        image: the CT in HU.
+        regions: class key -> bool mask in the image's array order.
+        border_sigma_mm: width of the blend across region borders.
+    """
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    empty = np.zeros(hu.shape, bool)
     sigma = [border_sigma_mm / s for s in reversed(image.GetSpacing())]
     offset = np.zeros_like(hu)
     weight = np.zeros_like(hu)
@@ -265,15 +284,15 @@ def portal_venous(image: sitk.Image, labels: sitk.Image, border_sigma_mm: float 
         weight[...] += w
 
     for key, target in PV_TARGET_HU.items():
-        region = lab == ids[key]
+        region = regions.get(key, empty)
         if region.any():
             add(region, target - float(np.median(hu[region])))
     for key, value in PV_OFFSET_HU.items():
-        region = lab == ids[key]
+        region = regions.get(key, empty)
         if region.any():
             add(region, value)
     for key in ("kidney_left", "kidney_right"):
-        region = lab == ids[key]
+        region = regions.get(key, empty)
         if region.any():
             depth = ndimage.distance_transform_edt(region, sampling=list(reversed(image.GetSpacing())))
             add(region & (depth <= KIDNEY_CORTEX_MM), KIDNEY_CORTEX_HU)

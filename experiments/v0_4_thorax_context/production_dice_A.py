@@ -16,10 +16,9 @@ import json
 from pathlib import Path
 
 import SimpleITK as sitk
-import yaml
 
 from experiments.model_space_dice import dice  # the recipe's model-space evaluation
-from experiments.paths import RECIPE, REPO
+from experiments.paths import scan_a_sources
 from UniversalSegLib.inference.predict import predict
 
 A_SOURCES = ("abdomen-organs", "abdomen-gi-vessels-bones")
@@ -31,12 +30,9 @@ def main() -> None:
     parser.add_argument("--model-space", type=Path, help="evaluate.py's JSON, for comparison")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
-    recipe = yaml.safe_load(RECIPE.read_text())
-    sources = [s for s in recipe["sources"] if s["name"] in A_SOURCES]
-    ids = {key: label for s in sources for label, key in s["labels"].items()}
-    data_root = (REPO / recipe["data_root"]).resolve()  # relative to the repository root
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(data_root / sources[0]["label_map"])))
-    result = predict(str(data_root / sources[0]["image"]), model=args.model, classes=list(ids), device="cpu")
+    image, label_map, ids = scan_a_sources()
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(label_map)))
+    result = predict(str(image), model=args.model, classes=list(ids), device="cpu")
     model_space = {}
     if args.model_space:
         figures = json.loads(args.model_space.read_text())
