@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from UniversalSegLib.evaluation.variants import centred_slab, mid_slice, pad_plane, resample, slab
+from UniversalSegLib.evaluation.variants import (
+    PV_TARGET_HU,
+    centred_slab,
+    mid_slice,
+    pad_plane,
+    reenhance,
+    resample,
+    slab,
+)
 
 
 def _image(shape=(20, 16, 12), spacing=(2.0, 1.5, 3.0), origin=(-10.0, 5.0, 30.0)):
@@ -56,3 +64,21 @@ def test_resampled_copy_covers_the_same_extent():
     assert fine.GetSize() == (40, 24, 6)
     assert fine.GetOrigin() == image.GetOrigin()
     assert fine[4, 6, 1] == image[2, 4, 2]
+
+
+def test_reenhance_moves_a_bright_lumen_to_its_portal_venous_median_and_keeps_its_texture():
+    """Scan B's arteries (arterial phase) lowered to portal-venous values from per-class masks: the
+    lumen's median reaches its target, its voxels keep their spread, far-away tissue is untouched."""
+    shape = (24, 24, 24)
+    rng = np.random.default_rng(0)
+    hu = rng.normal(40.0, 10.0, shape).astype(np.float32)  # soft tissue
+    z, y, x = np.indices(shape)
+    lumen = (y - 12) ** 2 + (x - 12) ** 2 <= 16  # a tube along z
+    hu[lumen] = rng.normal(450.0, 60.0, int(lumen.sum()))  # arterial-phase aorta, a true/false-lumen spread
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((1.5, 1.5, 1.5))
+    out = sitk.GetArrayFromImage(reenhance(image, {"aorta": lumen, "not_a_vessel": ~lumen}))
+    assert np.median(out[lumen]) == pytest.approx(PV_TARGET_HU["aorta"], abs=15)
+    assert np.std(out[lumen]) == pytest.approx(np.std(hu[lumen]), rel=0.1)
+    far = np.hypot(y - 12, x - 12) > 8
+    assert np.array_equal(out[far], hu[far])  # unnamed regions and tissue beyond the blend keep their HU
