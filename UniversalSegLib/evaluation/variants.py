@@ -248,8 +248,9 @@ def portal_venous(image: sitk.Image, labels: sitk.Image, border_sigma_mm: float 
 
     Vessels (`PV_TARGET_HU`) are shifted so their median reaches the target; organs
     (`PV_OFFSET_HU`) gain a fixed enhancement; kidneys gain `KIDNEY_CORTEX_HU` in their outer
-    `KIDNEY_CORTEX_MM` and `KIDNEY_MEDULLA_HU` inside. Each structure's offset is spread by a
-    Gaussian of `border_sigma_mm` and the weights normalised, so borders blend as partial volume.
+    `KIDNEY_CORTEX_MM` and `KIDNEY_MEDULLA_HU` inside. Each structure's offset applies in full
+    inside it and fades outside by a Gaussian of `border_sigma_mm`, so borders blend as partial volume
+    (session 14; until then it faded inside the border too, and a thin vessel never reached its target).
 
     Args:
         image: the native CT in HU.
@@ -277,11 +278,13 @@ def reenhance(image: sitk.Image, regions: dict[str, np.ndarray], border_sigma_mm
     sigma = [border_sigma_mm / s for s in reversed(image.GetSpacing())]
     offset = np.zeros_like(hu)
     weight = np.zeros_like(hu)
+    inside = np.zeros(hu.shape, bool)
 
     def add(region: np.ndarray, value: float) -> None:
         w = ndimage.gaussian_filter(region.astype(np.float32), sigma)
         offset[...] += w * value
         weight[...] += w
+        inside[...] |= region
 
     for key, target in PV_TARGET_HU.items():
         region = regions.get(key, empty)
@@ -297,8 +300,10 @@ def reenhance(image: sitk.Image, regions: dict[str, np.ndarray], border_sigma_mm
             depth = ndimage.distance_transform_edt(region, sampling=list(reversed(image.GetSpacing())))
             add(region & (depth <= KIDNEY_CORTEX_MM), KIDNEY_CORTEX_HU)
             add(region & (depth > KIDNEY_CORTEX_MM), KIDNEY_MEDULLA_HU)
-    # Where blurred structures overlap, average their offsets; elsewhere fade with the weight.
-    offset = np.where(weight > 1.0, offset / np.maximum(weight, 1e-6), offset)
+    # Inside a structure, and where blurred structures overlap, the weighted mean of the offsets (a
+    # thin vessel, whose blurred weight stays below 1, still reaches its target); outside, the offset
+    # fades with the weight (partial volume across the border).
+    offset = np.where(inside | (weight > 1.0), offset / np.maximum(weight, 1e-6), offset)
     out = sitk.GetImageFromArray(hu + offset)
     out.CopyInformation(image)
     return out
