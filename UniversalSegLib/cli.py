@@ -25,11 +25,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_classes(args: argparse.Namespace) -> int:
     from UniversalSegLib.registry import default_registry
+    from UniversalSegLib.registry.location import effective_location
     from UniversalSegLib.store import find_model, read_manifest_checked
 
     classes = default_registry().classes if args.all else read_manifest_checked(find_model(args.model)).classes
-    if args.json:
-        print(json.dumps([c.to_dict() for c in classes], indent=1))
+    if args.json:  # each with the location inference applies (the Slicer wizard's defaults read it)
+        print(json.dumps([{**c.to_dict(), "location": effective_location(c)} for c in classes], indent=1))
         return 0
     print(f"{'key':34} {'group':7} {'name':34} parents")
     for c in classes:

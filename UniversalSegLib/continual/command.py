@@ -4,8 +4,11 @@ With --progress-json, stdout carries one JSON object per line for a GUI (the Sli
     {"progress": 0.42, "message": "..."}   {"loss": 0.81, "step": 12}
     {"done": true, "model": "<folder>", "report": {...}}     or, on failure, {"done": false, "error": "..."}
 SIGTERM cancels cleanly (no model written); the exit code is then 3.
-Each class may carry its own prompt, group, parents, colour and synonyms through --classes-file (what
-the wizard sends); --group / --parent / --synonym fill in what a class leaves unset.
+Each class may carry its own prompt, group, parents, colour, synonyms and location through
+--classes-file (what the wizard sends); --group / --parent / --synonym fill in what a class leaves unset.
+A class's location defaults to the registry's for a key it knows; for any other key, to trunk-only
+exactly when every parent is, and with no parent to `trunk: false` (it may lie in an arm or leg), so
+that inference never removes or blanks a user's structure in a limb on a guess.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def parse_new_class(text: str, group: str | None, parents: list[str], synonyms: 
 
 def load_classes_file(path: str | Path) -> list[dict]:
     """The new classes of a JSON/YAML file: a list (or {classes: [...]}) of objects {key, name, prompt,
-    group, parents, colour, synonyms} or bare keys. Fields are checked later, by `make_new_classes`."""
+    group, parents, colour, synonyms, location} or bare keys. Fields are checked later, by `make_new_classes`."""
     from UniversalSegLib.config_file import parse_config_text
     from UniversalSegLib.errors import InputError
 
@@ -132,10 +135,14 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset spec (YAML/JSON), a folder with images/ + masks/<class>/, "
                                                  "or a one-case folder with one image and masks/<class>.nii.gz")
     p.add_argument("--new-class", action="append", metavar='KEY[:"display name"]',
-                   help="a class to add (repeat for several); its masks are masks/<KEY>...")
+                   help="a class to add (repeat for several); its masks are masks/<KEY>...; other fields "
+                        "(location among them) through --classes-file")
     p.add_argument("--classes-file", default=None, metavar="PATH",
                    help="JSON/YAML list of classes to add, each with its own key, name, prompt, group, parents, "
-                        "colour and synonyms (with or instead of --new-class)")
+                        "colour, synonyms and location {trunk: true|false, lateral: [lo, hi], caudal_to: [keys]} "
+                        "(with or instead of --new-class). Location defaults to the registry's for a known key; "
+                        "else trunk-only when every parent is, and trunk: false without parents (a class of "
+                        "unknown place is never removed from an arm or leg)")
     p.add_argument("-o", "--output", required=True, help="new model name (user model folder) or folder path")
     p.add_argument("--group", default=None,
                    help="group (organ, vessel, tumour, bone, ...) of the new classes that set none of their own")
