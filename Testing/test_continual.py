@@ -438,3 +438,27 @@ def test_a_non_trunk_new_class_turns_limb_blanking_off(base_model):
         assert calls == [reference]
     keys = [*manifest.class_keys, deltoid.key, lesion.key]
     assert not OutsideLimbs().applies_to(deltoid, keys) and OutsideLimbs().applies_to(lesion, keys)
+
+
+def test_classes_command_checks_a_classes_file_and_lists_every_problem(base_model, tmp_path, capsys):
+    """`classes --new-classes` (what the Slicer wizard runs before training): the classes as they would
+    be stored, or every problem, one line each; the model's own listing gives each class's location."""
+    from UniversalSegLib.cli import main
+
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps([{"key": "deltoid", "location": {"trunk": "x"}}, {"key": "liver"},
+                                {"key": "lesion", "parents": ["no_such"]}]))
+    args = ["classes", "--model", str(base_model), "--new-classes", str(path)]
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"classes": [], "problems": [
+        "new class 'deltoid': location.trunk: must be true or false, got 'x'",
+        "class 'liver' is already in model 'tiny-base'; choose a new key",
+        "class 'lesion': parent(s) no_such are not classes of the model"]}
+    assert main(args) == 2 and len(capsys.readouterr().err.strip().splitlines()) == 3
+    path.write_text(json.dumps(["deltoid", {"key": "lesion", "parents": ["liver"]}]))
+    assert main([*args, "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["problems"] == [] and [c["location"] for c in made["classes"]] == [{"trunk": False}, {"trunk": True}]
+    assert main(["classes", "--model", str(base_model), "--json"]) == 0
+    listed = {c["key"]: c["location"] for c in json.loads(capsys.readouterr().out)}
+    assert listed["liver"] == default_registry()["liver"].location

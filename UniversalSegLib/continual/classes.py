@@ -14,9 +14,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from UniversalSegLib.config_file import Rule, typed, validate_section
@@ -24,6 +23,9 @@ from UniversalSegLib.errors import InputError
 from UniversalSegLib.registry import ClassInfo, default_registry
 from UniversalSegLib.registry.location import UNKNOWN_PLACE, new_class_location
 from UniversalSegLib.store import Manifest
+
+if TYPE_CHECKING:
+    import torch
 
 ClassSpec = ClassInfo | dict[str, Any] | str
 
@@ -148,14 +150,15 @@ def _as_class(spec: ClassSpec) -> tuple[ClassInfo, dict[str, Any] | None]:
     raise InputError(f"new class {spec!r}: give a key or an object with a key")
 
 
-def _check_caudal_to(c: ClassInfo, given: dict[str, Any] | None, names: set[str]) -> None:
+def _caudal_to_problem(c: ClassInfo, given: dict[str, Any] | None, names: set[str]) -> str | None:
     below = list((given or {}).get("caudal_to", ()))
     if c.key in below:
-        raise InputError(f"class {c.key!r}: location.caudal_to names the class itself")
+        return f"class {c.key!r}: location.caudal_to names the class itself"
     unknown = [k for k in below if k not in names]
     if unknown:
-        raise InputError(f"class {c.key!r}: location.caudal_to: {', '.join(unknown)} not among the model's "
-                         "classes or the new ones")
+        return (f"class {c.key!r}: location.caudal_to: {', '.join(unknown)} not among the model's classes "
+                "or the new ones")
+    return None
 
 
 def _resolve_locations(classes: list[ClassInfo], given: dict[str, dict[str, Any] | None],
@@ -183,30 +186,60 @@ def _resolve_locations(classes: list[ClassInfo], given: dict[str, dict[str, Any]
         resolve(c, frozenset({c.key}))
 
 
-def make_new_classes(specs: Sequence[ClassSpec], manifest: Manifest) -> list[ClassInfo]:
-    """Validated `ClassInfo`s for the classes to add: keys new to the model, parents and
-    `location.caudal_to` known, and each with the location to store (`registry.location`).
+def check_new_classes(specs: Sequence[ClassSpec], manifest: Manifest) -> tuple[list[ClassInfo], list[str]]:
+    """The classes to add as the model would store them (locations resolved) and every problem, one
+    line each in the order of the classes (none: `make_new_classes` accepts them). The Slicer wizard
+    shows them all before training (`universalseg classes --new-classes`).
 
     Args:
         specs: the new classes (ClassInfo, dict of fields, or key).
-        manifest: the base model's manifest (its class keys and classes).
+        manifest: the base model's manifest (its name, class keys and classes).
     """
     if not specs:
-        raise InputError("give at least one new class")
-    made = [_as_class(spec) for spec in specs]
+        return [], ["give at least one new class"]
+    made, problems = [], []
+    for spec in specs:
+        try:
+            made.append(_as_class(spec))
+        except InputError as e:
+            problems.append(str(e))
     classes = [c for c, _ in made]
     known = set(manifest.class_keys)
-    new_keys = [c.key for c in classes]
+    spec_keys = [_spec_key(spec) for spec in specs]  # a class with a bad field still counts as given
+    names = known | {k for k in spec_keys if k}
     for c, given in made:
         if c.key in known:
-            raise InputError(f"class {c.key!r} is already in model {manifest.name!r}; choose a new key")
-        if new_keys.count(c.key) > 1:
-            raise InputError(f"class {c.key!r} is given twice")
-        unknown = [p for p in c.parents if p not in known and p not in new_keys]
+            problems.append(f"class {c.key!r} is already in model {manifest.name!r}; choose a new key")
+        if spec_keys.count(c.key) > 1:
+            problems.append(f"class {c.key!r} is given twice")
+        unknown = [p for p in c.parents if p not in names]
         if unknown:
-            raise InputError(f"class {c.key!r}: parent(s) {', '.join(unknown)} are not classes of the model")
-        _check_caudal_to(c, given, known | set(new_keys))
-    _resolve_locations(classes, {c.key: given for c, given in made}, {c.key: c for c in manifest.classes})
+            problems.append(f"class {c.key!r}: parent(s) {', '.join(unknown)} are not classes of the model")
+        problems.append(_caudal_to_problem(c, given, names))
+    problems = list(dict.fromkeys(p for p in problems if p))  # a key given twice: said once
+    if not problems:
+        _resolve_locations(classes, {c.key: given for c, given in made}, {c.key: c for c in manifest.classes})
+    return classes, problems
+
+
+def _spec_key(spec: ClassSpec) -> str | None:
+    key = spec.key if isinstance(spec, ClassInfo) else spec if isinstance(spec, str) else (
+        spec.get("key") if isinstance(spec, dict) else None)
+    return key if isinstance(key, str) else None
+
+
+def make_new_classes(specs: Sequence[ClassSpec], manifest: Manifest) -> list[ClassInfo]:
+    """Validated `ClassInfo`s for the classes to add: keys new to the model, parents and
+    `location.caudal_to` known, and each with the location to store (`registry.location`).
+    Raises InputError with the first problem (`check_new_classes` lists them all).
+
+    Args:
+        specs: the new classes (ClassInfo, dict of fields, or key).
+        manifest: the base model's manifest (its name, class keys and classes).
+    """
+    classes, problems = check_new_classes(specs, manifest)
+    if problems:
+        raise InputError(problems[0])
     return classes
 
 
@@ -239,6 +272,8 @@ class SimilarClass:
 def most_similar(new_embeddings: torch.Tensor, old_embeddings: torch.Tensor, old_keys: Sequence[str]
                  ) -> list[SimilarClass]:
     """For each new embedding, the old class of highest cosine similarity."""
+    import torch
+
     new = torch.nn.functional.normalize(new_embeddings.float(), dim=1)
     old = torch.nn.functional.normalize(old_embeddings.float().to(new.device), dim=1)
     cos = new @ old.T

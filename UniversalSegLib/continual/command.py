@@ -76,6 +76,36 @@ def new_class_specs(args: argparse.Namespace) -> list[dict]:
             + [parse_new_class(text, *defaults) for text in args.new_class or []])
 
 
+def check_classes_file(model: str | None, path: str | Path, as_json: bool) -> int:
+    """`universalseg classes --new-classes PATH`: the classes of a classes file as `extend` would add
+    them to `model` (each with its location), and every problem with them, before any data or training.
+
+    With `as_json`, prints {"classes": [...], "problems": [...]} and returns 0 (a report, as the Slicer
+    wizard reads it); else prints the classes and returns 0, or each problem on stderr and returns 2.
+
+    Args:
+        model: the base model's name or folder (None: the bundled model).
+        path: the classes file (JSON/YAML, as --classes-file reads it).
+        as_json: print JSON.
+    """
+    import json
+
+    from UniversalSegLib.continual.classes import check_new_classes
+    from UniversalSegLib.store import find_model, read_manifest_checked
+
+    manifest = read_manifest_checked(find_model(model))
+    classes, problems = check_new_classes(load_classes_file(path), manifest)
+    if as_json:
+        print(json.dumps({"classes": [] if problems else [c.to_dict() for c in classes], "problems": problems},
+                         indent=1))
+        return 0
+    for problem in problems:
+        print(f"universalseg: error: {problem}", file=sys.stderr)
+    for c in [] if problems else classes:
+        print(f"{c.key:34} {c.group:7} {c.name:34} {','.join(c.parents):20} {json.dumps(c.location)}")
+    return 2 if problems else 0
+
+
 def _cmd_extend(args: argparse.Namespace) -> int:
     cancel = threading.Event()
     if threading.current_thread() is threading.main_thread():  # signals can only be set there
