@@ -237,8 +237,10 @@ def test_cli_extend_round_trip(base_model, crops, tmp_path, monkeypatch, capsys)
     from UniversalSegLib.cli import main
 
     monkeypatch.setenv("UNIVERSALSEG_MODELS", str(tmp_path / "models"))
+    classes_file = tmp_path / "classes.yaml"
+    classes_file.write_text("- key: aorta_false_lumen\n  location: {lateral: [-0.5, 0.5]}\n")
     args = ["extend", "--model", str(base_model), "--data", str(crops), "--new-class", "aorta_true_lumen:True lumen",
-            "--new-class", "aorta_false_lumen", "-o", "ext-cli", "--group", "vessel", "--parent", "aorta",
+            "--classes-file", str(classes_file), "-o", "ext-cli", "--group", "vessel", "--parent", "aorta",
             "--train", "heads", "--steps", "2", "--warmup-steps", "2", "--retention-image", "none",
             "--progress-json", "--report", str(tmp_path / "report.json")]
     assert main(args) == 0
@@ -249,8 +251,12 @@ def test_cli_extend_round_trip(base_model, crops, tmp_path, monkeypatch, capsys)
     assert json.loads((tmp_path / "report.json").read_text()) == final["report"]
     assert main(["classes", "--model", "ext-cli", "--json"]) == 0
     listed = {c["key"]: c for c in json.loads(capsys.readouterr().out)}
-    assert list(listed) == OLD + NEW and listed["aorta_true_lumen"]["name"] == "True lumen"
+    assert list(listed) == OLD + NEW[::-1] and listed["aorta_true_lumen"]["name"] == "True lumen"
     assert listed["aorta_false_lumen"]["group"] == "vessel" and listed["aorta_false_lumen"]["parents"] == ["aorta"]
+    stored = {c.key: c.location for c in load_model(final["model"]).manifest.classes}  # in the model's own manifest
+    assert stored["aorta_true_lumen"] == {"trunk": True}  # inside the aorta, which is trunk-only
+    assert stored["aorta_false_lumen"] == {"trunk": True, "lateral": [-0.5, 0.5]}
+    assert final["report"]["new_classes"][0]["location"] == stored["aorta_false_lumen"]
     assert main(args) == 2  # the name is taken: one-line error, JSON failure line for the wizard
     captured = capsys.readouterr()
     assert "already exists" in captured.err and json.loads(captured.out.splitlines()[-1])["done"] is False
