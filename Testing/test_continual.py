@@ -237,8 +237,10 @@ def test_cli_extend_round_trip(base_model, crops, tmp_path, monkeypatch, capsys)
     from UniversalSegLib.cli import main
 
     monkeypatch.setenv("UNIVERSALSEG_MODELS", str(tmp_path / "models"))
+    classes_file = tmp_path / "classes.yaml"
+    classes_file.write_text("- key: aorta_false_lumen\n  location: {lateral: [-0.5, 0.5]}\n")
     args = ["extend", "--model", str(base_model), "--data", str(crops), "--new-class", "aorta_true_lumen:True lumen",
-            "--new-class", "aorta_false_lumen", "-o", "ext-cli", "--group", "vessel", "--parent", "aorta",
+            "--classes-file", str(classes_file), "-o", "ext-cli", "--group", "vessel", "--parent", "aorta",
             "--train", "heads", "--steps", "2", "--warmup-steps", "2", "--retention-image", "none",
             "--progress-json", "--report", str(tmp_path / "report.json")]
     assert main(args) == 0
@@ -249,8 +251,12 @@ def test_cli_extend_round_trip(base_model, crops, tmp_path, monkeypatch, capsys)
     assert json.loads((tmp_path / "report.json").read_text()) == final["report"]
     assert main(["classes", "--model", "ext-cli", "--json"]) == 0
     listed = {c["key"]: c for c in json.loads(capsys.readouterr().out)}
-    assert list(listed) == OLD + NEW and listed["aorta_true_lumen"]["name"] == "True lumen"
+    assert list(listed) == OLD + NEW[::-1] and listed["aorta_true_lumen"]["name"] == "True lumen"
     assert listed["aorta_false_lumen"]["group"] == "vessel" and listed["aorta_false_lumen"]["parents"] == ["aorta"]
+    stored = {c.key: c.location for c in load_model(final["model"]).manifest.classes}  # in the model's own manifest
+    assert stored["aorta_true_lumen"] == {"trunk": True}  # inside the aorta, which is trunk-only
+    assert stored["aorta_false_lumen"] == {"trunk": True, "lateral": [-0.5, 0.5]}
+    assert final["report"]["new_classes"][0]["location"] == stored["aorta_false_lumen"]
     assert main(args) == 2  # the name is taken: one-line error, JSON failure line for the wizard
     captured = capsys.readouterr()
     assert "already exists" in captured.err and json.loads(captured.out.splitlines()[-1])["done"] is False
@@ -348,3 +354,117 @@ def test_cli_extend_bad_classes_file_fails_before_training(base_model, tmp_path,
                                                          .strip()}
     assert main(args) == 2 and "give the classes to add" in capsys.readouterr().err
     assert not (Path(os.environ["UNIVERSALSEG_MODELS"]) / "never").exists()
+
+
+# --- where a new class may lie (ClassInfo.location): given, defaulted, stored, used ---------------------
+
+
+def test_classes_file_location_is_accepted_and_stored(base_model, tmp_path):
+    """A classes file's `location` reaches the class as given, over the default of its key."""
+    import yaml
+
+    manifest = load_model(base_model).manifest
+    path = tmp_path / "classes.yaml"
+    path.write_text(yaml.safe_dump([
+        {"key": "humerus_left", "group": "bone", "location": {"trunk": False, "lateral": [0.2, 2.5]}},
+        {"key": "aortic_wall", "parents": ["aorta"], "location": {"caudal_to": ["heart"]}},
+        {"key": "heart_tumour", "location": {"trunk": True}}]))
+    made = {c.key: c.location for c in _cli_classes(manifest, "--classes-file", str(path))}
+    assert made == {"humerus_left": {"trunk": False, "lateral": [0.2, 2.5]},
+                    "aortic_wall": {"trunk": True, "caudal_to": ["heart"]},
+                    "heart_tumour": {"trunk": True}}
+
+
+def test_new_class_location_defaults(base_model):
+    """Unknown key: trunk-only only when every parent is; no parent: trunk false. A registry key keeps
+    the registry's location (a given field overrides just that field)."""
+    from UniversalSegLib.inference.plausibility import Location
+
+    manifest = load_model(base_model).manifest
+    made = {c.key: c for c in make_new_classes([
+        "deltoid", {"key": "liver_lesion", "parents": ["liver"]},
+        {"key": "arm_lesion", "parents": ["liver", "deltoid"]},  # one parent may lie in an arm
+        "pulmonary_artery", {"key": "kidney_left", "location": {"trunk": False}}], manifest)}
+    assert made["deltoid"].location == {"trunk": False}
+    assert made["liver_lesion"].location == {"trunk": True}
+    assert made["arm_lesion"].location == {"trunk": False}
+    registry = default_registry()
+    assert made["pulmonary_artery"].location == registry["pulmonary_artery"].location
+    assert made["kidney_left"].location == {**registry["kidney_left"].location, "trunk": False}
+    assert [Location.of(made[k]).trunk for k in ("deltoid", "liver_lesion", "kidney_left")] == [False, True, False]
+
+
+def test_new_class_location_stands_without_the_registry(base_model, monkeypatch):
+    """The stored location is what inference uses later, whatever the registry then says."""
+    from UniversalSegLib.inference.plausibility import Location
+    from UniversalSegLib.registry import Registry
+
+    deltoid = make_new_classes(["deltoid"], load_model(base_model).manifest)[0]
+    monkeypatch.setattr("UniversalSegLib.registry.location.default_registry", lambda: Registry([]))
+    assert Location.of(deltoid).trunk is False
+
+
+@pytest.mark.parametrize("location, fragment", [
+    ({"trunk": "yes"}, "location.trunk: must be true or false, got 'yes'"),
+    ({"lateral": [0.5, -0.5]}, "location.lateral: must be two numbers [lo, hi], lo <= hi"),
+    ({"lateral": [0.5]}, "location.lateral: must be two numbers"),
+    ({"lateral": ["a", 1]}, "location.lateral: must be two numbers"),
+    ({"caudal_to": ["no_such"]}, "location.caudal_to: no_such not among the model's classes"),
+    ({"caudal_to": "k"}, "location.caudal_to names the class itself"),
+    ({"inside": "arm"}, "location.inside: unknown key (known: trunk, lateral, caudal_to)"),
+    ("trunk", "location: must be a mapping, got 'trunk'"),
+])
+def test_cli_bad_location_is_one_line_and_exit_2(base_model, tmp_path, capsys, location, fragment):
+    from UniversalSegLib.cli import main
+
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps([{"key": "k", "location": location}]))
+    args = ["extend", "--model", str(base_model), "--data", str(tmp_path), "-o", "never", "--classes-file", str(path),
+            "--progress-json"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("universalseg: error: ") and fragment in err[0], err
+
+
+def test_a_non_trunk_new_class_turns_limb_blanking_off(base_model):
+    """An extended model whose new class may lie in a limb: the model sees the arms (no blanking), and
+    the limb rule leaves that class alone, while a trunk-only new class still gets both."""
+    from UniversalSegLib.inference.plausibility import blank_limbs
+    from UniversalSegLib.inference.rules import OutsideLimbs
+
+    manifest = load_model(base_model).manifest
+    deltoid, lesion = make_new_classes(["deltoid", {"key": "liver_lesion", "parents": ["liver"]}], manifest)
+    calls = []
+    reference = sitk.Image(8, 8, 8, sitk.sitkInt16)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("UniversalSegLib.inference.plausibility.limbs_to_blank",
+                  lambda ref: calls.append(ref) or np.zeros(sitk.GetArrayViewFromImage(ref).shape, bool))
+        assert blank_limbs(reference, [*manifest.classes, deltoid]) == (reference, 0.0) and calls == []
+        blank_limbs(reference, [*manifest.classes, lesion])
+        assert calls == [reference]
+    keys = [*manifest.class_keys, deltoid.key, lesion.key]
+    assert not OutsideLimbs().applies_to(deltoid, keys) and OutsideLimbs().applies_to(lesion, keys)
+
+
+def test_classes_command_checks_a_classes_file_and_lists_every_problem(base_model, tmp_path, capsys):
+    """`classes --new-classes` (what the Slicer wizard runs before training): the classes as they would
+    be stored, or every problem, one line each; the model's own listing gives each class's location."""
+    from UniversalSegLib.cli import main
+
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps([{"key": "deltoid", "location": {"trunk": "x"}}, {"key": "liver"},
+                                {"key": "lesion", "parents": ["no_such"]}]))
+    args = ["classes", "--model", str(base_model), "--new-classes", str(path)]
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"classes": [], "problems": [
+        "new class 'deltoid': location.trunk: must be true or false, got 'x'",
+        "class 'liver' is already in model 'tiny-base'; choose a new key",
+        "class 'lesion': parent(s) no_such are not classes of the model"]}
+    assert main(args) == 2 and len(capsys.readouterr().err.strip().splitlines()) == 3
+    path.write_text(json.dumps(["deltoid", {"key": "lesion", "parents": ["liver"]}]))
+    assert main([*args, "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["problems"] == [] and [c["location"] for c in made["classes"]] == [{"trunk": False}, {"trunk": True}]
+    assert main(["classes", "--model", str(base_model), "--json"]) == 0
+    listed = {c["key"]: c["location"] for c in json.loads(capsys.readouterr().out)}
+    assert listed["liver"] == default_registry()["liver"].location

@@ -170,9 +170,28 @@ def predict_handler(args, env):
                         [progress(1.0, "writing outputs")], finish])
 
 
+def classes_handler(model_classes: list[dict], registry: list[dict] | None = None):
+    """A stand-in `universalseg classes`: the listing (--all: `registry`), or with --new-classes the
+    backend's own check of the classes file (UniversalSegLib.continual.classes) against `model_classes`."""
+    def handler(args, env):
+        if "--new-classes" not in args:
+            return FakeProcess([json_lines(registry if "--all" in args and registry is not None else model_classes)])
+        from types import SimpleNamespace
+
+        from UniversalSegLib.continual.classes import check_new_classes
+        from UniversalSegLib.continual.command import load_classes_file
+        from UniversalSegLib.registry import ClassInfo
+
+        manifest = SimpleNamespace(name=args[args.index("--model") + 1], class_keys=[c["key"] for c in model_classes],
+                                   classes=[ClassInfo.from_dict(c) for c in model_classes])
+        made, problems = check_new_classes(load_classes_file(args[args.index("--new-classes") + 1]), manifest)
+        return FakeProcess([json_lines({"classes": [c.to_dict() for c in made], "problems": problems})])
+    return handler
+
+
 def fake_runner(**extra_handlers) -> FakeRunner:
     handlers = {"models": lambda a, e: FakeProcess([json_lines(FAKE_MODELS)]),
-                "classes": lambda a, e: FakeProcess([json_lines(FAKE_CLASSES)]),
+                "classes": classes_handler(FAKE_CLASSES),
                 "predict": predict_handler}
     handlers.update(extra_handlers)
     return FakeRunner(handlers)
@@ -291,7 +310,8 @@ def test_command_lines_fit_the_backend_parsers(tmp_path):
     assert (ns.path, ns.backbone, ns.name) == ("/x.pth", "swinunetr", "pub")
     parser = _backend_parser("UniversalSegLib.continual.command")
     new = [wizard.NewClass("aorta_true_lumen", "Aorta true lumen", group="vessel", parents=["aorta"]),
-           wizard.NewClass("gland", "Gland", "a small gland", "organ", ["aorta_true_lumen"], (1, 2, 3), ["glandula"])]
+           wizard.NewClass("gland", "Gland", "a small gland", "organ", ["aorta_true_lumen"], (1, 2, 3), ["glandula"],
+                           trunk=False)]
     settings = wizard.TrainingSettings("demo", "demo-plus", epochs=3, time_budget_minutes=2, train="heads")
     classes_file = wizard.write_classes_file(new, tmp_path / "job" / "classes.json")
     ns = parser.parse_args(wizard.extend_args(settings, tmp_path, classes_file, tmp_path / "out"))
@@ -302,11 +322,14 @@ def test_command_lines_fit_the_backend_parsers(tmp_path):
 
     from UniversalSegLib.continual.classes import make_new_classes
     from UniversalSegLib.continual.command import new_class_specs
+    from UniversalSegLib.registry import default_registry
 
-    made = make_new_classes(new_class_specs(ns), SimpleNamespace(class_keys=["aorta"], name="demo"))
-    assert [(c.key, c.name, c.prompt, c.group, c.parents, c.color, c.synonyms) for c in made] == [
-        ("aorta_true_lumen", "Aorta true lumen", "aorta true lumen", "vessel", ["aorta"], [230, 160, 40], []),
-        ("gland", "Gland", "a small gland", "organ", ["aorta_true_lumen"], [1, 2, 3], ["glandula"])]
+    made = make_new_classes(new_class_specs(ns), SimpleNamespace(class_keys=["aorta"], name="demo",
+                                                                 classes=[default_registry()["aorta"]]))
+    assert [(c.key, c.name, c.prompt, c.group, c.parents, c.color, c.synonyms, c.location) for c in made] == [
+        ("aorta_true_lumen", "Aorta true lumen", "aorta true lumen", "vessel", ["aorta"], [230, 160, 40], [],
+         {"trunk": True}),
+        ("gland", "Gland", "a small gland", "organ", ["aorta_true_lumen"], [1, 2, 3], ["glandula"], {"trunk": False})]
 
 
 def test_statistics_warnings(tmp_path):
@@ -461,15 +484,11 @@ def test_class_groups_and_search():
 
 def test_wizard_validation():
     ok = wizard.NewClass("aorta_false_lumen", "Aorta false lumen", group="vessel", parents=["aorta"])
-    assert wizard.validate_classes([ok], ["aorta", "liver"]) == []
-    errors = wizard.validate_classes([
-        wizard.NewClass("liver", "Liver again"), wizard.NewClass("bad key", "Bad"), wizard.NewClass("a", ""),
-        wizard.NewClass("a", "A", group="blob", parents=["nothing"], color=(0, 0, 300))], ["liver"])
-    text = "\n".join(errors)
-    for fragment in ("already has a class 'liver'", "letters, digits and _", "give it a name", "used twice",
-                     "group must be", "parent 'nothing'", "colour"):
-        assert fragment in text
-    assert wizard.validate_classes([], []) == ["add at least one new class"]
+    assert wizard.validate_classes([ok]) == []
+    # the wizard asks only for names; keys, groups, parents, colours are the backend's (classes --new-classes)
+    assert wizard.validate_classes([wizard.NewClass("bad key", "Bad"), wizard.NewClass("a", " ")]) == [
+        "class 2 (a): give it a name"]
+    assert wizard.validate_classes([]) == ["add at least one new class"]
     cases = [wizard.TrainingCase("/i.nrrd", {"aorta_false_lumen": "/m.nrrd", "other": "/o.nrrd"})]
     assert wizard.validate_cases(cases, ["aorta_false_lumen", "second"]) == [
         "case 1: mask for 'other', which is not one of the new classes", "new class 'second' has no training mask"]
@@ -479,10 +498,31 @@ def test_wizard_validation():
     assert wizard.suggest_key("Aorta, false lumen (TL)") == "aorta_false_lumen_tl"
     made = wizard.NewClass.from_dict({"key": "k", "name": "K", "colour": [1, 2, 3], "synonyms": ["kay"]})
     assert made.color == [1, 2, 3] and made.synonyms == ["kay"] and made.group == "other"
+    assert "location" not in made.to_spec()  # unset: the backend's default
+    assert wizard.NewClass.from_dict({"key": "k", "name": "K", "trunk": False}).to_spec()["location"] == {
+        "trunk": False}
     for bad, fragment in (({"key": "k", "name": "K", "colr": [1, 2, 3]}, "unknown field(s) colr"),
                           ({"key": "k"}, "name")):
         with pytest.raises(ValueError, match=re.escape(fragment)):
             wizard.NewClass.from_dict(bad)
+
+
+@pytest.mark.parametrize("key, parents", [
+    ("deltoid", []), ("liver_lesion", ["liver"]), ("arm_lesion", ["liver", "humerus_left"]),
+    ("bone_lesion", ["humerus_left"]), ("heart", []), ("heart", ["humerus_left"]), ("pulmonary_artery", ["liver"]),
+])
+def test_wizard_trunk_default_is_the_backends(key, parents):
+    """The wizard's "trunk only" default, read from the backend's class listings, is the backend's rule
+    (UniversalSegLib.registry.location.new_class_location), whatever the parents and key."""
+    from UniversalSegLib.registry import ClassInfo, default_registry
+    from UniversalSegLib.registry.location import effective_location, new_class_location
+
+    model = [default_registry()["liver"], ClassInfo("humerus_left", "Left humerus", "bone", location={"trunk": False})]
+    listing = [{**c.to_dict(), "location": effective_location(c)} for c in model]  # as `classes --json` prints it
+    registry = [{**c.to_dict(), "location": effective_location(c)} for c in default_registry().classes]
+    by_key = {c.key: c for c in model}
+    expected = new_class_location(key, None, [by_key[p] for p in parents])["trunk"]
+    assert wizard.default_trunk_only(key, parents, listing, registry) is expected
 
 
 def test_wizard_training_folder_and_extend_command(tmp_path):
@@ -503,7 +543,7 @@ def test_wizard_training_folder_and_extend_command(tmp_path):
            wizard.NewClass("aorta_false_lumen", "Aorta false lumen", " false lumen ", "vessel",
                            ["aorta", "aorta_true_lumen"], (200, 30, 30)),
            wizard.NewClass("gland", "Gland", "thyroid gland", "organ", [], (10, 20, 30), ["thyroid"])]
-    assert wizard.validate_classes(new, ["aorta"]) == []
+    assert wizard.validate_classes(new) == []
     settings = wizard.TrainingSettings("demo", "demo-plus", epochs=None, time_budget_minutes=7.5, train="all")
     classes_file = wizard.write_classes_file(new, tmp_path / "job" / "classes.json")
     assert wizard.extend_args(settings, folder, classes_file, "/models/demo-plus") == [
@@ -1209,7 +1249,7 @@ def _scenario_add_classes():
     logic = UniversalSeg.UniversalSegLogic(runner=runner, installer=FakeInstaller())
     volume, seg, voxels = _scene_pair()
     new = {"key": "aorta_false_lumen", "name": "Aorta false lumen", "group": "vessel", "parents": ["aorta"],
-           "prompt": "false lumen of a dissected aorta", "colour": [200, 30, 30], "synonyms": ["FL"]}
+           "prompt": "false lumen of a dissected aorta", "colour": [200, 30, 30], "synonyms": ["FL"], "trunk": True}
     events = []
     run = logic.addClasses([new], [(volume, seg, {"Segment_1": "aorta_false_lumen"})], baseModel="demo",
                            outputName="demo-plus", epochs=2, train="heads+decoder", device="cpu",
@@ -1221,7 +1261,8 @@ def _scenario_add_classes():
     assert Path(args[9]).parent == Path(args[7]).parent, "the classes file lives in the job's temporary folder"
     assert record["classes"] == [{"key": "aorta_false_lumen", "name": "Aorta false lumen", "group": "vessel",
                                   "parents": ["aorta"], "color": [200, 30, 30],
-                                  "prompt": "false lumen of a dissected aorta", "synonyms": ["FL"]}]
+                                  "prompt": "false lumen of a dissected aorta", "synonyms": ["FL"],
+                                  "location": {"trunk": True}}]
     assert record["files"] == ["images/case001.nrrd", "masks/aorta_false_lumen/case001.nrrd"]
     assert record["mask_voxels"] == [voxels]
     assert run.modelPath == out and run.report.new_class_dice == {"aorta_false_lumen": 0.71}
@@ -1231,13 +1272,15 @@ def _scenario_add_classes():
     assert not run.tempDir.exists(), "exported training files are temporary"
     # invalid input: refused before anything runs
     started = len(runner.commands)
-    for bad, fragment in (({"key": "liver", "name": "Liver"}, "already has"), ({"key": "x y", "name": "X"}, "letters")):
+    for bad, fragment in (({"key": "liver", "name": "Liver"}, "already in model 'demo'"),
+                          ({"key": "x y", "name": "X"}, "letters"), ({"key": "x", "name": ""}, "give it a name")):
         try:
             logic.addClasses([bad], [(volume, seg, {"Segment_1": bad["key"]})], baseModel="demo", outputName="n2")
             raise AssertionError("expected ValueError")
         except ValueError as e:
             assert fragment in str(e)
     assert all(c[3] != "extend" for c in runner.commands[started:])
+    assert any("--new-classes" in c for c in runner.commands[started:]), "the backend checked the classes"
     assert sorted(p.name for p in (_tmp() / "slicer-temp").iterdir()) == [], "refused runs leave no exported files"
     # cancel mid-training: no model, no hidden temporary folder, no exported files
     runner.handlers["extend"] = _extend_handler(record, outcome="hang")
@@ -1258,8 +1301,9 @@ def _scenario_wizard_dialog():
     record: dict = {}
     registry = FAKE_CLASSES + [{"key": "aorta_false_lumen", "name": "Aorta false lumen", "group": "vessel",
                                 "color": [90, 40, 200], "parents": ["aorta"], "prompt": "false lumen of the aorta"}]
-    runner = fake_runner(extend=_extend_handler(record),
-                         classes=lambda a, e: FakeProcess([json_lines(registry if "--all" in a else FAKE_CLASSES)]))
+    model_classes = FAKE_CLASSES + [{"key": "humerus_left", "name": "Left humerus", "group": "bone",
+                                     "color": [250, 250, 225], "location": {"trunk": False}}]
+    runner = fake_runner(extend=_extend_handler(record), classes=classes_handler(model_classes, registry))
     logic = UniversalSeg.UniversalSegLogic(runner=runner, installer=FakeInstaller())
     volume, seg, _voxels = _scene_pair()
     from UniversalSegModuleLib.wizard_dialog import AddClassesWizard
@@ -1274,9 +1318,26 @@ def _scenario_wizard_dialog():
     assert [c.key for c in w.newClasses()] == ["aorta_false_lumen"]
     assert w.newClasses()[0].parents == ["aorta"] and w.newClasses()[0].color == (90, 40, 200)
     w.addClassButton.click()
+    assert w.classTable.cellWidget(0, 6).checked, "inside the aorta: trunk only"
     name = w.classTable.cellWidget(1, 0)
     name.typeText("Aorta, true lumen")
     assert w.classTable.cellWidget(1, 1).text == "aorta_true_lumen"
+    # "trunk only" follows the parent (off without one, or inside a structure that may lie in a limb)
+    # until the user clicks it
+    trunk, parent = w.classTable.cellWidget(1, 6), w.classTable.cellWidget(1, 4)
+    assert not trunk.checked
+    parent.setCurrentIndex(parent.findData("liver"))
+    assert trunk.checked
+    parent.setCurrentIndex(parent.findData("humerus_left"))
+    assert not trunk.checked
+    parent.setCurrentIndex(parent.findData("liver"))
+    trunk.click()
+    parent.setCurrentIndex(parent.findData("aorta"))
+    assert not trunk.checked and w.newClasses()[1].trunk is False
+    # the backend checks the classes: its own words, every problem
+    w.classTable.cellWidget(1, 1).setText("bad key")
+    w.onNext()
+    assert w.stack.currentIndex == 0 and "new class 'bad key': key: must be letters, digits and _" in w.errorLabel.text
     w.classTable.setCurrentCell(1, 0)
     w.removeClassButton.click()
     w.onNext()
@@ -1307,6 +1368,7 @@ def _scenario_wizard_dialog():
     assert w.lossPlot.pixmap.painted and all(isinstance(v, int) for line in w.lossPlot.pixmap.painted for v in line)
     assert record["args"][record["args"].index("--train") + 1] == "all"
     assert record["args"][record["args"].index("--epochs") + 1] == "3"
+    assert record["classes"][0]["location"] == {"trunk": True}
     w.keepButton.click()
     assert w.createdModel == "demo-plus" and finished == [w] and not w.dialog.visible
 
@@ -1317,6 +1379,13 @@ def _scenario_real_backend():
     assert "tiny-slicer" in [m["name"] for m in logic.listModels()]
     listed = logic.listClasses("tiny-slicer")
     assert [c["key"] for c in listed] == ["liver", "liver_tumor", "spleen"]
+    assert all(c["location"]["trunk"] is True for c in listed)  # the location inference applies
+    # the wizard's classes checked by the real backend: every problem in its words, and nothing for good ones
+    bad = [UniversalSeg.NewClass("liver", "Liver"), UniversalSeg.NewClass("x", "X", parents=["nothing"])]
+    assert logic.checkNewClasses(bad, "tiny-slicer") == [
+        "class 'liver' is already in model 'tiny-slicer'; choose a new key",
+        "class 'x': parent(s) nothing are not classes of the model"]
+    assert logic.checkNewClasses([UniversalSeg.NewClass("deltoid", "Deltoid", trunk=False)], "tiny-slicer") == []
     volume, study = _sample_volume_in_study()
     events, logs = [], []
     seg = logic.segment(volume, classes=["liver", "liver_tumor"], device="cpu", model="tiny-slicer", fast=True,

@@ -1104,13 +1104,28 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
             masks[key] = str(path)
         return TrainingCase(str(image), masks, source=f"{volumeNode.GetName()} / {segmentationNode.GetName()}")
 
+    def checkNewClasses(self, newClasses: Sequence[NewClass], baseModel: str | None) -> list[str]:
+        """Every problem with the new classes, one line each, in the backend's words: the wizard's own
+        questions (`validate_classes`), then `universalseg classes --new-classes` against the base model
+        (keys, groups, parents, colours, locations), which reads the classes file `extend` gets."""
+        problems = validate_classes(newClasses)
+        if problems or not baseModel:
+            return problems
+        self.ensureDependencies(interactive=False)
+        tempDir = unique_temp_dir("UniversalSegCheck")
+        try:
+            classesFile = write_classes_file(newClasses, tempDir / "classes.json")
+            args = ["classes", "--model", baseModel, "--new-classes", str(classesFile), "--json"]
+            return list(run_json(self.runner, self.backendCommand(*args), env=self.backendEnvironment())["problems"])
+        finally:
+            shutil.rmtree(tempDir, ignore_errors=True)
+
     def validateAddClasses(self, newClasses: Sequence[NewClass], cases: Sequence[TrainingCase],
                            settings: TrainingSettings) -> list[str]:
         """Every problem that would stop `extend`, one line each."""
-        existing = [c["key"] for c in self.listClasses(settings.base_model)] if settings.base_model else []
         models = [m["name"] for m in self.listModels()]
-        return (validate_classes(newClasses, existing) + validate_cases(cases, [c.key for c in newClasses])
-                + validate_settings(settings, models))
+        return (self.checkNewClasses(newClasses, settings.base_model)
+                + validate_cases(cases, [c.key for c in newClasses]) + validate_settings(settings, models))
 
     def startAddClasses(self, newClasses: Sequence[NewClass], cases: Sequence[TrainingCase],
                         settings: TrainingSettings, tempDir: str | Path | None = None,
@@ -1141,8 +1156,8 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
                    progressCallback=None, logCallback=None):
         """Teach a model new structures (blocking; the wizard does the same step by step).
 
-        newClasses: NewClass or dicts {key, name, prompt, group, parents, color, synonyms}, each sent with
-        its own fields (as the wizard does).
+        newClasses: NewClass or dicts {key, name, prompt, group, parents, color, synonyms, trunk}, each sent
+        with its own fields (as the wizard does); trunk (lies only in the trunk) unset: the backend's default.
         trainingData: TrainingCase objects, or (volumeNode, segmentationNode, {segmentId: classKey}) tuples.
         Returns the finished AddClassesRun: .modelPath (the new model folder) and .report (Dice, retention).
         """
@@ -1265,8 +1280,8 @@ class UniversalSegTest(ScriptedLoadableModuleTest):
         base = logic.listModels()[0]["name"]
         existing = logic.listClasses(base)[0]["key"]
         settings = TrainingSettings(base, base)  # the name is taken
-        errors = logic.validateAddClasses([NewClass(existing, "x"), NewClass("bad key!", "")], [], settings)
-        self.assertTrue(any("already has" in e for e in errors))
+        errors = logic.validateAddClasses([NewClass(existing, "x"), NewClass("bad key!", "Bad")], [], settings)
+        self.assertTrue(any("already in model" in e for e in errors))
         self.assertTrue(any("letters, digits" in e for e in errors))
         self.assertTrue(any("training image" in e for e in errors))
         self.assertTrue(any("already exists" in e for e in errors))

@@ -25,11 +25,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_classes(args: argparse.Namespace) -> int:
     from UniversalSegLib.registry import default_registry
+    from UniversalSegLib.registry.location import effective_location
     from UniversalSegLib.store import find_model, read_manifest_checked
 
+    if args.new_classes:
+        from UniversalSegLib.continual.command import check_classes_file
+
+        return check_classes_file(args.model, args.new_classes, args.json)
     classes = default_registry().classes if args.all else read_manifest_checked(find_model(args.model)).classes
-    if args.json:
-        print(json.dumps([c.to_dict() for c in classes], indent=1))
+    if args.json:  # each with the location inference applies (the Slicer wizard's defaults read it)
+        print(json.dumps([{**c.to_dict(), "location": effective_location(c)} for c in classes], indent=1))
         return 0
     print(f"{'key':34} {'group':7} {'name':34} parents")
     for c in classes:
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classes", help="list the classes of a model (or all known classes)")
     p.add_argument("--model", default=None)
     p.add_argument("--all", action="store_true", help="list the whole built-in registry")
+    p.add_argument("--new-classes", default=None, metavar="PATH",
+                   help="check a classes file (as `extend --classes-file` reads it) against --model: the classes "
+                        "as they would be added, with their locations, or every problem")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_classes)
 

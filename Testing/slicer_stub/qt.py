@@ -165,9 +165,16 @@ class QCheckBox(QPushButton):
     checked = property(lambda self: self._checked)
 
     def setChecked(self, checked: bool) -> None:
+        """Emits toggled(bool) on a change, never clicked (QAbstractButton::setChecked)."""
         if bool(checked) != self._checked:
             self._checked = bool(checked)
             self._signals["toggled"].emit(self._checked)
+
+    def click(self) -> None:
+        """Test helper: a user click toggles a check box, then emits clicked(checked) (QAbstractButton::click)."""
+        if self._enabled:
+            self.setChecked(not self._checked)
+            self._signals["clicked"].emit(self._checked)
 
 
 class QLineEdit(QWidget):

@@ -5,8 +5,10 @@ Training data goes to the backend as a folder in the layout `extend --data` read
     images/<case>.<ext>             the CT of each case
     masks/<class key>/<case>.<ext>  a binary mask of a new class on that case's grid (a case may lack some)
 Each new class goes in a classes file (`extend --classes-file`, JSON) with its own name, prompt, group,
-parents, colour and synonyms, so classes trained together need not share anything. An empty prompt is
-left out: the backend then uses the registry's prompt for a structure it knows, else the name.
+parents, colour, synonyms and whether it lies only in the trunk, so classes trained together need not
+share anything. An empty prompt is left out: the backend then uses the registry's prompt for a
+structure it knows, else the name. The backend checks the classes (`classes --new-classes`, see the
+module's Logic) before anything is exported; this file checks only what the wizard itself asks for.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import Any
 from UniversalSegModuleLib.backend import DEVICES, ProgressEvent
 
 GROUPS = ("organ", "vessel", "tumour", "bone", "muscle", "other")  # as UniversalSegLib.registry.GROUPS
-KEY_PATTERN = re.compile(r"[A-Za-z0-9_]+")
 TRAIN_MODES = {"heads": "New class heads only (fastest; the old classes are untouched)",
                "heads+decoder": "Heads and decoder (better fit, still protects the old classes)",
                "all": "The whole network (slowest; most adaptable)"}
@@ -52,10 +53,13 @@ class NewClass:
     parents: list[str] = field(default_factory=list)
     color: tuple[int, int, int] = NEW_CLASS_COLORS[0]
     synonyms: list[str] = field(default_factory=list)
+    # True: never in an arm or leg (inference removes it there and may blank the arms before the model);
+    # None: the backend's default (`default_trunk_only`).
+    trunk: bool | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NewClass:
-        """From {key, name, prompt, group, parents, color|colour, synonyms}; unknown fields are an error."""
+        """From {key, name, prompt, group, parents, color|colour, synonyms, trunk}; unknown fields are an error."""
         fields = dict(data)
         if "colour" in fields:
             fields["color"] = fields.pop("colour")
@@ -75,6 +79,8 @@ class NewClass:
             spec["prompt"] = self.prompt.strip()
         if self.synonyms:
             spec["synonyms"] = list(self.synonyms)
+        if self.trunk is not None:
+            spec["location"] = {"trunk": self.trunk}
         return spec
 
 
@@ -104,34 +110,36 @@ def suggest_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def validate_classes(new: Sequence[NewClass], existing_keys: Collection[str]) -> list[str]:
-    """Problems with the new classes, one line each (an empty list means the step is complete)."""
+def validate_classes(new: Sequence[NewClass]) -> list[str]:
+    """What the wizard asks of the new classes, one line each: at least one, each named. Keys, groups,
+    parents, colours and locations are the backend's to check (`classes --new-classes`)."""
     if not new:
         return ["add at least one new class"]
-    errors = []
-    seen: set[str] = set()
-    known = set(existing_keys) | {c.key for c in new}
-    for i, c in enumerate(new, 1):
-        label = f"class {i} ({c.name or c.key or 'unnamed'})"
-        if not c.name.strip():
-            errors.append(f"{label}: give it a name")
-        if not KEY_PATTERN.fullmatch(c.key or ""):
-            errors.append(f"{label}: key {c.key!r} may contain only letters, digits and _")
-        elif c.key in existing_keys:
-            errors.append(f"{label}: the model already has a class {c.key!r}")
-        elif c.key in seen:
-            errors.append(f"{label}: key {c.key!r} is used twice")
-        seen.add(c.key)
-        if c.group not in GROUPS:
-            errors.append(f"{label}: group must be one of {', '.join(GROUPS)}")
-        for parent in c.parents:
-            if parent == c.key:
-                errors.append(f"{label}: a class cannot be its own parent")
-            elif parent not in known:
-                errors.append(f"{label}: parent {parent!r} is neither in the model nor a new class")
-        if len(c.color) != 3 or any(not 0 <= int(v) <= 255 for v in c.color):
-            errors.append(f"{label}: colour must be three values 0-255")
-    return errors
+    return [f"class {i} ({c.key or 'unnamed'}): give it a name" for i, c in enumerate(new, 1) if not c.name.strip()]
+
+
+def default_trunk_only(key: str, parents: Sequence[str], model_classes: Iterable[Mapping[str, Any]],
+                       registry_classes: Iterable[Mapping[str, Any]]) -> bool:
+    """The "lies only in the trunk" default of a new class, by the backend's rule
+    (UniversalSegLib.registry.location.new_class_location, which this process cannot import; a test
+    holds the two together): a structure the registry knows keeps its registry location; any other is
+    trunk-only exactly when every parent is, and never without a parent (its place is unknown, and a
+    trunk-only class is removed from arms and legs).
+
+    Args:
+        key: the new class's key.
+        parents: its parents' keys.
+        model_classes, registry_classes: `classes --json` and `classes --all --json` entries, each with
+            the "location" inference applies.
+    """
+    def trunk(entry: Mapping[str, Any]) -> bool:
+        return bool((entry.get("location") or {}).get("trunk", True))
+
+    registry = {c["key"]: c for c in registry_classes}
+    if key in registry and registry[key].get("location"):
+        return trunk(registry[key])
+    known = {c["key"]: c for c in model_classes}
+    return bool(parents) and all(p in known and trunk(known[p]) for p in parents)
 
 
 def validate_cases(cases: Sequence[TrainingCase], new_keys: Collection[str]) -> list[str]:

@@ -25,15 +25,15 @@ from UniversalSegModuleLib.wizard import (
     TrainingCase,
     TrainingSettings,
     cases_from_folder,
+    default_trunk_only,
     distinct_color,
     plot_coordinates,
     suggest_key,
     validate_cases,
-    validate_classes,
     validate_settings,
 )
 
-CLASS_COLUMNS = ("Name", "Key", "Prompt", "Group", "Parent", "Colour")
+CLASS_COLUMNS = ("Name", "Key", "Prompt", "Group", "Parent", "Colour", "Trunk only")
 NO_PARENT = "(none)"
 
 
@@ -102,7 +102,9 @@ class AddClassesWizard:
     def _buildClassesPage(self, layout) -> None:
         layout.addWidget(qt.QLabel(_("Name each structure to add. The parent is a structure that contains it "
                                      "(e.g. a tumour's organ). The prompt is the text the model reads; it defaults to "
-                                     "the name.")))
+                                     "the name. Check 'trunk only' for a structure never found in an arm or leg: "
+                                     "it is then removed there. By default it follows the parents (off without "
+                                     "one).")))
         self.classTable = qt.QTableWidget(0, len(CLASS_COLUMNS))
         self.classTable.setHorizontalHeaderLabels(list(CLASS_COLUMNS))
         layout.addWidget(self.classTable)
@@ -139,6 +141,10 @@ class AddClassesWizard:
             self.addClassRow(NewClass(c["key"], c["name"], c.get("prompt", ""), c.get("group", "other"),
                                       list(c.get("parents", []))[:1], tuple(c.get("color", distinct_color(0)))))
 
+    def defaultTrunkOnly(self, key: str, parents: list[str]) -> bool:
+        """The backend's default for a new class (see `default_trunk_only`)."""
+        return default_trunk_only(key, parents, self.baseClasses, self.registryClasses.values())
+
     def addClassRow(self, new: NewClass) -> None:
         row = self.classTable.rowCount
         self.classTable.insertRow(row)
@@ -161,8 +167,27 @@ class AddClassesWizard:
         color.setColor(qt.QColor(*[int(v) for v in new.color]))
         prompt.setToolTip(_("Text the model reads for this class (e.g. 'a computerized tomography of a liver tumor')"))
         color.setToolTip(_("Colour of the new segment"))
-        for column, widget in enumerate((name, key, prompt, group, parent, color)):
+        trunk = qt.QCheckBox(_("trunk only"))
+        trunk.setToolTip(_("Lies only in the trunk (never in an arm or leg): a part found in a limb is removed. "
+                           "Default: as its parent; off without a parent."))
+        self._followTrunkDefault(trunk, key, parent, new.trunk)
+        for column, widget in enumerate((name, key, prompt, group, parent, color, trunk)):
             self.classTable.setCellWidget(row, column, widget)
+
+    def _followTrunkDefault(self, trunk, key, parent, given: bool | None) -> None:
+        """Keep the check box at the backend's default for the row's key and parent until the user clicks it."""
+        touched = {"yes": given is not None}
+
+        def follow(*_):
+            if not touched["yes"]:
+                parentKey = parent.itemData(parent.currentIndex)
+                trunk.setChecked(self.defaultTrunkOnly(key.text.strip(), [parentKey] if parentKey else []))
+
+        trunk.setChecked(bool(given))
+        follow()
+        trunk.connect("clicked(bool)", lambda checked: touched.update(yes=True))
+        parent.connect("currentIndexChanged(int)", follow)
+        key.connect("textChanged(QString)", follow)
 
     def onRemoveClass(self) -> None:
         row = self.classTable.currentRow()
@@ -177,7 +202,7 @@ class AddClassesWizard:
             color = cell[5].color
             classes.append(NewClass(key=cell[1].text.strip(), name=cell[0].text.strip(), prompt=cell[2].text.strip(),
                                     group=cell[3].currentText, parents=[parentKey] if parentKey else [],
-                                    color=(color.red(), color.green(), color.blue())))
+                                    color=(color.red(), color.green(), color.blue()), trunk=bool(cell[6].checked)))
         return classes
 
     # --- page 2: training data --------------------------------------------------------------------
@@ -448,7 +473,10 @@ class AddClassesWizard:
 
     def pageErrors(self, index: int) -> list[str]:
         if index == 0:
-            return validate_classes(self.newClasses(), [c["key"] for c in self.baseClasses])
+            try:
+                return self.logic.checkNewClasses(self.newClasses(), self.baseModel)
+            except Exception as e:  # the backend could not check them: say why, stay on the page
+                return [str(e)]
         if index == 1:
             return validate_cases(self.plannedCases(), [c.key for c in self.newClasses()])
         if index == 2:

@@ -2,7 +2,11 @@
 
 A new class may be given as a `ClassInfo`, a dict of its fields, or a bare key. When the key names a
 class of the built-in registry that the model lacks (e.g. `heart`), the registry's entry (prompt,
-colour, terminology) is the starting point and the given fields override it.
+colour, terminology, location) is the starting point and the given fields override it.
+
+Every new class stores where it may lie (`location`, see `registry.location.new_class_location`):
+a key the registry does not know is never assumed to lie in the trunk only unless its parents do,
+since inference removes a trunk-only class's components from the arms and legs.
 """
 
 from __future__ import annotations
@@ -10,15 +14,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from UniversalSegLib.config_file import Rule, typed, validate_section
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.registry import ClassInfo, default_registry
+from UniversalSegLib.registry.location import UNKNOWN_PLACE, new_class_location
 from UniversalSegLib.store import Manifest
+
+if TYPE_CHECKING:
+    import torch
 
 ClassSpec = ClassInfo | dict[str, Any] | str
 
@@ -50,10 +57,33 @@ Names = Annotated[list[Annotated[str, Field(strict=True)]], BeforeValidator(_one
 Text = typed(str, "text")
 
 
+def _lo_hi(value: list[float]) -> list[float]:
+    if value[0] > value[1]:
+        raise ValueError("lo above hi")
+    return value
+
+
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+LateralRange = Annotated[list[Number], Field(min_length=2, max_length=2), AfterValidator(_lo_hi),
+                         Rule("two numbers [lo, hi], lo <= hi (trunk half-widths, patient left positive)")]
+
+
+class LocationSpec(BaseModel):
+    """Where a new class may lie (`ClassInfo.location`; the rules are in `inference/plausibility.py`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trunk: typed(bool, "true or false") | None = None
+    lateral: LateralRange | None = None
+    caudal_to: Names | None = None
+
+
 class NewClassSpec(BaseModel):
     """A new class as a user gives it (a classes file, the CLI, the Slicer wizard); unset fields are None.
 
-    Any `ClassInfo` field may be given; `colour` is the docs' spelling of `color`.
+    Any `ClassInfo` field may be given; `colour` is the docs' spelling of `color`. `location` gives
+    any of trunk (true: never in an arm or leg), lateral and caudal_to; unset ones keep the default
+    (`registry.location.new_class_location`).
     """
 
     model_config = ConfigDict(extra="forbid")  # a misspelt field would otherwise be dropped without a word
@@ -71,6 +101,7 @@ class NewClassSpec(BaseModel):
     terminology: typed(dict[str, list[str]], "a mapping of coded triplets") | None = None
     postprocess: Text | None = None
     template_id: typed(int, "a whole number") | None = None
+    location: LocationSpec | None = None
 
     @model_validator(mode="after")
     def _one_spelling(self) -> NewClassSpec:
@@ -93,44 +124,122 @@ def _checked_fields(spec: dict[str, Any]) -> dict[str, Any]:
     return validate_section(NewClassSpec, spec, "", InputError, prefix=prefix).class_fields()
 
 
-def _from_dict(spec: dict[str, Any]) -> ClassInfo:
+def _from_dict(spec: dict[str, Any]) -> tuple[ClassInfo, dict[str, Any] | None]:
+    """The class (registry entry + given fields) and the location the user gave (None: none)."""
     data = _checked_fields(spec)
     key = data["key"]
+    given_location = data.pop("location", None) or None
     base = default_registry()[key].to_dict() if key in default_registry() else {}
     merged = {**base, **data}
     merged.setdefault("name", key.replace("_", " ").capitalize())
     merged.setdefault("group", "other")
     merged.setdefault("color", _default_colour(key))
     try:
-        return ClassInfo.from_dict(merged)
+        return ClassInfo.from_dict(merged), given_location
     except (TypeError, ValueError) as e:
         raise InputError(f"new class {key!r}: {e}") from None
 
 
-def make_new_classes(specs: Sequence[ClassSpec], manifest: Manifest) -> list[ClassInfo]:
-    """Validated `ClassInfo`s for the classes to add: keys new to the model, parents known."""
-    if not specs:
-        raise InputError("give at least one new class")
-    classes = []
-    for spec in specs:
-        if isinstance(spec, ClassInfo):
-            classes.append(ClassInfo.from_dict(spec.to_dict()))
-        elif isinstance(spec, str):
-            classes.append(_from_dict({"key": spec}))
-        elif isinstance(spec, dict):
-            classes.append(_from_dict(spec))
-        else:
-            raise InputError(f"new class {spec!r}: give a key or an object with a key")
-    known = set(manifest.class_keys)
-    new_keys = [c.key for c in classes]
+def _as_class(spec: ClassSpec) -> tuple[ClassInfo, dict[str, Any] | None]:
+    if isinstance(spec, ClassInfo):
+        return ClassInfo.from_dict(spec.to_dict()), dict(spec.location) or None
+    if isinstance(spec, str):
+        return _from_dict({"key": spec})
+    if isinstance(spec, dict):
+        return _from_dict(spec)
+    raise InputError(f"new class {spec!r}: give a key or an object with a key")
+
+
+def _caudal_to_problem(c: ClassInfo, given: dict[str, Any] | None, names: set[str]) -> str | None:
+    below = list((given or {}).get("caudal_to", ()))
+    if c.key in below:
+        return f"class {c.key!r}: location.caudal_to names the class itself"
+    unknown = [k for k in below if k not in names]
+    if unknown:
+        return (f"class {c.key!r}: location.caudal_to: {', '.join(unknown)} not among the model's classes "
+                "or the new ones")
+    return None
+
+
+def _resolve_locations(classes: list[ClassInfo], given: dict[str, dict[str, Any] | None],
+                       model_classes: dict[str, ClassInfo]) -> None:
+    """Store each new class's location (`new_class_location`), a new parent's before its child's."""
+    new = {c.key: c for c in classes}
+    done: set[str] = set()
+
+    def resolve(c: ClassInfo, visiting: frozenset[str]) -> None:
+        if c.key in done:
+            return
+        parents = []
+        for p in c.parents:
+            if p in new and p not in visiting:
+                resolve(new[p], visiting | {c.key})
+                parents.append(new[p])
+            elif p in new:  # a cycle of parents: nothing known about the place
+                parents.append(ClassInfo(p, p, "other", location=dict(UNKNOWN_PLACE)))
+            else:
+                parents.append(model_classes.get(p) or ClassInfo(p, p, "other"))
+        c.location = new_class_location(c.key, given[c.key], parents)
+        done.add(c.key)
+
     for c in classes:
+        resolve(c, frozenset({c.key}))
+
+
+def check_new_classes(specs: Sequence[ClassSpec], manifest: Manifest) -> tuple[list[ClassInfo], list[str]]:
+    """The classes to add as the model would store them (locations resolved) and every problem, one
+    line each in the order of the classes (none: `make_new_classes` accepts them). The Slicer wizard
+    shows them all before training (`universalseg classes --new-classes`).
+
+    Args:
+        specs: the new classes (ClassInfo, dict of fields, or key).
+        manifest: the base model's manifest (its name, class keys and classes).
+    """
+    if not specs:
+        return [], ["give at least one new class"]
+    made, problems = [], []
+    for spec in specs:
+        try:
+            made.append(_as_class(spec))
+        except InputError as e:
+            problems.append(str(e))
+    classes = [c for c, _ in made]
+    known = set(manifest.class_keys)
+    spec_keys = [_spec_key(spec) for spec in specs]  # a class with a bad field still counts as given
+    names = known | {k for k in spec_keys if k}
+    for c, given in made:
         if c.key in known:
-            raise InputError(f"class {c.key!r} is already in model {manifest.name!r}; choose a new key")
-        if new_keys.count(c.key) > 1:
-            raise InputError(f"class {c.key!r} is given twice")
-        unknown = [p for p in c.parents if p not in known and p not in new_keys]
+            problems.append(f"class {c.key!r} is already in model {manifest.name!r}; choose a new key")
+        if spec_keys.count(c.key) > 1:
+            problems.append(f"class {c.key!r} is given twice")
+        unknown = [p for p in c.parents if p not in names]
         if unknown:
-            raise InputError(f"class {c.key!r}: parent(s) {', '.join(unknown)} are not classes of the model")
+            problems.append(f"class {c.key!r}: parent(s) {', '.join(unknown)} are not classes of the model")
+        problems.append(_caudal_to_problem(c, given, names))
+    problems = list(dict.fromkeys(p for p in problems if p))  # a key given twice: said once
+    if not problems:
+        _resolve_locations(classes, {c.key: given for c, given in made}, {c.key: c for c in manifest.classes})
+    return classes, problems
+
+
+def _spec_key(spec: ClassSpec) -> str | None:
+    key = spec.key if isinstance(spec, ClassInfo) else spec if isinstance(spec, str) else (
+        spec.get("key") if isinstance(spec, dict) else None)
+    return key if isinstance(key, str) else None
+
+
+def make_new_classes(specs: Sequence[ClassSpec], manifest: Manifest) -> list[ClassInfo]:
+    """Validated `ClassInfo`s for the classes to add: keys new to the model, parents and
+    `location.caudal_to` known, and each with the location to store (`registry.location`).
+    Raises InputError with the first problem (`check_new_classes` lists them all).
+
+    Args:
+        specs: the new classes (ClassInfo, dict of fields, or key).
+        manifest: the base model's manifest (its name, class keys and classes).
+    """
+    classes, problems = check_new_classes(specs, manifest)
+    if problems:
+        raise InputError(problems[0])
     return classes
 
 
@@ -163,6 +272,8 @@ class SimilarClass:
 def most_similar(new_embeddings: torch.Tensor, old_embeddings: torch.Tensor, old_keys: Sequence[str]
                  ) -> list[SimilarClass]:
     """For each new embedding, the old class of highest cosine similarity."""
+    import torch
+
     new = torch.nn.functional.normalize(new_embeddings.float(), dim=1)
     old = torch.nn.functional.normalize(old_embeddings.float().to(new.device), dim=1)
     cos = new @ old.T

@@ -4,8 +4,11 @@ With --progress-json, stdout carries one JSON object per line for a GUI (the Sli
     {"progress": 0.42, "message": "..."}   {"loss": 0.81, "step": 12}
     {"done": true, "model": "<folder>", "report": {...}}     or, on failure, {"done": false, "error": "..."}
 SIGTERM cancels cleanly (no model written); the exit code is then 3.
-Each class may carry its own prompt, group, parents, colour and synonyms through --classes-file (what
-the wizard sends); --group / --parent / --synonym fill in what a class leaves unset.
+Each class may carry its own prompt, group, parents, colour, synonyms and location through
+--classes-file (what the wizard sends); --group / --parent / --synonym fill in what a class leaves unset.
+A class's location defaults to the registry's for a key it knows; for any other key, to trunk-only
+exactly when every parent is, and with no parent to `trunk: false` (it may lie in an arm or leg), so
+that inference never removes or blanks a user's structure in a limb on a guess.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def parse_new_class(text: str, group: str | None, parents: list[str], synonyms: 
 
 def load_classes_file(path: str | Path) -> list[dict]:
     """The new classes of a JSON/YAML file: a list (or {classes: [...]}) of objects {key, name, prompt,
-    group, parents, colour, synonyms} or bare keys. Fields are checked later, by `make_new_classes`."""
+    group, parents, colour, synonyms, location} or bare keys. Fields are checked later, by `make_new_classes`."""
     from UniversalSegLib.config_file import parse_config_text
     from UniversalSegLib.errors import InputError
 
@@ -71,6 +74,36 @@ def new_class_specs(args: argparse.Namespace) -> list[dict]:
     from_file = load_classes_file(args.classes_file) if args.classes_file else []
     return ([_with_defaults(spec, *defaults) for spec in from_file]
             + [parse_new_class(text, *defaults) for text in args.new_class or []])
+
+
+def check_classes_file(model: str | None, path: str | Path, as_json: bool) -> int:
+    """`universalseg classes --new-classes PATH`: the classes of a classes file as `extend` would add
+    them to `model` (each with its location), and every problem with them, before any data or training.
+
+    With `as_json`, prints {"classes": [...], "problems": [...]} and returns 0 (a report, as the Slicer
+    wizard reads it); else prints the classes and returns 0, or each problem on stderr and returns 2.
+
+    Args:
+        model: the base model's name or folder (None: the bundled model).
+        path: the classes file (JSON/YAML, as --classes-file reads it).
+        as_json: print JSON.
+    """
+    import json
+
+    from UniversalSegLib.continual.classes import check_new_classes
+    from UniversalSegLib.store import find_model, read_manifest_checked
+
+    manifest = read_manifest_checked(find_model(model))
+    classes, problems = check_new_classes(load_classes_file(path), manifest)
+    if as_json:
+        print(json.dumps({"classes": [] if problems else [c.to_dict() for c in classes], "problems": problems},
+                         indent=1))
+        return 0
+    for problem in problems:
+        print(f"universalseg: error: {problem}", file=sys.stderr)
+    for c in [] if problems else classes:
+        print(f"{c.key:34} {c.group:7} {c.name:34} {','.join(c.parents):20} {json.dumps(c.location)}")
+    return 2 if problems else 0
 
 
 def _cmd_extend(args: argparse.Namespace) -> int:
@@ -132,10 +165,14 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset spec (YAML/JSON), a folder with images/ + masks/<class>/, "
                                                  "or a one-case folder with one image and masks/<class>.nii.gz")
     p.add_argument("--new-class", action="append", metavar='KEY[:"display name"]',
-                   help="a class to add (repeat for several); its masks are masks/<KEY>...")
+                   help="a class to add (repeat for several); its masks are masks/<KEY>...; other fields "
+                        "(location among them) through --classes-file")
     p.add_argument("--classes-file", default=None, metavar="PATH",
                    help="JSON/YAML list of classes to add, each with its own key, name, prompt, group, parents, "
-                        "colour and synonyms (with or instead of --new-class)")
+                        "colour, synonyms and location {trunk: true|false, lateral: [lo, hi], caudal_to: [keys]} "
+                        "(with or instead of --new-class). Location defaults to the registry's for a known key; "
+                        "else trunk-only when every parent is, and trunk: false without parents (a class of "
+                        "unknown place is never removed from an arm or leg)")
     p.add_argument("-o", "--output", required=True, help="new model name (user model folder) or folder path")
     p.add_argument("--group", default=None,
                    help="group (organ, vessel, tumour, bone, ...) of the new classes that set none of their own")

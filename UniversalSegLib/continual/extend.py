@@ -326,7 +326,8 @@ def extend_model(base: str | Path | LoadedModel, new_classes: Sequence[ClassSpec
 
     Args:
         base: model name, folder or LoadedModel (never modified).
-        new_classes: ClassInfo, dict (key, name, prompt, group, parents, colour, synonyms) or key.
+        new_classes: ClassInfo, dict (key, name, prompt, group, parents, colour, synonyms, location) or key;
+            each stores a location (`registry.location.new_class_location`).
         data: spec file, folder or list of (image, {class_key: mask}) pairs (see `continual.data`).
         output_name: the new model's name or folder.
         train: which weights learn: "heads" | "heads+decoder" | "all".
@@ -418,7 +419,7 @@ def extend_model(base: str | Path | LoadedModel, new_classes: Sequence[ClassSpec
         parent={"name": loaded.manifest.name, "path": str(loaded.path), "weights_sha256_before": sha_before,
                 "weights_sha256_after": sha_after},
         new_classes=[{"key": c.key, "name": c.name, "group": c.group, "prompt": c.prompt, "parents": c.parents,
-                      "init": i, "similar_to": s.key, "similarity": round(s.cosine, 4)}
+                      "location": c.location, "init": i, "similar_to": s.key, "similarity": round(s.cosine, 4)}
                      for c, i, s in zip(new, inits, run.similar)],
         init_selection=run.init_selection, settings={**settings, "pseudo_label_cache": pseudo_stats},
         data={"description": ext.description, "split": ext.split,

@@ -17,7 +17,7 @@ class ExtensionReport:
     model_name: str
     model_path: str
     parent: dict[str, Any]  # name, path, weights_sha256 (before and after: must be equal)
-    new_classes: list[dict[str, Any]]  # key, name, group, prompt, init, similar_to, similarity
+    new_classes: list[dict[str, Any]]  # key, name, group, prompt, parents, location, init, similar_to, similarity
     init_selection: dict[str, Any]  # auto mode: per class Dice/loss of similar vs fresh after warm-up
     settings: dict[str, Any]
     data: dict[str, Any]  # description, split, training and held-out cases

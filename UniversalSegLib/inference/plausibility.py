@@ -40,7 +40,8 @@ from scipy import ndimage
 
 from UniversalSegLib.components import connected_components
 from UniversalSegLib.inference.masks import BoxMask
-from UniversalSegLib.registry import ClassInfo, default_registry
+from UniversalSegLib.registry import ClassInfo
+from UniversalSegLib.registry.location import effective_location
 
 OUTSIDE_AIR_HU = -900.0  # air around the patient (lung is about -850; an arm's air gap of 3 mm is below it)
 BONE_HU = 200.0
@@ -66,11 +67,9 @@ class Location:
 
     @classmethod
     def of(cls, info: ClassInfo) -> Location:
-        """The class's own location, else the default registry's for its key, else "trunk" alone."""
-        data = info.location
-        if not data:
-            registry = default_registry()
-            data = registry[info.key].location if info.key in registry else {}
+        """The class's own location, else the default registry's for its key, else "trunk" alone
+        (`registry.location.effective_location`; a class added to a model stores its own)."""
+        data = effective_location(info)
         lateral = data.get("lateral")
         return cls(trunk=bool(data.get("trunk", True)), lateral=tuple(lateral) if lateral else None,
                    caudal_to=tuple(data.get("caudal_to", ())))
