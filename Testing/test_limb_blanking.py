@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from arm_drawing import with_arm
 from conftest import SHARED_DATA
 
+from UniversalSegLib.evaluation import variants
 from UniversalSegLib.inference import plausibility, predict
 from UniversalSegLib.registry import ClassInfo, default_registry
 
@@ -73,3 +74,42 @@ def test_not_blanked_without_the_check_or_for_a_class_that_may_lie_in_a_limb(mon
     assert plausibility.blank_limbs(composed, [*TRUNK_CLASSES, humerus])[0] is composed
     seen, ml = plausibility.blank_limbs(composed, TRUNK_CLASSES)
     assert seen is not composed and ml > 100.0  # an upper arm over 30 slices of 3 mm
+
+
+def _predict_counting_the_finder(monkeypatch, image: sitk.Image, share: bool):
+    """`predict` of a few classes on `image`, and how many axial slices the limb finder looked at.
+    `share=False`: every use finds its own `Trunk` (the blanking and both plausibility rules), as
+    before the finder's result was shared."""
+    calls = []
+    body_slice = plausibility._body_slice
+    monkeypatch.setattr(plausibility, "_body_slice", lambda hu: calls.append(1) or body_slice(hu))
+    if not share:
+        monkeypatch.setattr(plausibility, "_trunk_of", lambda reference, trunk: plausibility.Trunk(reference))
+    result = predict.predict(image, device="cpu", classes=["aorta", "spleen", "vertebrae_L1", "vertebrae_L4"],
+                             include_helper_classes=True)
+    monkeypatch.undo()
+    return result, len(calls)
+
+
+def test_limb_finder_runs_once_per_predict_with_the_same_results(monkeypatch, crop_of_a):
+    """Arms composed beside a crop of A: the finder's result serves the blanking and the checks
+    (one look per slice, not three), and masks, confidences and reasons are those found unshared."""
+    image, labels = crop_of_a
+    composed = variants.compose_arms(image, None, [variants.Arm("low", 0.0), variants.Arm("high", 10.0)])[0]
+    shared, looks = _predict_counting_the_finder(monkeypatch, composed, share=True)
+    unshared, unshared_looks = _predict_counting_the_finder(monkeypatch, composed, share=False)
+    slices = composed.GetSize()[2]
+    assert shared.metadata["limbs_blanked_ml"] > 100.0  # the arms were found and blanked
+    assert (looks, unshared_looks) == (slices, 3 * slices)
+    assert shared.metadata["limbs_blanked_ml"] == unshared.metadata["limbs_blanked_ml"]
+    for a, b in zip(shared.classes, unshared.classes, strict=True):
+        assert a.info.key == b.info.key
+        assert np.array_equal(a.mask, b.mask), a.info.key
+        assert (a.mean_confidence, a.reason) == (b.mean_confidence, b.reason), a.info.key
+
+
+def test_a_trunk_found_on_another_image_is_refused(crop_of_a):
+    image, _ = crop_of_a
+    other = sitk.Image(image)
+    with pytest.raises(ValueError, match="another image"):
+        plausibility.limbs_to_blank(image, plausibility.Trunk(other))

@@ -26,12 +26,15 @@ the one rule that does not depend on the scan's coverage or the patient's size.
 Before the model runs, `blank_limbs` sets the arms beside the trunk to air in the model's input
 (same limb finder: limb cores lying left or right of the trunk, grown back to the skin), so its
 context and body crop are those of a scan without arms; skipped when a class may lie in a limb.
+The finder's result depends on the image alone (`Trunk`): `predict` finds it once for the
+blanking and the checks of the masks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import cc3d
 import numpy as np
@@ -144,14 +147,6 @@ def _within(cores: np.ndarray, spacing_yx: tuple[float, float], mm: float) -> np
     return ndimage.distance_transform_edt(~cores, sampling=spacing_yx) <= mm
 
 
-def _trunk_slice(body: np.ndarray, spacing_yx: tuple[float, float]) -> np.ndarray:
-    """The trunk of one axial body slice: its cores grown back into the body (`_cores_slice`)."""
-    cores = _cores_slice(body, spacing_yx)
-    if cores is None:
-        return body  # nothing to tell apart
-    return body & _within(cores[0], spacing_yx, TRUNK_CORE_MM + TRUNK_MARGIN_MM)
-
-
 def _axial(reference: sitk.Image) -> tuple[tuple[int, int, int], tuple[float, float, float], np.ndarray,
                                            list[int], np.ndarray, tuple[float, float]]:
     """(axes, spacing along them, the HU array in the axial frame, in-plane step of the coarse grid,
@@ -165,27 +160,89 @@ def _axial(reference: sitk.Image) -> tuple[tuple[int, int, int], tuple[float, fl
     return axes, spacing, hu, step, coarse, (spacing[1] * step[0], spacing[2] * step[1])  # type: ignore[return-value]
 
 
+class Trunk:
+    """The limb finder's result on one image, per axial slice of the coarse in-plane grid (`_axial`):
+    the body, its trunk and limb cores (`_cores_slice`), the trunk, and the limbs on the full grid.
+
+    It depends on the image alone (no mask, no class), so one `Trunk` serves every use on the same
+    image: `predict` blanks the arms in the model's input (`limbs_to_blank`) and checks the masks
+    (`without_limbs`, `check`) on the same input image, and the finder (0.03-0.4 s a run on A, B, C and a
+    clinical grid) then runs once instead of three times. Each part is found on first use.
+
+    Args:
+        image: the CT in HU.
+    """
+
+    def __init__(self, image: sitk.Image):
+        self.image = image
+
+    @cached_property
+    def cores(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(body, trunk cores, limb cores), bool (SI, AP, LR) on the coarse grid; no core where a
+        slice's body has none."""
+        coarse, spacing_yx = _axial(self.image)[4:]
+        body = np.zeros(coarse.shape, dtype=bool)
+        trunk_cores, limb_cores = np.zeros_like(body), np.zeros_like(body)
+        for z in range(body.shape[0]):
+            body[z] = _body_slice(coarse[z])
+            cores = _cores_slice(body[z], spacing_yx)
+            if cores is not None:
+                trunk_cores[z], limb_cores[z] = cores
+        return body, trunk_cores, limb_cores
+
+    @cached_property
+    def near_trunk(self) -> np.ndarray:
+        """Within `TRUNK_CORE_MM` + `TRUNK_MARGIN_MM` of the trunk's cores, per coarse slice; the whole
+        slice where the body has no core (nothing to tell apart: all of it is trunk)."""
+        spacing_yx = _axial(self.image)[5]
+        body, trunk_cores, _ = self.cores
+        near = np.ones_like(body)
+        for z in np.flatnonzero(trunk_cores.any(axis=(1, 2))):
+            near[z] = _within(trunk_cores[z], spacing_yx, TRUNK_CORE_MM + TRUNK_MARGIN_MM)
+        return near
+
+    @cached_property
+    def trunk(self) -> np.ndarray:
+        """The trunk on the coarse grid: the body within reach of its trunk cores (`near_trunk`)."""
+        return self.cores[0] & self.near_trunk
+
+    @cached_property
+    def limbs(self) -> np.ndarray:
+        """Body voxels that are not trunk, bool on the full grid in the input's array order."""
+        axes, _, hu, step = _axial(self.image)[:4]
+        limbs = _full(self.cores[0] & ~self.trunk, step, hu.shape)
+        return limbs.transpose(tuple(int(i) for i in np.argsort(axes)))
+
+
+def _trunk_of(reference: sitk.Image, trunk: Trunk | None) -> Trunk:
+    """`trunk` when given (found on `reference` itself), else a new one of `reference`."""
+    if trunk is None:
+        return Trunk(reference)
+    if trunk.image is not reference:
+        raise ValueError("a Trunk found on another image than the one checked")
+    return trunk
+
+
 def _full(coarse: np.ndarray, step: list[int], shape: tuple[int, ...]) -> np.ndarray:
     """A coarse in-plane array repeated back onto the full grid of `shape`."""
     return np.repeat(np.repeat(coarse, step[0], axis=1), step[1], axis=2)[:, :shape[1], :shape[2]]
 
 
-def body_frame(reference: sitk.Image, spine: np.ndarray | None = None) -> BodyFrame:
+def body_frame(reference: sitk.Image, spine: np.ndarray | None = None, trunk_found: Trunk | None = None
+               ) -> BodyFrame:
     """The scan's body frame (see `BodyFrame`).
 
     Args:
         reference: the CT in HU.
         spine: optional bool (z, y, x) in the input's array order: the vertebrae, sacrum and spinal
             cord masks; without it the midline comes from bone HU.
+        trunk_found: the limb finder's result on `reference` (`Trunk`), else found here. Only the
+            midline depends on `spine`.
     """
     _, left_sign, _posterior_sign, superior_sign = _axes(reference)
-    axes, spacing, hu, step, coarse, coarse_spacing = _axial(reference)
-    body = np.zeros(coarse.shape, dtype=bool)
-    trunk = np.zeros_like(body)
-    for z in range(body.shape[0]):
-        body[z] = _body_slice(coarse[z])
-        trunk[z] = _trunk_slice(body[z], coarse_spacing)
-    limbs = _full(body & ~trunk, step, hu.shape)
+    axes, spacing, hu, step = _axial(reference)[:4]
+    trunk_found = _trunk_of(reference, trunk_found)
+    trunk = trunk_found.trunk
     columns = np.arange(trunk.shape[2]) * step[1] + (step[1] - 1) / 2
     half_width = np.full(trunk.shape[0], np.nan)
     centre = np.full(trunk.shape[0], np.nan)
@@ -195,8 +252,7 @@ def body_frame(reference: sitk.Image, spine: np.ndarray | None = None) -> BodyFr
             half_width[z] = (columns[xs[-1]] - columns[xs[0]] + step[1]) / 2
             centre[z] = (columns[xs[-1]] + columns[xs[0]]) / 2
     midline = _midline(hu, trunk, step, spine.transpose(axes) if spine is not None else None, centre)
-    inverse = tuple(int(i) for i in np.argsort(axes))
-    return BodyFrame(axes, limbs.transpose(inverse), midline, half_width, left_sign, superior_sign, spacing)
+    return BodyFrame(axes, trunk_found.limbs, midline, half_width, left_sign, superior_sign, spacing)
 
 
 def _midline(hu: np.ndarray, trunk_coarse: np.ndarray, step: list[int], spine: np.ndarray | None,
@@ -227,21 +283,22 @@ def _centroid_frame(mask: BoxMask, axes: tuple[int, int, int]) -> np.ndarray:
     return centroid[list(axes)]
 
 
-def _without_limbs(mask: BoxMask, frame: BodyFrame, voxel_ml: float, kept_by_rule: int | None = None
+def _without_limbs(mask: BoxMask, limbs: np.ndarray, voxel_ml: float, kept_by_rule: int | None = None
                    ) -> tuple[BoxMask, float]:
-    """`mask` less its components lying mostly in a limb, and the millilitres removed that matter.
+    """`mask` less its components lying mostly in `limbs` (`Trunk.limbs`), and the millilitres removed
+    that matter.
 
     `kept_by_rule`: how many of the largest components the class's rule keeps (1, 2 for a pair,
     whose sides each end with their largest), or None (all). A removed component smaller than the
     largest kept one would have lost to it anyway: removed but not counted, so a correct structure
     is not reported for the model's speck in an arm.
     """
-    limbs = frame.limbs[tuple(slice(a, b) for a, b in zip(mask.start, mask.stop))]
+    in_limb = limbs[tuple(slice(a, b) for a, b in zip(mask.start, mask.stop))]
     crop = mask.crop()
-    if not (crop & limbs).any():
+    if not (crop & in_limb).any():
         return mask, 0.0
     labels, n = connected_components(crop, connectivity=26, return_N=True)
-    inside = np.bincount(labels[limbs & crop].ravel(), minlength=n + 1)
+    inside = np.bincount(labels[in_limb & crop].ravel(), minlength=n + 1)
     size = np.bincount(labels.ravel(), minlength=n + 1)
     drop = np.flatnonzero(inside[1:] > LIMB_SHARE * size[1:]) + 1
     if drop.size == 0:
@@ -282,7 +339,7 @@ def _kept_by_rule(info: ClassInfo) -> int | None:
 
 
 def without_limbs(masks: Mapping[str, BoxMask], classes: Mapping[str, ClassInfo],
-                  reference: sitk.Image) -> tuple[dict[str, BoxMask], dict[str, str]]:
+                  reference: sitk.Image, trunk: Trunk | None = None) -> tuple[dict[str, BoxMask], dict[str, str]]:
     """`masks` less their components lying mostly in a limb (classes with the "trunk" rule), and the
     reasons. Run before the rules that keep the largest component, so an arm's component cannot
     win over the real structure.
@@ -291,15 +348,16 @@ def without_limbs(masks: Mapping[str, BoxMask], classes: Mapping[str, ClassInfo]
         masks: predicted masks by class key, on `reference`'s grid.
         classes: the classes by key.
         reference: the CT in HU.
+        trunk: the limb finder's result on `reference` (`Trunk`), else found here.
     """
     out, reasons = dict(masks), {}
     keys = [k for k, info in classes.items() if k in masks and masks[k] and Location.of(info).trunk]
     if not keys:
         return out, reasons
-    frame = body_frame(reference)
+    limbs = _trunk_of(reference, trunk).limbs
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
     for key in keys:
-        kept, removed = _without_limbs(out[key], frame, voxel_ml, _kept_by_rule(classes[key]))
+        kept, removed = _without_limbs(out[key], limbs, voxel_ml, _kept_by_rule(classes[key]))
         out[key] = kept
         if removed:
             reasons[key] = f"removed {removed:.1f} ml outside the trunk (in an arm or limb)"
@@ -307,7 +365,7 @@ def without_limbs(masks: Mapping[str, BoxMask], classes: Mapping[str, ClassInfo]
 
 
 def check(masks: Mapping[str, BoxMask], confidence: Mapping[str, float], classes: Mapping[str, ClassInfo],
-          reference: sitk.Image, frame: BodyFrame | None = None) -> Outcome:
+          reference: sitk.Image, frame: BodyFrame | None = None, trunk: Trunk | None = None) -> Outcome:
     """Apply each class's `Location` to its final mask (see the module docstring).
 
     Args:
@@ -316,16 +374,17 @@ def check(masks: Mapping[str, BoxMask], confidence: Mapping[str, float], classes
         classes: the classes by key (their `location`, else the default registry's).
         reference: the CT in HU.
         frame: a precomputed `body_frame` (default: built from `reference` and the spine masks).
+        trunk: the limb finder's result on `reference` (`Trunk`) for the frame built here, else found here.
     """
     out = Outcome(dict(masks), dict(confidence))
     rules = {key: Location.of(info) for key, info in classes.items() if key in masks and masks[key]}
     if not any(r.trunk or r.lateral or r.caudal_to for r in rules.values()):
         return out  # nothing to check: no body frame to build
-    frame = frame or body_frame(reference, spine_mask(masks, confidence))
+    frame = frame or body_frame(reference, spine_mask(masks, confidence), trunk)
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
     for key, rule in rules.items():
         if rule.trunk:
-            kept, removed = _without_limbs(out.masks[key], frame, voxel_ml)
+            kept, removed = _without_limbs(out.masks[key], frame.limbs, voxel_ml)
             if removed:
                 out.masks[key] = kept
                 out.reasons[key] = f"removed {removed:.1f} ml outside the trunk (in an arm or limb)"
@@ -356,7 +415,7 @@ def check(masks: Mapping[str, BoxMask], confidence: Mapping[str, float], classes
     return out
 
 
-def limbs_to_blank(reference: sitk.Image) -> np.ndarray:
+def limbs_to_blank(reference: sitk.Image, trunk: Trunk | None = None) -> np.ndarray:
     """The limbs of `reference` as the model should not see them: bool, in the input's array order.
 
     Per axial slice, each limb core (`_cores_slice`) lying beside the trunk (`_beside`) grown back
@@ -368,17 +427,17 @@ def limbs_to_blank(reference: sitk.Image) -> np.ndarray:
 
     Args:
         reference: the CT in HU.
+        trunk: the limb finder's result on `reference` (`Trunk`), else found here.
     """
     axes, _spacing, hu, step, coarse, coarse_spacing = _axial(reference)
+    trunk = _trunk_of(reference, trunk)
+    _, trunk_cores, limb_cores = trunk.cores
     blank = np.zeros(coarse.shape, dtype=bool)
-    for z in range(coarse.shape[0]):
-        cores = _cores_slice(_body_slice(coarse[z]), coarse_spacing)
-        if cores is None or not cores[1].any():
-            continue
-        limb = _beside(cores[1], _within(cores[0], coarse_spacing, TRUNK_CORE_MM + TRUNK_MARGIN_MM))
+    for z in np.flatnonzero(limb_cores.any(axis=(1, 2))):
+        limb = _beside(limb_cores[z], trunk.near_trunk[z])
         if limb.any():
             to_limb = ndimage.distance_transform_edt(~limb, sampling=coarse_spacing)
-            to_trunk = ndimage.distance_transform_edt(~cores[0], sampling=coarse_spacing)
+            to_trunk = ndimage.distance_transform_edt(~trunk_cores[z], sampling=coarse_spacing)
             # An arm pressed on the trunk meets it midway between their cores: the nearer core
             # decides; the trunk's cores grown to its skin (`TRUNK_CORE_MM`) are never blanked.
             blank[z] = (to_limb <= TRUNK_CORE_MM + LIMB_MARGIN_MM) & (to_limb <= to_trunk) & (to_trunk > TRUNK_CORE_MM)
@@ -397,7 +456,8 @@ def _beside(limb_cores: np.ndarray, trunk: np.ndarray) -> np.ndarray:
     return np.isin(labels, np.flatnonzero((centre < columns[0]) | (centre > columns[-1])) + 1)
 
 
-def blank_limbs(reference: sitk.Image, classes: Iterable[ClassInfo]) -> tuple[sitk.Image, float]:
+def blank_limbs(reference: sitk.Image, classes: Iterable[ClassInfo], trunk: Trunk | None = None
+                ) -> tuple[sitk.Image, float]:
     """`reference` with its limbs (`limbs_to_blank`) set to air, for the model's eyes only, and the
     millilitres blanked. An arm beside the trunk moves the model's own output (its context, the
     body crop's box); blanked, the model sees the scan as without arms (issue 25). Masks and HU
@@ -409,10 +469,11 @@ def blank_limbs(reference: sitk.Image, classes: Iterable[ClassInfo]) -> tuple[si
     Args:
         reference: the CT in HU.
         classes: the classes the model computes.
+        trunk: the limb finder's result on `reference` (`Trunk`), else found here.
     """
     if not all(Location.of(info).trunk for info in classes):
         return reference, 0.0
-    blank = limbs_to_blank(reference)
+    blank = limbs_to_blank(reference, trunk)
     if not blank.any():
         return reference, 0.0
     hu = sitk.GetArrayFromImage(reference)

@@ -20,7 +20,7 @@ import torch
 
 from UniversalSegLib.device import resolve_device
 from UniversalSegLib.inference.masks import BoxMask
-from UniversalSegLib.inference.plausibility import blank_limbs
+from UniversalSegLib.inference.plausibility import Trunk, blank_limbs
 from UniversalSegLib.inference.preprocess import preprocess
 from UniversalSegLib.inference.request import (  # noqa: F401 - needed_classes: also imported from here
     PredictRequest,
@@ -147,7 +147,9 @@ def _run(request: PredictRequest, report: Monotonic) -> SegmentationResult:
     pre = manifest.preprocessing
     # The model does not see arms beside the trunk: they move its output elsewhere (context, body
     # crop). Only its input: masks and HU statistics keep `reference` (plausibility.blank_limbs).
-    seen, blanked_ml = blank_limbs(reference, computed) if plausibility else (reference, 0.0)
+    # The limb finder's result on `reference` serves the blanking and the plausibility rules alike.
+    trunk = Trunk(reference)  # found on first use: never when neither needs it
+    seen, blanked_ml = blank_limbs(reference, computed, trunk) if plausibility else (reference, 0.0)
     prepared = preprocess(seen, pre)
     del seen
     timings["preprocess_s"] = time.perf_counter() - t
@@ -195,7 +197,7 @@ def _run(request: PredictRequest, report: Monotonic) -> SegmentationResult:
 
     report(_WINDOWS, "post-processing")
     t = time.perf_counter()
-    masks, confidence, reasons = rules.apply(reference, pre.spacing, masks, confidence, values)
+    masks, confidence, reasons = rules.apply(reference, pre.spacing, masks, confidence, values, trunk)
     timings["postprocess_s"] = time.perf_counter() - t
 
     shown = computed if settings.include_helper_classes else wanted

@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from UniversalSegLib.inference.masks import BoxMask
-from UniversalSegLib.inference.plausibility import Location, check, without_limbs
+from UniversalSegLib.inference.plausibility import Location, Trunk, check, without_limbs
 from UniversalSegLib.inference.postprocess import (
     apply_rules,
     disjoint,
@@ -45,7 +45,8 @@ from UniversalSegLib.registry import ClassInfo
 @dataclass
 class RuleState:
     """What the rules read and change: the masks as restoration left them (`predicted`, never
-    changed), the current `masks`, confidences, kept voxel probabilities and the reasons per class."""
+    changed), the current `masks`, confidences, kept voxel probabilities and the reasons per class;
+    `trunk`, the limb finder's result on `reference` (`plausibility.Trunk`), found once for every rule."""
 
     reference: sitk.Image
     model_spacing: Sequence[float]
@@ -56,9 +57,11 @@ class RuleState:
     streamed: set[str]  # classes whose streaming rule already ran during restoration
     masks: dict[str, BoxMask] = field(default_factory=dict)
     reasons: dict[str, list[str]] = field(default_factory=dict)
+    trunk: Trunk | None = None
 
     def __post_init__(self) -> None:
         self.masks = self.masks or dict(self.predicted)
+        self.trunk = self.trunk or Trunk(self.reference)  # found on first use
 
     def note(self, key: str, reason: str) -> None:
         self.reasons.setdefault(key, []).append(reason)
@@ -114,7 +117,7 @@ class OutsideLimbs(Rule):
         return Location.of(info).trunk
 
     def apply(self, state):
-        pruned, reasons = without_limbs(state.masks, state.classes, state.reference)
+        pruned, reasons = without_limbs(state.masks, state.classes, state.reference, state.trunk)
         for key, reason in reasons.items():  # only a reported removal changes a mask
             state.masks[key] = pruned[key]
             state.note(key, reason)
@@ -219,7 +222,7 @@ class PlausiblePosition(Rule):
         return True
 
     def apply(self, state):
-        checked = check(state.masks, state.confidence, state.classes, state.reference)
+        checked = check(state.masks, state.confidence, state.classes, state.reference, trunk=state.trunk)
         state.masks, state.confidence = checked.masks, checked.confidence
         for key, reason in checked.reasons.items():
             state.note(key, reason)
@@ -279,7 +282,7 @@ class Postprocessing:
         return Restoration(largest_only=streamed is not None, keep_values=keep)
 
     def apply(self, reference: sitk.Image, model_spacing: Sequence[float], masks: Mapping[str, BoxMask],
-              confidence: Mapping[str, float], values: Mapping[str, np.ndarray]
+              confidence: Mapping[str, float], values: Mapping[str, np.ndarray], trunk: Trunk | None = None
               ) -> tuple[dict[str, BoxMask], dict[str, float], dict[str, str]]:
         """Run the rules on the restored masks; returns (masks, mean confidences, reasons) by class key.
 
@@ -288,10 +291,12 @@ class Postprocessing:
             model_spacing: the model grid's spacing (mm), for rule sizes given in model voxels.
             masks, confidence: every computed class as restoration returned it.
             values: uint8 probabilities of the masks' voxels, for the classes `restoration` kept them.
+            trunk: the limb finder's result on `reference` when the caller has one (`predict`: its
+                blanking's), else found here on first use.
         """
         streamed = {k for k, info in self.classes.items() if self._streamed_by(info) is not None}
         state = RuleState(reference, model_spacing, self.classes, dict(masks), dict(values), dict(confidence),
-                          streamed)
+                          streamed, trunk=trunk)
         settled = False
         for rule in self.rules:
             if rule.reads_confidence and not settled:
