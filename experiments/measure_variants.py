@@ -74,12 +74,12 @@ def variants() -> dict[str, tuple[sitk.Image, sitk.Image, np.ndarray | None]]:
     return out
 
 
-def run(outdir: Path, only: list[str] | None, plausibility: bool = False) -> None:
+def run(outdir: Path, only: list[str] | None, plausibility: bool = False, model: str | None = None) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     for name, (image, _, arm_mask) in variants().items():
         if only and name not in only:
             continue
-        result = predict(image, device="cpu", keep_probabilities=True,
+        result = predict(image, model=model, device="cpu", keep_probabilities=True,
                          plausibility=plausibility)
         arrays = {"hu": sitk.GetArrayFromImage(image).astype(np.int16),
                   "arm": arm_mask if arm_mask is not None else np.zeros(0, bool)}
@@ -219,11 +219,12 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="folder of the saved predictions")
     parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
     parser.add_argument("--json", type=Path, help="write the report's figures here")
+    parser.add_argument("--model", help="run: model folder or name (default: the bundled model)")
     parser.add_argument("--plausibility", action="store_true", help="run: predict with the check (predict's default)")
     parser.add_argument("--after", type=Path, help="report: a `run --plausibility` folder for the 'after' figures")
     args = parser.parse_args()
     if args.step == "run":
-        run(args.out, args.only, args.plausibility)
+        run(args.out, args.only, args.plausibility, args.model)
     else:
         figures = report(args.out, args.after)
         if args.json:
