@@ -90,6 +90,19 @@ def _declaring(tmp: Path, name: str, shape: tuple[int, ...], code: int = 4, payl
     return tmp / name
 
 
+def _nifti_forms(tmp: Path, name: str, qform: np.ndarray | None, sform: np.ndarray | None) -> Path:
+    """A CT-like NIfTI with only the given orientation records (None: that record's code is 0)."""
+    image = nib.Nifti1Image(_ct_like().T, None)
+    image.set_qform(qform, code=0 if qform is None else 1)
+    image.set_sform(sform, code=0 if sform is None else 2)
+    nib.save(image, tmp / name)
+    return tmp / name
+
+
+RAS_1MM = np.diag([1.0, 1.0, 1.0, 1.0])
+LAS_1MM = np.diag([-1.0, 1.0, 1.0, 1.0])  # RAS_1MM mirrored left-right
+
+
 def _metaimage(tmp: Path, name: str, fields: str, payload: bytes) -> Path:
     header = f"ObjectType = Image\nNDims = 3\n{fields}ElementType = MET_SHORT\nElementDataFile = LOCAL\n"
     (tmp / name).write_bytes(header.encode() + payload)
@@ -167,6 +180,15 @@ CASES = {
                                            _ct_like().tobytes()), "spacing is zero along z"),
     "NRRD spacing NaN": (lambda t: _nrrd(t, "nan.nrrd", "24 24 20", "(nan,0,0) (0,1,0) (0,0,1)",
                                          _ct_like().tobytes()), "cannot read"),
+    # orientation: none at all, or two that disagree (ITK took the qform, nibabel and most tools the sform)
+    "NIfTI without qform or sform": (lambda t: _nifti_forms(t, "noform.nii.gz", None, None),
+                                     r"has no orientation \(qform_code and sform_code are 0\)"),
+    "NIfTI whose qform and sform disagree": (lambda t: _nifti_forms(t, "mirrored.nii.gz", LAS_1MM, RAS_1MM),
+                                             r"two orientations \(qform and sform\) disagree, placing the image "
+                                             r"up to \d+ mm apart"),
+    "NIfTI with a sform only": (lambda t: _nifti_forms(t, "sform.nii.gz", None, RAS_1MM), None),
+    "NIfTI with a qform only": (lambda t: _nifti_forms(t, "qform.nii.gz", RAS_1MM, None), None),
+    "NIfTI with agreeing qform and sform": (lambda t: _nifti_forms(t, "both.nii.gz", RAS_1MM, RAS_1MM), None),
     # headers declaring far more than the file holds: refused before anything is allocated
     "NIfTI 32767^3 voxels, 4 KB of data (.nii)": (lambda t: _declaring(t, "huge.nii", (32767,) * 3),
                                                   r"declares 32767x32767x32767 voxels of int16 \(64\.0 TiB\)"),
