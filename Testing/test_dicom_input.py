@@ -290,6 +290,29 @@ def test_broken_geometry_is_skipped_and_named(crop, tmp_path):
         read_image(tmp_path / "s")
 
 
+@pytest.mark.parametrize("which", [0, 5, -1])
+def test_a_slice_cut_inside_its_header_is_refused_not_dropped_or_filled(crop, tmp_path, which):
+    # pydicom reads a file cut inside its header without complaint (only the file meta is left): at an
+    # end of the stack the series silently lost a slice, in its middle the slice was "filled"
+    files = write_series(tmp_path / "s", crop[0])
+    files[which].write_bytes(files[which].read_bytes()[:300])
+    with pytest.raises(InputError, match=f"{files[which].name} is a damaged DICOM file .*may be incomplete"):
+        read_image(tmp_path / "s")
+    with pytest.raises(InputError, match="is a damaged DICOM file"):
+        read_image(files[which - 1])  # one intact file of the series: its folder is the series
+
+
+def test_slices_with_different_pixel_spacings_are_refused(crop, tmp_path):
+    # Two reconstructions (fields of view) under one series UID: the volume took the first slice's spacing
+    files = write_series(tmp_path / "s", crop[0])
+    for f in files[4:]:
+        ds = pydicom.dcmread(f)
+        ds.PixelSpacing = [0.7, 0.7]
+        ds.save_as(f, enforce_file_format=True)
+    with pytest.raises(InputError, match=r"slices have different pixel spacings \(0.7 x 0.7 mm \(\d+ slices\), "):
+        read_image(tmp_path / "s")
+
+
 def test_one_missing_slice_is_filled_without_shifting_the_others(crop, tmp_path):
     image, liver = crop
     files = write_series(tmp_path / "s", image, drop=(5,))
