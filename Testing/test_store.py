@@ -60,6 +60,16 @@ def test_found_by_name_in_user_folder(saved_model, tmp_path, monkeypatch):
         find_model("no-such-model")
 
 
+def test_a_folder_without_manifest_or_a_file_is_named_as_such(saved_model, tmp_path):
+    _, path = saved_model
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFileError, match="empty is a folder without a model manifest \\(manifest.json\\)"):
+        find_model(tmp_path / "empty")
+    weights = next(p for p in path.iterdir() if p.suffix == ".safetensors")
+    with pytest.raises(ModelFileError, match=f"{weights.name} is a file, not a model folder"):
+        find_model(weights)
+
+
 def test_no_torch_load_on_model_files():
     """Model files are never unpickled: the only torch.load is the checkpoint importer's."""
     offenders = []

@@ -157,6 +157,12 @@ def find_model(name_or_path: str | Path | None = None) -> Path:
         if (root / name / MANIFEST_FILE).is_file() or (root / name / MANIFEST_FILE).is_symlink():
             return root / name
     known = ", ".join(m.name for _, m in list_models()) or "none"
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder without a model manifest ({MANIFEST_FILE}); give a model folder or "
+                             f"an installed model's name (installed: {known})")
+    if path.exists():
+        raise ModelFileError(f"{path} is a file, not a model folder; give the folder that holds {MANIFEST_FILE} and "
+                             f"the weights, or an installed model's name (installed: {known})")
     raise ModelFileError(f"model {name!r} not found (installed: {known})")
 
 
