@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from UniversalSegLib.errors import ModelFileError
-from UniversalSegLib.store import create_model, find_model, list_models, load_model, save_model
+from UniversalSegLib.store import create_model, find_model, list_models, load_model, rehash_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +49,19 @@ def test_tampered_manifest_is_refused(saved_model):
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(ModelFileError, match="unreadable model manifest"):
         load_model(path)
+
+
+def test_restamped_manifest_with_another_architecture_is_one_line(saved_model):
+    # a manifest edited and re-stamped (rehash): the weights no longer fit; torch's message has a line per tensor
+    _, path = saved_model
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["backbone_config"]["init_filters"] = 8
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    rehash_model(path)
+    with pytest.raises(ModelFileError, match=r"weights do not fit the manifest's architecture \(\d+ problems, e.g. "
+                                             r"size mismatch for backbone\.") as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
 
 
 def test_found_by_name_in_user_folder(saved_model, tmp_path, monkeypatch):
