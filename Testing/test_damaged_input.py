@@ -539,3 +539,37 @@ def test_piped_cli_keeps_itk_output_off_the_json_channel(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 2 and run.stdout == "", run.stdout
     assert run.stderr.count("\n") == 1 and "is truncated" in run.stderr, run.stderr
+
+
+_CAPTURE_IN_ANOTHER_THREAD = """
+import sys, threading
+from UniversalSegLib.io.itk_log import capture_itk_output, python_output_apart
+inside, release, captured = threading.Event(), threading.Event(), []
+
+def read():  # as the cohort's reading thread: an ITK read inside a capture
+    with capture_itk_output(warn=False) as log:
+        inside.set()
+        release.wait(30)
+    captured.append(log.text)
+
+with python_output_apart():
+    reader = threading.Thread(target=read)
+    reader.start()
+    inside.wait(30)
+    print("universalseg: case a refused: ours", file=sys.stderr)
+    print('{"progress": 0.5}', flush=True)
+    release.set()
+    reader.join()
+print("captured=" + repr(captured[0]), file=sys.stderr)
+"""
+
+
+def test_a_capture_in_another_thread_leaves_our_own_lines_alone():
+    """A cohort reads the next case (ITK output captured: fds 1 and 2 redirected) while the main thread
+    prints a refused case's line or a JSON progress line: those went into the capture and came back as an
+    'ITK:' warning (seen in a real cohort run), or were lost to the JSON channel."""
+    run = subprocess.run([sys.executable, "-c", _CAPTURE_IN_ANOTHER_THREAD], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == '{"progress": 0.5}\n'
+    assert run.stderr.splitlines() == ["universalseg: case a refused: ours", "captured=''"], run.stderr
