@@ -116,6 +116,12 @@ def _nrrd(tmp: Path, name: str, sizes: str, directions: str, payload: bytes) -> 
     return tmp / name
 
 
+def _nrrd_without_space(tmp: Path) -> Path:
+    header = "NRRD0004\ntype: short\ndimension: 3\nsizes: 24 24 20\nspacings: 1 1 1\nendian: little\nencoding: raw\n\n"
+    (tmp / "nospace.nrrd").write_bytes(header.encode() + _ct_like().tobytes())
+    return tmp / "nospace.nrrd"
+
+
 def _sitk_file(tmp: Path, name: str, image: sitk.Image, compress: bool = False) -> Path:
     sitk.WriteImage(image, str(tmp / name), useCompression=compress)
     return tmp / name
@@ -186,6 +192,13 @@ CASES = {
     "NIfTI whose qform and sform disagree": (lambda t: _nifti_forms(t, "mirrored.nii.gz", LAS_1MM, RAS_1MM),
                                              r"two orientations \(qform and sform\) disagree, placing the image "
                                              r"up to \d+ mm apart"),
+    "NRRD without orientation (spacings only)": (lambda t: _nrrd_without_space(t), "NRRD header has no orientation"),
+    "sheared NRRD (a tilted gantry)": (lambda t: _nrrd(t, "sheared.nrrd", "24 24 20", "(1,0,0) (0,1,0) (0,0.5,1)",
+                                                       _ct_like().tobytes()),
+                                       r"voxel axes are not perpendicular \(angles 90.0, 90.0, 63.4 degrees"),
+    "sheared MHA": (lambda t: _metaimage(t, "sheared.mha", "DimSize = 24 24 20\nElementSpacing = 1 1 1\n"
+                                         "TransformMatrix = 1 0 0 0 1 0 0 0.5 1\n", _ct_like().tobytes()),
+                    "voxel axes are not perpendicular"),
     "NIfTI with a sform only": (lambda t: _nifti_forms(t, "sform.nii.gz", None, RAS_1MM), None),
     "NIfTI with a qform only": (lambda t: _nifti_forms(t, "qform.nii.gz", RAS_1MM, None), None),
     "NIfTI with agreeing qform and sform": (lambda t: _nifti_forms(t, "both.nii.gz", RAS_1MM, RAS_1MM), None),

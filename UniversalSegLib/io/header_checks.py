@@ -181,6 +181,13 @@ def _check_itk_header(path: Path) -> None:
         raise InputError(f"{path} has {reader.GetNumberOfComponents()} values per voxel (a colour or vector "
                          "image); a CT has one intensity per voxel")
     _check_spacing(path, reader.GetSpacing(), "voxel spacing")
+    keys = reader.GetMetaDataKeys()
+    if "ITK_InputFilterName" in keys and reader.GetMetaData("ITK_InputFilterName") == "NrrdImageIO" \
+            and "NRRD_space" not in keys:
+        # only "spacings": ITK lays the voxels on bare axes, as for a NIfTI without qform and sform
+        raise InputError(f"{path}: the NRRD header has no orientation (no 'space' field, no 'space directions'), "
+                         "so left/right and head/feet are unknown and the masks could come out mirrored; write "
+                         "them into it (e.g. space: left-posterior-superior)")
     data_file = _detached_data_file(path) or path
     if data_file.exists():
         component = sitk.Image([1] * reader.GetDimension(), pixel).GetSizeOfPixelComponent() if pixel >= 0 else 1

@@ -28,6 +28,8 @@ MIN_SIZE = 8  # voxels along each axis but the thinnest; fewer cannot be a usefu
 # but below 3 the masks are mostly wrong, so that is where we refuse (docs/input_checks.md).
 MIN_SLICES = 3
 SPACING_RANGE_MM = (0.1, 20.0)
+# Direction cosines are written with 6 or more decimals; a sheared (tilted) grid is off by far more.
+MAX_DIRECTION_ERROR = 1e-3
 AIR_FAT_HU = -100.0  # CT in HU always has voxels below this (air outside the body, lungs, bowel gas, fat)
 MIN_AIR_FAT_FRACTION = 0.001
 MAX_P99_HU = 4000.0  # above this the 99.5th percentile is no tissue in HU (raw units, MR, or a wrong rescale)
@@ -111,6 +113,7 @@ def check_image(image: sitk.Image, name: str = "input image", allow_non_ct: bool
     """Raise InputError unless `image` is a finite 3D scalar volume with plausible spacing and CT intensities."""
     _check_shape(image, name)
     _check_spacing(image, name)
+    _check_axes_perpendicular(image, name)
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int(np.count_nonzero(~np.isfinite(array)))
@@ -238,6 +241,20 @@ def _check_spacing(image: sitk.Image, name: str) -> None:
             shown = " x ".join(f"{v:g}" for v in spacing)
             raise InputError(f"{name}: implausible voxel spacing {shown} mm ({s:g} mm along {axis}; expected "
                              f"{low:g} to {high:g} mm); the geometry header is probably wrong")
+
+
+def _check_axes_perpendicular(image: sitk.Image, name: str) -> None:
+    """A sheared grid (a tilted gantry saved as NRRD/MHA): the writers would save the masks on a grid coerced
+    to perpendicular axes, where they no longer lie over the image. Refused as a tilted DICOM series is."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    error = float(np.abs(direction.T @ direction - np.eye(3)).max())
+    if error > MAX_DIRECTION_ERROR:
+        angles = np.degrees(np.arccos(np.clip([direction[:, 0] @ direction[:, 1], direction[:, 0] @ direction[:, 2],
+                                               direction[:, 1] @ direction[:, 2]], -1, 1)))
+        shown = ", ".join(f"{a:.1f}" for a in angles)
+        raise InputError(f"{name}: its voxel axes are not perpendicular (angles {shown} degrees: a sheared grid, "
+                         "e.g. a tilted gantry), which our outputs cannot represent; resample it onto a regular grid "
+                         "first (e.g. Slicer's Resample Scalar Volume)")
 
 
 def _subsample(array: np.ndarray, target: int = 2_000_000) -> np.ndarray:
