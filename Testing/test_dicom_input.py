@@ -412,6 +412,12 @@ def test_folders_without_dicom_give_one_line_and_no_itk_output(tmp_path, capfd):
     (tmp_path / "export" / "IMG0001").mkdir(parents=True)  # a DICOMDIR-style export: series in subfolders
     with pytest.raises(InputError, match="subfolders such as IMG0001 are not searched"):
         read_image(tmp_path / "export")
+    from pydicom.data import get_testdata_file
+
+    shutil.copy(get_testdata_file("DICOMDIR", read=False), tmp_path / "export" / "DICOMDIR")  # a CD's index at the top
+    with pytest.raises(InputError, match="holds only Media Storage Directory Storage \\(1 file\\); subfolders such "
+                                         "as IMG0001 are not searched"):
+        read_image(tmp_path / "export")
     damaged = tmp_path / "damaged.dcm"
     damaged.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
     with pytest.raises(InputError, match="damaged.dcm is not a slice of an image series \\(DICOM file without "

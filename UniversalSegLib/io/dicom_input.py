@@ -240,7 +240,10 @@ def _no_series_error(folder: Path, scan: _Scan, supported: str) -> InputError:
                           f"(e.g. {example}) is a DICOM file; give a DICOM series folder or an image file "
                           f"({supported})")
     found = "; ".join(f"{reason} ({n} file{'s' * (n > 1)})" for reason, n in scan.skipped.most_common())
-    return InputError(f"{folder} is a folder without a DICOM image series: it holds only {found}")
+    # e.g. a CD export: a DICOMDIR at the top, the series in subfolders
+    below = (f"; subfolders such as {subfolders[0]} are not searched: give the folder that holds a series' files "
+             "(`universalseg cohort` finds every series below a folder)") if subfolders else ""
+    return InputError(f"{folder} is a folder without a DICOM image series: it holds only {found}{below}")
 
 
 def _choose(folder: Path, stacks: list[DicomStack], series_uid: str | None) -> DicomStack:
