@@ -524,6 +524,46 @@ def test_cli_class_typo_is_one_line_before_the_model(tmp_path, capfd, no_model_r
     assert code == 2 and err.count("\n") == 1 and "did you mean: liver" in err, err
 
 
+@pytest.mark.parametrize("command", ["predict", "cohort"])
+@pytest.mark.parametrize("empty", ["input", "output"])
+def test_cli_empty_paths_are_refused_not_read_as_the_current_folder(command, empty, tmp_path, capfd, monkeypatch,
+                                                                   no_model_run):
+    # an unset shell variable (`-o "$OUT"`): Path("") is ".", so the outputs went into the current folder
+    monkeypatch.chdir(tmp_path)
+    args = [command, "" if empty == "input" else str(SAMPLE), "-o", "" if empty == "output" else "out"]
+    code = main(args)
+    err = capfd.readouterr().err
+    if command == "cohort" and empty == "input":
+        assert code == 2 and "universalseg: error:" in err, err  # its discovery refuses "" as a missing input
+    else:
+        assert code == 2 and err.count("\n") == 1 and "is an empty path" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "something was written"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
+    import threading
+
+    fifo = tmp_path / "ct.nii.gz"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def read():
+        try:
+            read_image(fifo)
+        except InputError as e:
+            outcome.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(20)
+    if reader.is_alive():  # the old code blocked in open(): give it a writer that closes at once, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(20)
+        pytest.fail("reading a named pipe waited for a writer")
+    assert len(outcome) == 1 and "is not a regular file (a pipe, device or socket)" in outcome[0], outcome
+
+
 # --- thin series end to end (bundled model) ----------------------------------------------------------------
 
 

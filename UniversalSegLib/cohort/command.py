@@ -62,6 +62,8 @@ def run_cohort(args: argparse.Namespace) -> int:
 
     if args.output is None and not args.list:
         raise InputError("give the cohort's output folder with -o/--output")
+    if args.output is not None and not args.output.strip():  # Path("") is the current folder
+        raise InputError("the cohort's output folder (-o) is an empty path")
     out = Path(args.output).expanduser() if args.output else None
     discovery = discover_cases(args.inputs, exclude=[out] if out else ())
     for note in discovery.notes if os.environ.get("RANK", "0") == "0" else ():  # once, not once per rank

@@ -78,6 +78,9 @@ def read_image_source(path: str | os.PathLike, allow_non_ct: bool = False,
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"input image {path} does not exist")
+    if not (path.is_dir() or path.is_file()):  # opening a named pipe would wait for a writer for ever
+        raise InputError(f"input {path} is not a regular file (a pipe, device or socket); give an image file or a "
+                         "DICOM series folder")
     if series_uid and not (path.is_dir() or is_dicom_file(path)):
         raise InputError(f"a series UID ({series_uid}) selects a series of a DICOM folder; {path} is not DICOM")
     stack = None
