@@ -302,6 +302,22 @@ def test_a_slice_cut_inside_its_header_is_refused_not_dropped_or_filled(crop, tm
         read_image(files[which - 1])  # one intact file of the series: its folder is the series
 
 
+def test_dicom_without_part10_header_is_named_as_such(crop, tmp_path):
+    # Old or raw exports: the dataset without the 128-byte preamble, "DICM" and the file meta. The folder was
+    # "none of its files is a DICOM file"; one file was read by GDCM as a lone 2D slice
+    from pydicom.data import get_testdata_file
+
+    (tmp_path / "raw").mkdir()
+    for f in write_series(tmp_path / "s", crop[0]):
+        data = f.read_bytes()
+        meta_length = int.from_bytes(data[140:144], "little")  # (0002,0000) UL, explicit VR, right after "DICM"
+        (tmp_path / "raw" / f.stem).write_bytes(data[144 + meta_length:])
+    for path, what in ((tmp_path / "raw", "raw holds DICOM"), (tmp_path / "raw" / "ct_003", "ct_003 is DICOM"),
+                       (Path(get_testdata_file("ExplVR_LitEndNoMeta.dcm")), "ExplVR_LitEndNoMeta.dcm is DICOM")):
+        with pytest.raises(InputError, match=f"{what} without the Part 10 file header .*dcmconv"):
+            read_image(path)
+
+
 def test_slices_with_different_pixel_spacings_are_refused(crop, tmp_path):
     # Two reconstructions (fields of view) under one series UID: the volume took the first slice's spacing
     files = write_series(tmp_path / "s", crop[0])

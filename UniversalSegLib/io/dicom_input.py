@@ -113,6 +113,31 @@ def is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def is_dicom_without_preamble(path: Path) -> bool:
+    """A DICOM dataset without the Part 10 preamble and "DICM" (old ACR-NEMA-style or raw exports): it starts
+    with a little-endian group 0008 (or 0002) tag, and pydicom, forced, finds a SOP class or modality in it."""
+    import pydicom
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if len(head) < 4 or head[:2] not in (b"\x08\x00", b"\x02\x00") or is_dicom_file(path):
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        return bool(getattr(ds, "SOPClassUID", None) or getattr(ds, "Modality", None))
+    except Exception:  # noqa: BLE001 - whatever fails here, it is no DICOM we could name
+        return False
+
+
+def without_preamble_error(path: Path, what: str) -> InputError:
+    """The refusal for DICOM files without the Part 10 header (`what`: the file, or "the files of FOLDER")."""
+    return InputError(f"{what} DICOM without the Part 10 file header (no 'DICM' preamble, as old or raw exports "
+                      "write it), which we do not read; convert it to DICOM Part 10 files first (e.g. dcmtk: "
+                      "dcmconv +F IN OUT, or gdcmconv)")
+
+
 def read_header(path: Path) -> pydicom.Dataset:
     """The file's dataset without pixel data. pydicom's own warnings about damaged files are not shown:
     we classify the file ourselves and say what matters in one line."""
@@ -234,6 +259,8 @@ def _no_series_error(folder: Path, scan: _Scan, supported: str) -> InputError:
     if not scan.skipped and not scan.other_files:
         return InputError(f"{folder} is a folder without a DICOM series (it is empty); give a DICOM series "
                           f"folder or an image file ({supported})")
+    if not scan.skipped and any(is_dicom_without_preamble(p) for p in scan.other_files[:5]):
+        return without_preamble_error(folder, f"{folder} holds")
     if not scan.skipped:
         example = scan.other_files[0].name
         return InputError(f"{folder} is a folder without a DICOM series: none of its {len(scan.other_files)} files "

@@ -17,7 +17,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from UniversalSegLib.errors import InputError, UniversalSegWarning
-from UniversalSegLib.io.dicom_input import DicomSeriesWarning, DicomStack, find_series, is_dicom_file, read_stack
+from UniversalSegLib.io.dicom_input import (
+    DicomSeriesWarning,
+    DicomStack,
+    find_series,
+    is_dicom_file,
+    is_dicom_without_preamble,
+    read_stack,
+    without_preamble_error,
+)
 from UniversalSegLib.io.header_checks import check_file_header
 from UniversalSegLib.io.itk_log import capture_itk_output
 
@@ -158,6 +166,8 @@ def dicom_source_files(image_or_path: sitk.Image | str | os.PathLike,
 
 
 def _read_file(path: Path) -> sitk.Image:
+    if is_dicom_without_preamble(path):  # GDCM would read it as a lone 2D slice, or not at all
+        raise without_preamble_error(path, f"{path} is")
     check_file_header(path)  # declared size, voxel type and spacing, before ITK allocates anything
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
