@@ -192,6 +192,11 @@ CASES = {
     "NIfTI whose qform and sform disagree": (lambda t: _nifti_forms(t, "mirrored.nii.gz", LAS_1MM, RAS_1MM),
                                              r"two orientations \(qform and sform\) disagree, placing the image "
                                              r"up to \d+ mm apart"),
+    "10 mm voxels, 110x110 of them (1.1 m across)": (lambda t: _nifti(t, "wide.nii.gz", _ct_like((20, 110, 110)).T,
+                                                                       zooms=(10.0, 10.0, 10.0)),
+                                                     r"is 1100 x 1100 mm along two axes, wider than any CT's field"),
+    "0.9 mm voxels, 1000 slices (a 0.9 m long scan)": (lambda t: _nifti(t, "long.nii.gz", _ct_like((1000, 24, 24)).T,
+                                                                        zooms=(0.9, 0.9, 0.9)), None),
     "NRRD without orientation (spacings only)": (lambda t: _nrrd_without_space(t), "NRRD header has no orientation"),
     "sheared NRRD (a tilted gantry)": (lambda t: _nrrd(t, "sheared.nrrd", "24 24 20", "(1,0,0) (0,1,0) (0,0.5,1)",
                                                        _ct_like().tobytes()),

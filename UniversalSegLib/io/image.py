@@ -36,6 +36,10 @@ MIN_SIZE = 8  # voxels along each axis but the thinnest; fewer cannot be a usefu
 # but below 3 the masks are mostly wrong, so that is where we refuse (docs/input_checks.md).
 MIN_SLICES = 3
 SPACING_RANGE_MM = (0.1, 20.0)
+# A CT's cross-section is bounded by its gantry bore (70-90 cm; reconstructed fields of view up to ~82 cm):
+# an image wider than this along two axes has a wrong spacing. Such a scan also took minutes: 122x101x112
+# voxels at 10 mm resample to 51 M voxels at the model's 3 mm (> 300 s on 1 CPU thread).
+MAX_CROSS_SECTION_MM = 1000.0
 # Direction cosines are written with 6 or more decimals; a sheared (tilted) grid is off by far more.
 MAX_DIRECTION_ERROR = 1e-3
 AIR_FAT_HU = -100.0  # CT in HU always has voxels below this (air outside the body, lungs, bowel gas, fat)
@@ -124,6 +128,7 @@ def check_image(image: sitk.Image, name: str = "input image", allow_non_ct: bool
     """Raise InputError unless `image` is a finite 3D scalar volume with plausible spacing and CT intensities."""
     _check_shape(image, name)
     _check_spacing(image, name)
+    _check_extent(image, name)
     _check_axes_perpendicular(image, name)
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
@@ -254,6 +259,15 @@ def _check_spacing(image: sitk.Image, name: str) -> None:
             shown = " x ".join(f"{v:g}" for v in spacing)
             raise InputError(f"{name}: implausible voxel spacing {shown} mm ({s:g} mm along {axis}; expected "
                              f"{low:g} to {high:g} mm); the geometry header is probably wrong")
+
+
+def _check_extent(image: sitk.Image, name: str) -> None:
+    extents = sorted((n * s for n, s in zip(image.GetSize(), image.GetSpacing())), reverse=True)
+    if extents[1] > MAX_CROSS_SECTION_MM:
+        shown = " x ".join(f"{v:g}" for v in image.GetSpacing())
+        raise InputError(f"{name}: the image is {extents[0]:.0f} x {extents[1]:.0f} mm along two axes, wider than any "
+                         f"CT's field of view (about {MAX_CROSS_SECTION_MM:.0f} mm); its voxel spacing ({shown} mm) is "
+                         "probably wrong in the geometry header")
 
 
 def _check_axes_perpendicular(image: sitk.Image, name: str) -> None:
