@@ -197,6 +197,8 @@ CASES = {
                                                      r"is 1100 x 1100 mm along two axes, wider than any CT's field"),
     "0.9 mm voxels, 1000 slices (a 0.9 m long scan)": (lambda t: _nifti(t, "long.nii.gz", _ct_like((1000, 24, 24)).T,
                                                                         zooms=(0.9, 0.9, 0.9)), None),
+    "blank scan (every voxel -1024)": (lambda t: _nifti(t, "air.nii.gz", np.full((24, 24, 20), -1024, np.int16)),
+                                       r"every voxel has the same value \(-1024\); the image is blank"),
     "NRRD without orientation (spacings only)": (lambda t: _nrrd_without_space(t), "NRRD header has no orientation"),
     "sheared NRRD (a tilted gantry)": (lambda t: _nrrd(t, "sheared.nrrd", "24 24 20", "(1,0,0) (0,1,0) (0,0.5,1)",
                                                        _ct_like().tobytes()),
