@@ -308,9 +308,9 @@ def find_series(path: Path, series_uid: str | None = None, supported: str = "an 
         # A slice cut short inside its header cannot be told from any other file: read without it, the
         # series would silently lose a slice at its end, or get it "filled" in its middle.
         more = f" (and {len(scan.damaged) - 1} more)" if len(scan.damaged) > 1 else ""
-        raise InputError(f"{scan.damaged[0]}{more} is a damaged DICOM file (its header cannot be read; cut "
-                         f"short?), so the series in {folder} may be incomplete; copy the folder again, or remove "
-                         "the file if it is not part of the series")
+        raise InputError(f"{scan.damaged[0]}{more} is a damaged DICOM file (its header is unreadable or lacks the "
+                         f"series UID: cut short?), so the series in {folder} may be incomplete; copy the folder "
+                         "again, or remove the file if it is not part of the series")
     if path.is_file():
         holding = [s for s in scan.stacks if path in s.files]
         if not holding:
