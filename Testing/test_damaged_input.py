@@ -90,6 +90,19 @@ def _declaring(tmp: Path, name: str, shape: tuple[int, ...], code: int = 4, payl
     return tmp / name
 
 
+def _nifti_forms(tmp: Path, name: str, qform: np.ndarray | None, sform: np.ndarray | None) -> Path:
+    """A CT-like NIfTI with only the given orientation records (None: that record's code is 0)."""
+    image = nib.Nifti1Image(_ct_like().T, None)
+    image.set_qform(qform, code=0 if qform is None else 1)
+    image.set_sform(sform, code=0 if sform is None else 2)
+    nib.save(image, tmp / name)
+    return tmp / name
+
+
+RAS_1MM = np.diag([1.0, 1.0, 1.0, 1.0])
+LAS_1MM = np.diag([-1.0, 1.0, 1.0, 1.0])  # RAS_1MM mirrored left-right
+
+
 def _metaimage(tmp: Path, name: str, fields: str, payload: bytes) -> Path:
     header = f"ObjectType = Image\nNDims = 3\n{fields}ElementType = MET_SHORT\nElementDataFile = LOCAL\n"
     (tmp / name).write_bytes(header.encode() + payload)
@@ -101,6 +114,12 @@ def _nrrd(tmp: Path, name: str, sizes: str, directions: str, payload: bytes) -> 
               f"space directions: {directions}\nendian: little\nencoding: raw\nspace origin: (0,0,0)\n\n")
     (tmp / name).write_bytes(header.encode() + payload)
     return tmp / name
+
+
+def _nrrd_without_space(tmp: Path) -> Path:
+    header = "NRRD0004\ntype: short\ndimension: 3\nsizes: 24 24 20\nspacings: 1 1 1\nendian: little\nencoding: raw\n\n"
+    (tmp / "nospace.nrrd").write_bytes(header.encode() + _ct_like().tobytes())
+    return tmp / "nospace.nrrd"
 
 
 def _sitk_file(tmp: Path, name: str, image: sitk.Image, compress: bool = False) -> Path:
@@ -167,6 +186,29 @@ CASES = {
                                            _ct_like().tobytes()), "spacing is zero along z"),
     "NRRD spacing NaN": (lambda t: _nrrd(t, "nan.nrrd", "24 24 20", "(nan,0,0) (0,1,0) (0,0,1)",
                                          _ct_like().tobytes()), "cannot read"),
+    # orientation: none at all, or two that disagree (ITK took the qform, nibabel and most tools the sform)
+    "NIfTI without qform or sform": (lambda t: _nifti_forms(t, "noform.nii.gz", None, None),
+                                     r"has no orientation \(qform_code and sform_code are 0\)"),
+    "NIfTI whose qform and sform disagree": (lambda t: _nifti_forms(t, "mirrored.nii.gz", LAS_1MM, RAS_1MM),
+                                             r"two orientations \(qform and sform\) disagree, placing the image "
+                                             r"up to \d+ mm apart"),
+    "10 mm voxels, 110x110 of them (1.1 m across)": (lambda t: _nifti(t, "wide.nii.gz", _ct_like((20, 110, 110)).T,
+                                                                       zooms=(10.0, 10.0, 10.0)),
+                                                     r"is 1100 x 1100 mm along two axes, wider than any CT's field"),
+    "0.9 mm voxels, 1000 slices (a 0.9 m long scan)": (lambda t: _nifti(t, "long.nii.gz", _ct_like((1000, 24, 24)).T,
+                                                                        zooms=(0.9, 0.9, 0.9)), None),
+    "blank scan (every voxel -1024)": (lambda t: _nifti(t, "air.nii.gz", np.full((24, 24, 20), -1024, np.int16)),
+                                       r"every voxel has the same value \(-1024\); the image is blank"),
+    "NRRD without orientation (spacings only)": (lambda t: _nrrd_without_space(t), "NRRD header has no orientation"),
+    "sheared NRRD (a tilted gantry)": (lambda t: _nrrd(t, "sheared.nrrd", "24 24 20", "(1,0,0) (0,1,0) (0,0.5,1)",
+                                                       _ct_like().tobytes()),
+                                       r"voxel axes are not perpendicular \(angles 90.0, 90.0, 63.4 degrees"),
+    "sheared MHA": (lambda t: _metaimage(t, "sheared.mha", "DimSize = 24 24 20\nElementSpacing = 1 1 1\n"
+                                         "TransformMatrix = 1 0 0 0 1 0 0 0.5 1\n", _ct_like().tobytes()),
+                    "voxel axes are not perpendicular"),
+    "NIfTI with a sform only": (lambda t: _nifti_forms(t, "sform.nii.gz", None, RAS_1MM), None),
+    "NIfTI with a qform only": (lambda t: _nifti_forms(t, "qform.nii.gz", RAS_1MM, None), None),
+    "NIfTI with agreeing qform and sform": (lambda t: _nifti_forms(t, "both.nii.gz", RAS_1MM, RAS_1MM), None),
     # headers declaring far more than the file holds: refused before anything is allocated
     "NIfTI 32767^3 voxels, 4 KB of data (.nii)": (lambda t: _declaring(t, "huge.nii", (32767,) * 3),
                                                   r"declares 32767x32767x32767 voxels of int16 \(64\.0 TiB\)"),
@@ -489,6 +531,46 @@ def test_cli_class_typo_is_one_line_before_the_model(tmp_path, capfd, no_model_r
     assert code == 2 and err.count("\n") == 1 and "did you mean: liver" in err, err
 
 
+@pytest.mark.parametrize("command", ["predict", "cohort"])
+@pytest.mark.parametrize("empty", ["input", "output"])
+def test_cli_empty_paths_are_refused_not_read_as_the_current_folder(command, empty, tmp_path, capfd, monkeypatch,
+                                                                   no_model_run):
+    # an unset shell variable (`-o "$OUT"`): Path("") is ".", so the outputs went into the current folder
+    monkeypatch.chdir(tmp_path)
+    args = [command, "" if empty == "input" else str(SAMPLE), "-o", "" if empty == "output" else "out"]
+    code = main(args)
+    err = capfd.readouterr().err
+    if command == "cohort" and empty == "input":
+        assert code == 2 and "universalseg: error:" in err, err  # its discovery refuses "" as a missing input
+    else:
+        assert code == 2 and err.count("\n") == 1 and "is an empty path" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "something was written"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
+    import threading
+
+    fifo = tmp_path / "ct.nii.gz"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def read():
+        try:
+            read_image(fifo)
+        except InputError as e:
+            outcome.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(20)
+    if reader.is_alive():  # the old code blocked in open(): give it a writer that closes at once, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(20)
+        pytest.fail("reading a named pipe waited for a writer")
+    assert len(outcome) == 1 and "is not a regular file (a pipe, device or socket)" in outcome[0], outcome
+
+
 # --- thin series end to end (bundled model) ----------------------------------------------------------------
 
 
@@ -517,3 +599,37 @@ def test_piped_cli_keeps_itk_output_off_the_json_channel(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 2 and run.stdout == "", run.stdout
     assert run.stderr.count("\n") == 1 and "is truncated" in run.stderr, run.stderr
+
+
+_CAPTURE_IN_ANOTHER_THREAD = """
+import sys, threading
+from UniversalSegLib.io.itk_log import capture_itk_output, python_output_apart
+inside, release, captured = threading.Event(), threading.Event(), []
+
+def read():  # as the cohort's reading thread: an ITK read inside a capture
+    with capture_itk_output(warn=False) as log:
+        inside.set()
+        release.wait(30)
+    captured.append(log.text)
+
+with python_output_apart():
+    reader = threading.Thread(target=read)
+    reader.start()
+    inside.wait(30)
+    print("universalseg: case a refused: ours", file=sys.stderr)
+    print('{"progress": 0.5}', flush=True)
+    release.set()
+    reader.join()
+print("captured=" + repr(captured[0]), file=sys.stderr)
+"""
+
+
+def test_a_capture_in_another_thread_leaves_our_own_lines_alone():
+    """A cohort reads the next case (ITK output captured: fds 1 and 2 redirected) while the main thread
+    prints a refused case's line or a JSON progress line: those went into the capture and came back as an
+    'ITK:' warning (seen in a real cohort run), or were lost to the JSON channel."""
+    run = subprocess.run([sys.executable, "-c", _CAPTURE_IN_ANOTHER_THREAD], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == '{"progress": 0.5}\n'
+    assert run.stderr.splitlines() == ["universalseg: case a refused: ours", "captured=''"], run.stderr

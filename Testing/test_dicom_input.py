@@ -290,6 +290,45 @@ def test_broken_geometry_is_skipped_and_named(crop, tmp_path):
         read_image(tmp_path / "s")
 
 
+@pytest.mark.parametrize("which", [0, 5, -1])
+def test_a_slice_cut_inside_its_header_is_refused_not_dropped_or_filled(crop, tmp_path, which):
+    # pydicom reads a file cut inside its header without complaint (only the file meta is left): at an
+    # end of the stack the series silently lost a slice, in its middle the slice was "filled"
+    files = write_series(tmp_path / "s", crop[0])
+    files[which].write_bytes(files[which].read_bytes()[:300])
+    with pytest.raises(InputError, match=f"{files[which].name} is a damaged DICOM file .*may be incomplete"):
+        read_image(tmp_path / "s")
+    with pytest.raises(InputError, match="is a damaged DICOM file"):
+        read_image(files[which - 1])  # one intact file of the series: its folder is the series
+
+
+def test_dicom_without_part10_header_is_named_as_such(crop, tmp_path):
+    # Old or raw exports: the dataset without the 128-byte preamble, "DICM" and the file meta. The folder was
+    # "none of its files is a DICOM file"; one file was read by GDCM as a lone 2D slice
+    from pydicom.data import get_testdata_file
+
+    (tmp_path / "raw").mkdir()
+    for f in write_series(tmp_path / "s", crop[0]):
+        data = f.read_bytes()
+        meta_length = int.from_bytes(data[140:144], "little")  # (0002,0000) UL, explicit VR, right after "DICM"
+        (tmp_path / "raw" / f.stem).write_bytes(data[144 + meta_length:])
+    for path, what in ((tmp_path / "raw", "raw holds DICOM"), (tmp_path / "raw" / "ct_003", "ct_003 is DICOM"),
+                       (Path(get_testdata_file("ExplVR_LitEndNoMeta.dcm")), "ExplVR_LitEndNoMeta.dcm is DICOM")):
+        with pytest.raises(InputError, match=f"{what} without the Part 10 file header .*dcmconv"):
+            read_image(path)
+
+
+def test_slices_with_different_pixel_spacings_are_refused(crop, tmp_path):
+    # Two reconstructions (fields of view) under one series UID: the volume took the first slice's spacing
+    files = write_series(tmp_path / "s", crop[0])
+    for f in files[4:]:
+        ds = pydicom.dcmread(f)
+        ds.PixelSpacing = [0.7, 0.7]
+        ds.save_as(f, enforce_file_format=True)
+    with pytest.raises(InputError, match=r"slices have different pixel spacings \(0.7 x 0.7 mm \(\d+ slices\), "):
+        read_image(tmp_path / "s")
+
+
 def test_one_missing_slice_is_filled_without_shifting_the_others(crop, tmp_path):
     image, liver = crop
     files = write_series(tmp_path / "s", image, drop=(5,))
@@ -388,6 +427,12 @@ def test_folders_without_dicom_give_one_line_and_no_itk_output(tmp_path, capfd):
         read_image(tmp_path / "text")
     (tmp_path / "export" / "IMG0001").mkdir(parents=True)  # a DICOMDIR-style export: series in subfolders
     with pytest.raises(InputError, match="subfolders such as IMG0001 are not searched"):
+        read_image(tmp_path / "export")
+    from pydicom.data import get_testdata_file
+
+    shutil.copy(get_testdata_file("DICOMDIR", read=False), tmp_path / "export" / "DICOMDIR")  # a CD's index at the top
+    with pytest.raises(InputError, match="holds only Media Storage Directory Storage \\(1 file\\); subfolders such "
+                                         "as IMG0001 are not searched"):
         read_image(tmp_path / "export")
     damaged = tmp_path / "damaged.dcm"
     damaged.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from UniversalSegLib.errors import ModelFileError
-from UniversalSegLib.store import create_model, find_model, list_models, load_model, save_model
+from UniversalSegLib.store import create_model, find_model, list_models, load_model, rehash_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,19 @@ def test_tampered_manifest_is_refused(saved_model):
         load_model(path)
 
 
+def test_restamped_manifest_with_another_architecture_is_one_line(saved_model):
+    # a manifest edited and re-stamped (rehash): the weights no longer fit; torch's message has a line per tensor
+    _, path = saved_model
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["backbone_config"]["init_filters"] = 8
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    rehash_model(path)
+    with pytest.raises(ModelFileError, match=r"weights do not fit the manifest's architecture \(\d+ problems, e.g. "
+                                             r"size mismatch for backbone\.") as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
+
+
 def test_found_by_name_in_user_folder(saved_model, tmp_path, monkeypatch):
     _, path = saved_model
     monkeypatch.setenv("UNIVERSALSEG_MODELS", str(tmp_path))
@@ -58,6 +71,16 @@ def test_found_by_name_in_user_folder(saved_model, tmp_path, monkeypatch):
     assert "tiny-test" in [m.name for _, m in list_models()]
     with pytest.raises(ModelFileError, match="not found"):
         find_model("no-such-model")
+
+
+def test_a_folder_without_manifest_or_a_file_is_named_as_such(saved_model, tmp_path):
+    _, path = saved_model
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFileError, match="empty is a folder without a model manifest \\(manifest.json\\)"):
+        find_model(tmp_path / "empty")
+    weights = next(p for p in path.iterdir() if p.suffix == ".safetensors")
+    with pytest.raises(ModelFileError, match=f"{weights.name} is a file, not a model folder"):
+        find_model(weights)
 
 
 def test_no_torch_load_on_model_files():

@@ -86,11 +86,15 @@ def _remove_new(outdir: Path, existed: bool, before: set[str]) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from UniversalSegLib.errors import InputError
     from UniversalSegLib.inference.predict import predict
     from UniversalSegLib.inference.request import PredictSettings, resolve_request
     from UniversalSegLib.io import write_outputs
     from UniversalSegLib.progress import FractionBar, ProgressFn, json_line, json_progress
 
+    for what, value in (("input", args.input), ("output folder (-o)", args.output)):
+        if not value.strip():  # Path("") is the current folder: an unset shell variable would write there
+            raise InputError(f"the {what} is an empty path")
     # every check, once, before any output (the input's own warnings, e.g. which series, on one line each)
     with _warnings_on_one_line(UserWarning):
         request = resolve_request(Path(args.input).expanduser(), args.model, args.classes, args.device,

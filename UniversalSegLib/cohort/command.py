@@ -62,6 +62,8 @@ def run_cohort(args: argparse.Namespace) -> int:
 
     if args.output is None and not args.list:
         raise InputError("give the cohort's output folder with -o/--output")
+    if args.output is not None and not args.output.strip():  # Path("") is the current folder
+        raise InputError("the cohort's output folder (-o) is an empty path")
     out = Path(args.output).expanduser() if args.output else None
     discovery = discover_cases(args.inputs, exclude=[out] if out else ())
     for note in discovery.notes if os.environ.get("RANK", "0") == "0" else ():  # once, not once per rank
@@ -84,6 +86,7 @@ def _run(args: argparse.Namespace, out: Path, discovery) -> int:
     from UniversalSegLib.cohort.runner import CohortRunner
     from UniversalSegLib.cohort.table import CohortTable
     from UniversalSegLib.device import resolve_device
+    from UniversalSegLib.io.itk_log import python_output_apart
     from UniversalSegLib.train.distributed import barrier, dist_info_from_env, shutdown_distributed
 
     start = time.perf_counter()
@@ -104,7 +107,8 @@ def _run(args: argparse.Namespace, out: Path, discovery) -> int:
         table = CohortTable(out, discovery.cases, runner.identity, runner.settings)
         for result in done:
             table.add(result.case_id, result.statistics)
-        _compute(runner, mine, table, out, info, args.progress_json)
+        with python_output_apart():  # the reading thread's ITK captures must not swallow our lines
+            _compute(runner, mine, table, out, info, args.progress_json)
         barrier()
         if not info.is_main:
             return 0

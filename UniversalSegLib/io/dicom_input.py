@@ -94,11 +94,13 @@ class DicomStack:
 
 @dataclass
 class _Scan:
-    """What a folder holds: image stacks, and per reason the number of files skipped."""
+    """What a folder holds: image stacks, per reason the number of files skipped, the non-DICOM files and
+    the DICOM files whose header could not be parsed (damaged: counted in `skipped` too)."""
 
     stacks: list[DicomStack]
     skipped: Counter
     other_files: list[Path]
+    damaged: list[Path] = field(default_factory=list)
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -109,6 +111,31 @@ def is_dicom_file(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def is_dicom_without_preamble(path: Path) -> bool:
+    """A DICOM dataset without the Part 10 preamble and "DICM" (old ACR-NEMA-style or raw exports): it starts
+    with a little-endian group 0008 (or 0002) tag, and pydicom, forced, finds a SOP class or modality in it."""
+    import pydicom
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if len(head) < 4 or head[:2] not in (b"\x08\x00", b"\x02\x00") or is_dicom_file(path):
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        return bool(getattr(ds, "SOPClassUID", None) or getattr(ds, "Modality", None))
+    except Exception:  # noqa: BLE001 - whatever fails here, it is no DICOM we could name
+        return False
+
+
+def without_preamble_error(path: Path, what: str) -> InputError:
+    """The refusal for DICOM files without the Part 10 header (`what`: the file, or "the files of FOLDER")."""
+    return InputError(f"{what} DICOM without the Part 10 file header (no 'DICM' preamble, as old or raw exports "
+                      "write it), which we do not read; convert it to DICOM Part 10 files first (e.g. dcmtk: "
+                      "dcmconv +F IN OUT, or gdcmconv)")
 
 
 def read_header(path: Path) -> pydicom.Dataset:
@@ -151,6 +178,16 @@ def _skip_reason(ds: pydicom.Dataset) -> str | None:
     return f"{modality} object without image geometry" if modality else "DICOM file without image data"
 
 
+def _cut_short(ds: pydicom.Dataset) -> bool:
+    """An image file whose dataset ends before its identifying attributes: pydicom reads a file cut short
+    inside its header without complaint, and returns only what was there (often just the file meta)."""
+    from pydicom.uid import UID
+
+    sop = sop_class_uid(ds)
+    is_image = sop not in _DERIVED_SOP_CLASSES and UID(sop).name.endswith(" Image Storage")
+    return is_image and not str(getattr(ds, "SeriesInstanceUID", "") or "").strip()
+
+
 def _numbers(value, count: int) -> np.ndarray | None:
     try:
         numbers = np.array([float(v) for v in value], dtype=float)
@@ -180,6 +217,7 @@ def scan_folder(folder: Path) -> _Scan:
     groups: dict[tuple, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
     skipped: Counter = Counter()
     other: list[Path] = []
+    damaged: list[Path] = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         if not is_dicom_file(path):
             other.append(path)
@@ -187,7 +225,10 @@ def scan_folder(folder: Path) -> _Scan:
         try:
             ds = read_header(path)
         except Exception:  # noqa: BLE001 - a damaged header is skipped like any other non-image file
+            ds = None
+        if ds is None or _cut_short(ds):
             skipped["unreadable DICOM file"] += 1
+            damaged.append(path)
             continue
         reason = _skip_reason(ds)
         if reason:
@@ -195,7 +236,7 @@ def scan_folder(folder: Path) -> _Scan:
         else:
             groups[_stack_key(ds)].append((path, ds))
     stacks = [_ordered_stack(key[0], members) for key, members in groups.items()]
-    return _Scan(stacks, skipped, other)
+    return _Scan(stacks, skipped, other, damaged)
 
 
 def _normal(ds: pydicom.Dataset) -> np.ndarray:
@@ -218,13 +259,18 @@ def _no_series_error(folder: Path, scan: _Scan, supported: str) -> InputError:
     if not scan.skipped and not scan.other_files:
         return InputError(f"{folder} is a folder without a DICOM series (it is empty); give a DICOM series "
                           f"folder or an image file ({supported})")
+    if not scan.skipped and any(is_dicom_without_preamble(p) for p in scan.other_files[:5]):
+        return without_preamble_error(folder, f"{folder} holds")
     if not scan.skipped:
         example = scan.other_files[0].name
         return InputError(f"{folder} is a folder without a DICOM series: none of its {len(scan.other_files)} files "
                           f"(e.g. {example}) is a DICOM file; give a DICOM series folder or an image file "
                           f"({supported})")
     found = "; ".join(f"{reason} ({n} file{'s' * (n > 1)})" for reason, n in scan.skipped.most_common())
-    return InputError(f"{folder} is a folder without a DICOM image series: it holds only {found}")
+    # e.g. a CD export: a DICOMDIR at the top, the series in subfolders
+    below = (f"; subfolders such as {subfolders[0]} are not searched: give the folder that holds a series' files "
+             "(`universalseg cohort` finds every series below a folder)") if subfolders else ""
+    return InputError(f"{folder} is a folder without a DICOM image series: it holds only {found}{below}")
 
 
 def _choose(folder: Path, stacks: list[DicomStack], series_uid: str | None) -> DicomStack:
@@ -258,6 +304,13 @@ def find_series(path: Path, series_uid: str | None = None, supported: str = "an 
     """
     folder = path if path.is_dir() else path.parent
     scan = scan_folder(folder)
+    if scan.damaged and scan.stacks:
+        # A slice cut short inside its header cannot be told from any other file: read without it, the
+        # series would silently lose a slice at its end, or get it "filled" in its middle.
+        more = f" (and {len(scan.damaged) - 1} more)" if len(scan.damaged) > 1 else ""
+        raise InputError(f"{scan.damaged[0]}{more} is a damaged DICOM file (its header is unreadable or lacks the "
+                         f"series UID: cut short?), so the series in {folder} may be incomplete; copy the folder "
+                         "again, or remove the file if it is not part of the series")
     if path.is_file():
         holding = [s for s in scan.stacks if path in s.files]
         if not holding:
@@ -305,6 +358,16 @@ def _check_not_sheared(stack: DicomStack) -> None:
                          "regularization)")
 
 
+def _check_one_pixel_spacing(stack: DicomStack) -> None:
+    """Every slice must have the first one's PixelSpacing: the volume takes it for all of them."""
+    spacings = Counter(tuple(round(float(v), 4) for v in ds.PixelSpacing) for ds in stack.headers)
+    if len(spacings) > 1:
+        shown = ", ".join(f"{r:g} x {c:g} mm ({n} slice{'s' * (n > 1)})" for (r, c), n in spacings.most_common())
+        raise InputError(f"DICOM series {stack.series_uid}: its slices have different pixel spacings ({shown}), "
+                         "as when reconstructions of different fields of view share a series UID; keep only one "
+                         "of them in the folder")
+
+
 def slice_grid(stack: DicomStack) -> SliceGrid:
     """Place the stack's slices on a regular grid from their positions, or raise InputError naming them.
 
@@ -313,6 +376,7 @@ def slice_grid(stack: DicomStack) -> SliceGrid:
     """
     offsets = stack.offsets
     name = f"DICOM series {stack.series_uid}"
+    _check_one_pixel_spacing(stack)
     if len(offsets) == 1:
         return SliceGrid(float(getattr(stack.headers[0], "SliceThickness", 0) or 1.0), 1, [0], [])
     _check_not_sheared(stack)

@@ -17,7 +17,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from UniversalSegLib.errors import InputError, UniversalSegWarning
-from UniversalSegLib.io.dicom_input import DicomSeriesWarning, DicomStack, find_series, is_dicom_file, read_stack
+from UniversalSegLib.io.dicom_input import (
+    DicomSeriesWarning,
+    DicomStack,
+    find_series,
+    is_dicom_file,
+    is_dicom_without_preamble,
+    read_stack,
+    without_preamble_error,
+)
 from UniversalSegLib.io.header_checks import check_file_header
 from UniversalSegLib.io.itk_log import capture_itk_output
 
@@ -28,6 +36,12 @@ MIN_SIZE = 8  # voxels along each axis but the thinnest; fewer cannot be a usefu
 # but below 3 the masks are mostly wrong, so that is where we refuse (docs/input_checks.md).
 MIN_SLICES = 3
 SPACING_RANGE_MM = (0.1, 20.0)
+# A CT's cross-section is bounded by its gantry bore (70-90 cm; reconstructed fields of view up to ~82 cm):
+# an image wider than this along two axes has a wrong spacing. Such a scan also took minutes: 122x101x112
+# voxels at 10 mm resample to 51 M voxels at the model's 3 mm (> 300 s on 1 CPU thread).
+MAX_CROSS_SECTION_MM = 1000.0
+# Direction cosines are written with 6 or more decimals; a sheared (tilted) grid is off by far more.
+MAX_DIRECTION_ERROR = 1e-3
 AIR_FAT_HU = -100.0  # CT in HU always has voxels below this (air outside the body, lungs, bowel gas, fat)
 MIN_AIR_FAT_FRACTION = 0.001
 MAX_P99_HU = 4000.0  # above this the 99.5th percentile is no tissue in HU (raw units, MR, or a wrong rescale)
@@ -76,6 +90,9 @@ def read_image_source(path: str | os.PathLike, allow_non_ct: bool = False,
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"input image {path} does not exist")
+    if not (path.is_dir() or path.is_file()):  # opening a named pipe would wait for a writer for ever
+        raise InputError(f"input {path} is not a regular file (a pipe, device or socket); give an image file or a "
+                         "DICOM series folder")
     if series_uid and not (path.is_dir() or is_dicom_file(path)):
         raise InputError(f"a series UID ({series_uid}) selects a series of a DICOM folder; {path} is not DICOM")
     stack = None
@@ -111,10 +128,17 @@ def check_image(image: sitk.Image, name: str = "input image", allow_non_ct: bool
     """Raise InputError unless `image` is a finite 3D scalar volume with plausible spacing and CT intensities."""
     _check_shape(image, name)
     _check_spacing(image, name)
+    _check_extent(image, name)
+    _check_axes_perpendicular(image, name)
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise InputError(f"{name}: {bad} voxels are NaN or infinite; the image is corrupt or was saved wrongly")
+    sample = _subsample(array)  # the whole array only when the strided view is constant: cheap for real scans
+    if sample.min() == sample.max() and array.min() == array.max():
+        # a blank export or failed reconstruction: "nothing found" would look like a result
+        raise InputError(f"{name}: every voxel has the same value ({sample.min():g}); the image is blank, there is "
+                         "nothing to segment")
     problem = _ct_problem(array)
     if problem is None:
         return
@@ -152,6 +176,8 @@ def dicom_source_files(image_or_path: sitk.Image | str | os.PathLike,
 
 
 def _read_file(path: Path) -> sitk.Image:
+    if is_dicom_without_preamble(path):  # GDCM would read it as a lone 2D slice, or not at all
+        raise without_preamble_error(path, f"{path} is")
     check_file_header(path)  # declared size, voxel type and spacing, before ITK allocates anything
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -238,6 +264,29 @@ def _check_spacing(image: sitk.Image, name: str) -> None:
             shown = " x ".join(f"{v:g}" for v in spacing)
             raise InputError(f"{name}: implausible voxel spacing {shown} mm ({s:g} mm along {axis}; expected "
                              f"{low:g} to {high:g} mm); the geometry header is probably wrong")
+
+
+def _check_extent(image: sitk.Image, name: str) -> None:
+    extents = sorted((n * s for n, s in zip(image.GetSize(), image.GetSpacing())), reverse=True)
+    if extents[1] > MAX_CROSS_SECTION_MM:
+        shown = " x ".join(f"{v:g}" for v in image.GetSpacing())
+        raise InputError(f"{name}: the image is {extents[0]:.0f} x {extents[1]:.0f} mm along two axes, wider than any "
+                         f"CT's field of view (about {MAX_CROSS_SECTION_MM:.0f} mm); its voxel spacing ({shown} mm) is "
+                         "probably wrong in the geometry header")
+
+
+def _check_axes_perpendicular(image: sitk.Image, name: str) -> None:
+    """A sheared grid (a tilted gantry saved as NRRD/MHA): the writers would save the masks on a grid coerced
+    to perpendicular axes, where they no longer lie over the image. Refused as a tilted DICOM series is."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    error = float(np.abs(direction.T @ direction - np.eye(3)).max())
+    if error > MAX_DIRECTION_ERROR:
+        angles = np.degrees(np.arccos(np.clip([direction[:, 0] @ direction[:, 1], direction[:, 0] @ direction[:, 2],
+                                               direction[:, 1] @ direction[:, 2]], -1, 1)))
+        shown = ", ".join(f"{a:.1f}" for a in angles)
+        raise InputError(f"{name}: its voxel axes are not perpendicular (angles {shown} degrees: a sheared grid, "
+                         "e.g. a tilted gantry), which our outputs cannot represent; resample it onto a regular grid "
+                         "first (e.g. Slicer's Resample Scalar Volume)")
 
 
 def _subsample(array: np.ndarray, target: int = 2_000_000) -> np.ndarray:

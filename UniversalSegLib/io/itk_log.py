@@ -112,3 +112,37 @@ def capture_itk_output(warn: bool = True) -> Iterator[ITKLog]:
     if warn:
         for message in log.messages:
             warnings.warn(f"ITK: {message}", ITKWarning, stacklevel=3)
+
+
+@contextmanager
+def python_output_apart() -> Iterator[None]:
+    """While the block runs, sys.stdout and sys.stderr write to copies of fds 1 and 2, not to 1 and 2.
+
+    A capture redirects the process's fds 1 and 2, so while one thread reads an image (the cohort's
+    reading thread) another thread's Python output (progress, JSON lines, a refused case's line) went
+    into the capture and came back as a bogus ITKWarning, or not at all. With Python's own streams on
+    copies of the fds, a capture only catches what C/C++ code writes to 1 and 2. Streams that are no
+    fd 1 or 2 (a test's in-memory capture, an IDE console) are left alone.
+    """
+    swapped = {}
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        try:
+            if stream is None or stream.fileno() != fd:
+                continue
+        except (AttributeError, OSError, ValueError):  # no real file behind it
+            continue
+        stream.flush()
+        line_buffered = name == "stderr" or getattr(stream, "line_buffering", False)
+        copy = open(os.dup(fd), "w", buffering=1 if line_buffered else -1,  # noqa: SIM115 - closed below
+                    encoding=stream.encoding, errors=stream.errors)
+        swapped[name] = (stream, copy)
+        setattr(sys, name, copy)
+    try:
+        yield
+    finally:
+        for name, (original, copy) in swapped.items():
+            copy.flush()
+            setattr(sys, name, original)
+            copy.close()
+

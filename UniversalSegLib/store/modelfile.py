@@ -157,6 +157,12 @@ def find_model(name_or_path: str | Path | None = None) -> Path:
         if (root / name / MANIFEST_FILE).is_file() or (root / name / MANIFEST_FILE).is_symlink():
             return root / name
     known = ", ".join(m.name for _, m in list_models()) or "none"
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder without a model manifest ({MANIFEST_FILE}); give a model folder or "
+                             f"an installed model's name (installed: {known})")
+    if path.exists():
+        raise ModelFileError(f"{path} is a file, not a model folder; give the folder that holds {MANIFEST_FILE} and "
+                             f"the weights, or an installed model's name (installed: {known})")
     raise ModelFileError(f"model {name!r} not found (installed: {known})")
 
 
@@ -320,10 +326,20 @@ def load_model(name_or_path: str | Path | None = None, device: str | torch.devic
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
-        raise ModelFileError(f"{weights}: weights do not fit the manifest's architecture: {str(e)[:300]}") from None
+        raise ModelFileError(f"{weights}: weights do not fit the manifest's architecture "
+                             f"({_state_dict_problem(e)})") from None
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise ModelFileError(f"{weights}: weights do not cover every tensor of the manifest's architecture")
     return LoadedModel(model.to(device).eval(), manifest, directory)
+
+
+def _state_dict_problem(error: RuntimeError) -> str:
+    """torch's load_state_dict error (a heading, then one tab-indented line per problem) in one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    problems = lines[1:] or lines or [type(error).__name__]
+    first = problems[0].replace("torch.Size(", "(")
+    first = first if len(first) <= 240 else first[:237] + "..."
+    return f"{len(problems)} problems, e.g. {first}" if len(problems) > 1 else first
 
 
 def _build_unallocated(manifest: Manifest, class_embeddings: torch.Tensor) -> UniversalModel:
