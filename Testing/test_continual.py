@@ -438,7 +438,7 @@ def test_a_non_trunk_new_class_turns_limb_blanking_off(base_model):
     reference = sitk.Image(8, 8, 8, sitk.sitkInt16)
     with pytest.MonkeyPatch.context() as m:
         m.setattr("UniversalSegLib.inference.plausibility.limbs_to_blank",
-                  lambda ref: calls.append(ref) or np.zeros(sitk.GetArrayViewFromImage(ref).shape, bool))
+                  lambda ref, trunk=None: calls.append(ref) or np.zeros(sitk.GetArrayViewFromImage(ref).shape, bool))
         assert blank_limbs(reference, [*manifest.classes, deltoid]) == (reference, 0.0) and calls == []
         blank_limbs(reference, [*manifest.classes, lesion])
         assert calls == [reference]
