@@ -59,6 +59,15 @@ def _nifti(tmp: Path, name: str, array: np.ndarray, zooms=(1.5, 1.5, 1.5)) -> Pa
     return tmp / name
 
 
+def _with_extensions(tmp: Path) -> Path:
+    """The sample CT with NIfTI header extensions after the header (comments, as AFNI and others write)."""
+    image = nib.load(SAMPLE_DIR / "ct_abdomen.nii.gz")
+    for text in (b"written by another tool", b"x" * 4000):  # one reaches past the first 540 bytes
+        image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", text))
+    nib.save(image, tmp / "with_extensions.nii.gz")
+    return tmp / "with_extensions.nii.gz"
+
+
 def _sample_as(tmp: Path, name: str, compress: bool = False) -> Path:
     sitk.WriteImage(sitk.ReadImage(str(SAMPLE)), str(tmp / name), useCompression=compress)
     return tmp / name
@@ -197,6 +206,14 @@ CASES = {
                                                      r"is 1100 x 1100 mm along two axes, wider than any CT's field"),
     "0.9 mm voxels, 1000 slices (a 0.9 m long scan)": (lambda t: _nifti(t, "long.nii.gz", _ct_like((1000, 24, 24)).T,
                                                                         zooms=(0.9, 0.9, 0.9)), None),
+    "NIfTI with header extensions (read; they broke the header check)": (_with_extensions, None),
+    # segmentations written by other tools, picked instead of the CT beside them
+    "TotalSegmentator label map given as the image": (
+        lambda t: Path(shutil.copy(REPO / "Testing/data/shared/ct-abdomen/labels_totalsegmentator_v2.nii.gz", t)),
+        r"looks like a segmentation, not a scan \(\d+ distinct whole values from 0 to \d+"),
+    "a binary mask given as the image": (
+        lambda t: Path(shutil.copy(REPO / "Testing/data/shared/ct-thorax-aorta/masks/aorta.nii.gz", t)),
+        r"looks like a segmentation, not a scan \(2 distinct whole values from 0 to 1"),
     "blank scan (every voxel -1024)": (lambda t: _nifti(t, "air.nii.gz", np.full((24, 24, 20), -1024, np.int16)),
                                        r"every voxel has the same value \(-1024\); the image is blank"),
     "NRRD without orientation (spacings only)": (lambda t: _nrrd_without_space(t), "NRRD header has no orientation"),

@@ -62,7 +62,9 @@ def _nifti_header(path: Path):
         return None  # not gzip after all, or cut before the header ends: ITK's own error says so
     for cls in (nibabel.Nifti1Header, nibabel.Nifti2Header):
         if len(block) >= cls.sizeof_hdr and cls.may_contain_header(block[:cls.sizeof_hdr]):
-            return cls.from_fileobj(io.BytesIO(block), check=False)
+            # The fixed header alone: given the bytes after it, nibabel would parse the extensions
+            # (label names, provenance) and fail on the part our block cut off.
+            return cls.from_fileobj(io.BytesIO(block[:cls.sizeof_hdr]), check=False)
     return None
 
 

@@ -43,6 +43,8 @@ MAX_CROSS_SECTION_MM = 1000.0
 # Direction cosines are written with 6 or more decimals; a sheared (tilted) grid is off by far more.
 MAX_DIRECTION_ERROR = 1e-3
 AIR_FAT_HU = -100.0  # CT in HU always has voxels below this (air outside the body, lungs, bowel gas, fat)
+MAX_LABEL_VALUE = 1000  # label maps number their classes from 1 (TotalSegmentator v2: up to 117)
+MAX_LABEL_VALUES = 128  # distinct values; a scan has hundreds at least
 MIN_AIR_FAT_FRACTION = 0.001
 MAX_P99_HU = 4000.0  # above this the 99.5th percentile is no tissue in HU (raw units, MR, or a wrong rescale)
 # Metadata keys read_image sets on an image that came from a DICOM series (see dicom_source_files).
@@ -295,9 +297,29 @@ def _subsample(array: np.ndarray, target: int = 2_000_000) -> np.ndarray:
     return array[::step, ::step, ::step]
 
 
+def _label_map_problem(sample: np.ndarray) -> str | None:
+    """Why the image looks like a segmentation (a mask or label map) rather than a scan, or None.
+
+    A scan has hundreds of distinct values at least (CT: air at -1000 up to bone); a label map a few
+    small whole numbers, mostly 0 (background). Said before the CT-likeness check, whose "looks like
+    MR" would mislead someone who picked the segmentation file beside the CT.
+    """
+    if sample.min() < 0 or sample.max() > MAX_LABEL_VALUE:
+        return None
+    values, counts = np.unique(sample, return_counts=True)
+    mostly_zero = values[0] == 0 and counts[0] == counts.max()
+    if values.size > MAX_LABEL_VALUES or not mostly_zero or (values != np.round(values)).any():
+        return None
+    return (f"this looks like a segmentation, not a scan ({values.size} distinct whole values from 0 to "
+            f"{values[-1]:g}, mostly 0: a mask or label map); give the CT image it was made from")
+
+
 def _ct_problem(array: np.ndarray) -> str | None:
     """Why the intensities do not look like CT in Hounsfield units, or None when they do."""
     sample = _subsample(array)
+    label_map = _label_map_problem(sample)
+    if label_map:
+        return label_map
     low, high = np.percentile(sample, [0.5, 99.5])
     air_fat = float(np.count_nonzero(sample < AIR_FAT_HU)) / sample.size
     if high > MAX_P99_HU:
