@@ -23,7 +23,7 @@ PATH_METHODS = {"insert", "append", "extend", "remove", "pop", "clear", "__setit
 
 
 def tracked_python_files() -> list[Path]:
-    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True)
+    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True, encoding="utf-8")
     if listed.returncode != 0:  # not a git checkout (an sdist): every .py file under the tree
         return [p for p in REPO.rglob("*.py") if ".venv" not in p.parts]
     return [REPO / line for line in listed.stdout.splitlines() if (REPO / line).exists()]

@@ -30,6 +30,7 @@ GOOD = ["a", "b", "sub_c", "sub_d"]
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "UniversalSegLib", *args], capture_output=True, text=True,
+                          encoding="utf-8",
                           env=_env(), timeout=timeout, cwd=REPO)
 
 
@@ -145,7 +146,7 @@ def test_torchrun_two_ranks_give_the_same_table_as_one_process(full_run, cohort,
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "UniversalSegLib", *cohort_args(cohort, out)],
-                         capture_output=True, text=True, env=_env(), timeout=400, cwd=REPO)
+                         capture_output=True, text=True, encoding="utf-8", env=_env(), timeout=400, cwd=REPO)
     assert run.returncode != 0  # two cases are refused
     rows = report(out)
     assert {r["rank"] for r in rows.values()} == {"0", "1"}

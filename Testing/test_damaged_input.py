@@ -479,7 +479,8 @@ def test_really_full_disk_leaves_nothing(result, tiny_disk):
 
 
 def test_staging_folder_of_a_killed_run_is_removed_by_the_next(result, tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          encoding="utf-8")
     out = tmp_path / "out"
     stale = out / f"{STAGING_PREFIX}{int(dead.stdout)}-0123abcd"
     running = out / f"{STAGING_PREFIX}{os.getppid()}-4567cdef"  # our parent runs: its staging is kept
@@ -612,7 +613,7 @@ def test_piped_cli_keeps_itk_output_off_the_json_channel(tmp_path):
     is buffered by C stdio, and must not come out on the JSON progress channel after our capture ends."""
     path = CASES["truncated .mha (SimpleITK)"][0](tmp_path)
     run = subprocess.run([sys.executable, "-m", "UniversalSegLib", "predict", str(path), "-o", str(tmp_path / "out"),
-                          "--progress-json"], capture_output=True, text=True, timeout=120,
+                          "--progress-json"], capture_output=True, text=True, encoding="utf-8", timeout=120,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 2 and run.stdout == "", run.stdout
     assert run.stderr.count("\n") == 1 and "is truncated" in run.stderr, run.stderr
@@ -646,7 +647,7 @@ def test_a_capture_in_another_thread_leaves_our_own_lines_alone():
     prints a refused case's line or a JSON progress line: those went into the capture and came back as an
     'ITK:' warning (seen in a real cohort run), or were lost to the JSON channel."""
     run = subprocess.run([sys.executable, "-c", _CAPTURE_IN_ANOTHER_THREAD], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+                         encoding="utf-8", timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr
     assert run.stdout == '{"progress": 0.5}\n'
     assert run.stderr.splitlines() == ["universalseg: case a refused: ours", "captured=''"], run.stderr

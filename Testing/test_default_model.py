@@ -40,7 +40,7 @@ def prediction(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     run = subprocess.run([sys.executable, "-m", "UniversalSegLib", "predict", str(SAMPLE), "-o", str(out),
                           "--device", "cpu", "--formats", "nifti,stats", "--classes", *classes],
-                         capture_output=True, text=True, env=env, timeout=900)
+                         capture_output=True, text=True, encoding="utf-8", env=env, timeout=900)
     assert run.returncode == 0, run.stderr
     masks = {k: sitk.GetArrayFromImage(sitk.ReadImage(str(out / "masks" / f"{k}.nii.gz"))) > 0 for k in classes}
     stats = json.loads((out / "statistics.json").read_text())

@@ -161,7 +161,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
     binary = shutil.which("dciodvfy")
     if binary is None:
         pytest.skip("dciodvfy (Debian package dicom3tools) not installed")
-    run = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([binary, str(path)], capture_output=True, text=True, encoding="utf-8", timeout=60)
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
 
 

@@ -297,7 +297,7 @@ def test_imported_swin_unetr_predicts_in_a_fresh_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     run = subprocess.run([sys.executable, "-m", "UniversalSegLib", "predict", str(crop), "-o", str(tmp_path / "out"),
                           "--model", str(folder), "--classes", "liver", "spleen", "--formats", "nifti,stats"],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, encoding="utf-8", env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     for key in ("liver", "spleen"):
         mask = sitk.ReadImage(str(tmp_path / "out" / "masks" / f"{key}.nii.gz"))

@@ -19,7 +19,7 @@ runtime._mallopt = lambda: (lambda parameter, value: calls.append(parameter) or 
 
 
 def _python(code: str) -> str:
-    run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, encoding="utf-8")
     assert run.returncode == 0, run.stderr[-2000:]
     return run.stdout
 

@@ -38,7 +38,7 @@ def test_pip_resolves_the_package_with_the_constraints_to_the_tested_set(tmp_pat
     report = tmp_path / "report.json"
     run = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
                           "--report", str(report), "--constraint", str(REPO / "constraints.txt"), f"{REPO}[test]"],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     resolved = {normalised(item["metadata"]["name"]): item["metadata"]["version"].split("+")[0]
                 for item in json.loads(report.read_text())["install"]}

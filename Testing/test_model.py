@@ -147,7 +147,8 @@ def test_lean_monai_skips_extras_and_keeps_them_importable():
             "print(sorted(m for m in ('transformers', 'sklearn', 'matplotlib', 'scipy.signal', 'scipy.stats') "
             "if m in sys.modules)); "
             "import transformers, matplotlib, scipy.signal; print('importable')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8",
+                         check=True).stdout.split("\n")
     assert out[:2] == ["[]", "importable"]
 
 
@@ -162,7 +163,7 @@ def test_lean_monai_keeps_the_metrics_we_use():
             "print(float(SurfaceDiceMetric([0.5], include_background=True)(b, a)), "
             "float(HausdorffDistanceMetric(include_background=True)(b, a)), "
             "float(DiceMetric(include_background=True)(b, a)))")
-    run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, encoding="utf-8")
     assert run.returncode == 0, run.stderr[-2000:]
     nsd, hausdorff, dice = (float(v) for v in run.stdout.split())
     assert 0.0 < nsd < 1.0 and hausdorff == 1.0 and dice == pytest.approx(0.8)

@@ -63,7 +63,8 @@ print(json.dumps({"results": results, "opened_outside": opened}))
 def run_watched(commands: list[list[str]], model: Path, watch: list[Path], env_models: Path) -> dict:
     env = {**os.environ, "UNIVERSALSEG_MODELS": str(env_models), "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", HELPER, json.dumps([str(w) for w in watch]), str(model),
-                           json.dumps(commands)], capture_output=True, text=True, env=env, timeout=300)
+                           json.dumps(commands)], capture_output=True, text=True, encoding="utf-8", env=env,
+                                      timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -218,7 +219,7 @@ def test_cli_exit_code_and_one_line_through_python_m(layout):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for command in ("info", "verify"):
         done = subprocess.run([sys.executable, "-m", "UniversalSegLib", command, DEFAULT_MODEL],
-                              capture_output=True, text=True, env=env)
+                              capture_output=True, text=True, encoding="utf-8", env=env)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and "field(s) classes" in done.stderr, done
 
 
@@ -276,7 +277,7 @@ def test_models_list_shows_refused_model_with_reason(layout):
     _threshold(model, None)
     env = {**os.environ, "PYTHONPATH": str(REPO), "UNIVERSALSEG_MODELS": str(model.parent)}
     done = subprocess.run([sys.executable, "-m", "UniversalSegLib", "models", "--json"], capture_output=True,
-                          text=True, env=env)
+                          text=True, encoding="utf-8", env=env)
     rows = json.loads(done.stdout)
     assert done.returncode == 0
     assert "field(s) preprocessing" in rows[0]["refused"] and rows[0]["path"] == str(model)
@@ -325,7 +326,7 @@ def test_slicer_model_list_greys_out_refused_models_with_the_reason(layout, tmp_
     _threshold(model, None)
     env = {**os.environ, "PYTHONPATH": str(REPO), "UNIVERSALSEG_MODELS": str(model.parent)}
     listed = subprocess.run([sys.executable, "-m", "UniversalSegLib", "models", "--json"], capture_output=True,
-                            text=True, env=env)
+                            text=True, encoding="utf-8", env=env)
     assert listed.returncode == 0, listed.stderr
     (tmp_path / "models.json").write_text(listed.stdout)
     stub = [REPO / "Testing" / "slicer_stub", REPO / "UniversalSeg", REPO / "Testing", REPO]
@@ -333,8 +334,8 @@ def test_slicer_model_list_greys_out_refused_models_with_the_reason(layout, tmp_
     (tmp_path / "slicer-temp").mkdir()
     stub_env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, stub)), "TEST_TMP": str(tmp_path),
                 "SLICER_STUB_TEMP": str(tmp_path / "slicer-temp"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
-                          env=stub_env, timeout=240)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8",
+                          cwd=str(tmp_path), env=stub_env, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

@@ -40,7 +40,7 @@ def test_predict_writes_seg_nrrd_masks_and_stats_with_json_progress(models_dir, 
     env = {**os.environ, "UNIVERSALSEG_MODELS": str(models_dir), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "UniversalSegLib", "predict", str(SAMPLE), "-o", str(out),
                           "--model", "tiny-cli", "--device", "cpu", "--progress-json"],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, encoding="utf-8", env=env, timeout=600)
     assert run.returncode == 0, run.stderr
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     fractions = [d["progress"] for d in lines[:-1]]

@@ -28,7 +28,8 @@ print(rss() - before)
 
 
 def _kept_mb(setting: str) -> int:
-    run = subprocess.run([sys.executable, "-c", PROBE.format(setting=setting)], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", PROBE.format(setting=setting)], capture_output=True, text=True,
+                         encoding="utf-8")
     assert run.returncode == 0, run.stderr[-2000:]
     return int(run.stdout.split()[-1])
 

@@ -215,7 +215,8 @@ def run_in_stub(scenario: str, tmp_path: Path, timeout: float = 240, **env) -> s
     full_env = {**os.environ, "PYTHONPATH": stub_pythonpath(), "TEST_TMP": str(tmp_path),
                 "SLICER_STUB_TEMP": str(tmp_path / "slicer-temp"), "OMP_NUM_THREADS": "1", **env}
     (tmp_path / "slicer-temp").mkdir(exist_ok=True)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8",
+                            env=full_env,
                             cwd=str(tmp_path), timeout=timeout)
     assert result.returncode == 0, f"{scenario} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     return result.stdout

@@ -97,7 +97,8 @@ def run_cli(*args, env_models: Path) -> subprocess.CompletedProcess:
     import os
 
     env = {**os.environ, "UNIVERSALSEG_MODELS": str(env_models)}
-    return subprocess.run([sys.executable, "-m", "UniversalSegLib", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "UniversalSegLib", *args], capture_output=True, text=True,
+                          encoding="utf-8", env=env)
 
 
 def test_cli_info_models_classes(saved_model, tmp_path):
