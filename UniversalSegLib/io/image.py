@@ -141,7 +141,7 @@ def check_image(image: sitk.Image, name: str = "input image", allow_non_ct: bool
         # a blank export or failed reconstruction: "nothing found" would look like a result
         raise InputError(f"{name}: every voxel has the same value ({sample.min():g}); the image is blank, there is "
                          "nothing to segment")
-    problem = _ct_problem(array)
+    problem = _ct_problem(sample)
     if problem is None:
         return
     if not allow_non_ct:
@@ -314,9 +314,8 @@ def _label_map_problem(sample: np.ndarray) -> str | None:
             f"{values[-1]:g}, mostly 0: a mask or label map); give the CT image it was made from")
 
 
-def _ct_problem(array: np.ndarray) -> str | None:
-    """Why the intensities do not look like CT in Hounsfield units, or None when they do."""
-    sample = _subsample(array)
+def _ct_problem(sample: np.ndarray) -> str | None:
+    """Why the intensities (a `_subsample` of the image) do not look like CT in Hounsfield units, or None."""
     label_map = _label_map_problem(sample)
     if label_map:
         return label_map

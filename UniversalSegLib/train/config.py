@@ -127,6 +127,9 @@ class TrainSettings(_Section):
         return max(1, self.samples_per_epoch // (self.batch_size * world_size))
 
 
+PHASE_WEIGHTS_RULE = "a mapping of native / arterial / portal_venous / delayed to weights >= 0 (not all 0)"
+
+
 class GeneraliseSection(_Section):
     """Probabilities of `data.synth.build_generalisation_pipeline` (used with `train.augment: generalise`)."""
 
@@ -141,14 +144,14 @@ class GeneraliseSection(_Section):
     # weights of the contrast phases drawn (synthesis and the real images' phase change); default
     # data.synth.DEFAULT_PHASE_PROBS (no delayed phase)
     phase_probs: typed(dict[Literal["native", "arterial", "portal_venous", "delayed"], NonNegativeFloat],
-                       "a mapping of native / arterial / portal_venous / delayed to weights >= 0 (not all 0)",
+                       PHASE_WEIGHTS_RULE,
                        min_length=1) | None = None
 
     @field_validator("phase_probs")
     @classmethod
     def _some_weight(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value is not None and sum(value.values()) <= 0:
-            raise ValueError("a mapping of native / arterial / portal_venous / delayed to weights >= 0 (not all 0)")
+            raise ValueError(PHASE_WEIGHTS_RULE)
         return value
 
 
