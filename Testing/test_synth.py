@@ -266,6 +266,66 @@ def test_delayed_and_portal_venous_phases_reach_their_literature_ranges():
         ContrastPhaseAugment(phase_probs={"late": 1.0})
 
 
+def _cylinder_share(shape=(32, 32, 12), centre=(15.3, 16.6), radius=4.6, supersample=8) -> torch.Tensor:
+    """Share of each voxel inside a cylinder along the last axis (partial volume, by supersampling)."""
+    step = (torch.arange(supersample) + 0.5) / supersample
+    ys = (torch.arange(shape[0])[:, None] + step[None]).flatten()
+    xs = (torch.arange(shape[1])[:, None] + step[None]).flatten()
+    inside = ((ys[:, None] - centre[0]) ** 2 + (xs[None] - centre[1]) ** 2 <= radius ** 2).float()
+    share = inside.view(shape[0], supersample, shape[1], supersample).mean(dim=(1, 3))
+    return share[..., None].expand(shape).contiguous()
+
+
+def test_phase_change_of_a_bright_lumen_follows_its_partial_volume():
+    """An arterial lumen (450 HU, the cache keeps HU above the window) lowered to portal-venous: every
+    voxel, partial-volume border included, must look as if the scan had been taken with the new
+    lumen value, with no bright ring left around the label (the field was a blurred offset before)."""
+    share = _cylinder_share()
+    artery_hu, tissue_hu = 450.0, 40.0
+    hu = tissue_hu + share * (artery_hu - tissue_hu)
+    sm = torch.where(share >= 0.5, torch.tensor(AORTA, dtype=torch.int16), torch.tensor(BODY_ID, dtype=torch.int16))
+    image = ((hu + 175.0) / 425.0)[None]  # window scaling, not clipped above
+    assert float(image.max()) > 1.4  # the input holds HU above the window
+    only_phase = dict(p=1.0, p_label_guided=1.0, p_remap=0, p_scale_shift=0, p_thick=0, p_blur=0, p_noise=0,
+                      p_gamma=0, spacing_mm=1.5)
+    venous = ContrastPhaseAugment(phase_probs={"portal_venous": 1.0}, seed=3, **only_phase)
+    out = window_to_hu(venous({"image": image, "structure_map": sm})["image"][0])
+    lumen = float(out[share == 1].mean())
+    assert 110 < lumen < 240  # an artery's portal-venous range, and below the window's top
+    want = tissue_hu + share * (lumen - tissue_hu)
+    border = (share > 0) & (share < 1)
+    ring = (share > 0) & (sm == BODY_ID)
+    assert float((out - want)[border].abs().max()) < 12, "a partial-volume voxel does not follow the lumen"
+    assert float(out[ring].max()) <= lumen, "a ring brighter than the lumen is left around the label"
+    assert float((out - want)[share == 0].abs().max()) < 2  # tissue beside it: only the shell offset's blur
+
+
+def test_training_cache_keeps_hu_above_the_window_and_the_model_gets_the_window(tmp_path):
+    """B's lumens (350-700 HU) are over 1 in the cache, not a flat 1; a patch without the generalisation
+    pipeline, validation cases and the pipeline's output are all in [0, 1]."""
+    from UniversalSegLib.data import DatasetSpec, build_training_dataset, build_validation_cases
+    from UniversalSegLib.data.spec import Case, MaskSource
+    from UniversalSegLib.store.manifest import Preprocessing
+
+    folder = shared("ct-thorax-aorta")
+    case = Case(folder / "ct.nii.gz", [MaskSource(folder / "masks" / "aorta.nii.gz", "aorta")], "b")
+    spec = DatasetSpec("angio", [case], ["aorta"])
+    pre = Preprocessing(orientation="RAS", spacing=[3.0, 3.0, 3.0], hu_window=[-175.0, 250.0],
+                        patch_size=[32, 32, 32])
+    data = build_training_dataset([spec], ["aorta"], pre, tmp_path / "cache", transforms=False,
+                                  structure_maps=True, samples_per_epoch=4)
+    patch = data[0]
+    aorta = patch["label"][0] > 0
+    lumen = window_to_hu(patch["image"][0][aorta])
+    assert aorta.sum() > 50 and float((lumen > 260).float().mean()) > 0.2 and float(lumen.max()) > 450
+    pipe = build_generalisation_pipeline(p_synth=0.0, spacing_mm=3.0, class_keys=["aorta"], seed=0)
+    assert 0.0 <= float(pipe(patch)["image"].min()) and float(pipe(patch)["image"].max()) <= 1.0
+    plain = build_training_dataset([spec], ["aorta"], pre, tmp_path / "cache2", transforms=False, samples_per_epoch=4)
+    assert float(plain[0]["image"].max()) <= 1.0
+    val = next(iter(build_validation_cases([spec], ["aorta"], pre, tmp_path / "cache2", which="train")))
+    assert float(val["image"].max()) == 1.0 and float(val["image"].min()) >= 0.0
+
+
 # ----------------------------------------------------------------------------------------------- spatial
 
 
@@ -401,7 +461,7 @@ def test_pipeline_on_loader_patches_numpy_and_batches():
                                          p_deform=1.0, p_fov=1.0, p_slab=1.0, p_partial=1.0)
     out = pipe(patch)
     assert np.asarray(out["image"]).shape == (1, 32, 32, 32) and np.asarray(out["label"]).shape == (5, 32, 32, 32)
-    assert pipe.transforms[-1].last_params[0]["synthesized"]  # synthesised from the named channels
+    assert pipe.transforms[-2].last_params[0]["synthesized"]  # synthesised from the named channels
     batch = {k: torch.stack([sample[k], sample[k]]) for k in ("image", "label", "structure_map", "annotated")}
     out = pipe(batch)
     assert out["image"].shape == (2, 1, 32, 32, 32) and out["structure_map"].shape == (2, 32, 32, 32)

@@ -73,7 +73,7 @@ def montage(sample: dict, path: str, n: int = 7, seed: int = 0) -> None:
     views, titles = [sample], ["real"]
     for i in range(n):
         views.append(synth(sample) if i % 2 else pipe(sample))
-        p = (synth if i % 2 else pipe.transforms[-1]).last_params[0]
+        p = (synth if i % 2 else pipe.transforms[-2]).last_params[0]  # [-1] is ClipToWindow
         titles.append(("synth " if i % 2 else "pipeline ") + str(p.get("phase", ""))[:8] +
                       (" random" if p.get("random_contrast") else ""))
     for col, (view, title) in enumerate(zip(views, titles)):

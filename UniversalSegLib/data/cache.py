@@ -3,6 +3,9 @@
 `preprocess_case` turns one case into arrays on the model's grid: RAS, `spacing` mm (image linear,
 labels nearest), HU clipped to `hu_window` and scaled to [0, 1], cropped to the body as inference crops
 it (`geometry.crop_box`), and a multi-hot target in the model's class order with the papers' rules.
+The cache keeps the HU above the window (values over 1; `keep_above_window`): augmentation that changes
+a contrast phase must see a 470 HU lumen as it is, not as a flat 250. The loader and the augmentation
+pipeline clip to [0, 1] before the model (`PatchDataset`, `synth.ClipToWindow`).
 
 `PreprocessedCache` keeps one folder per (case files, labels, annotated classes, preprocessing, class
 keys): image.npy (float16), labels.npy (annotated channels bit-packed, uint8), locations.npz (sampled
@@ -41,7 +44,7 @@ from UniversalSegLib.registry import Registry, default_registry, safe_file_name
 if TYPE_CHECKING:  # importing the store pulls in the models; pool workers should stay light
     from UniversalSegLib.store.manifest import Preprocessing
 
-CACHE_VERSION = 2  # 2: the body crop is inference's (-500 HU, 6 mm margin), no longer the HU window's low end
+CACHE_VERSION = 3  # 2: the body crop is inference's (-500 HU, 6 mm margin); 3: HU above the window kept
 LOCATIONS_PER_CLASS = 4096
 _STALE_TMP_SECONDS = 24 * 3600
 
@@ -114,7 +117,8 @@ def preprocess_entry(case: Case | StackedCase, spec: DatasetSpec, class_keys: li
     (None without). A `StackedCase` is built from its two preprocessed parts."""
     if isinstance(case, StackedCase):
         return _preprocess_stacked(case, class_keys, preprocessing, structure, registry)
-    found = preprocess_annotated(case, spec, class_keys, preprocessing, registry, structure=structure)
+    found = preprocess_annotated(case, spec, class_keys, preprocessing, registry, structure=structure,
+                                 keep_above_window=True)
     return found if structure else (*found, None)
 
 
@@ -126,7 +130,7 @@ def _preprocess_stacked(case: StackedCase, class_keys: list[str], preprocessing:
     parts = {}
     for role, part, part_spec in (("below", case.below, case.below_spec), ("above", case.above, case.above_spec)):
         image, stack, channels, ids = preprocess_annotated(part, part_spec, class_keys, preprocessing, registry,
-                                                           structure=True)
+                                                           structure=True, keep_above_window=True)
         parts[role] = {"image": image, "structure_map": ids, **{class_keys[c]: m for c, m in zip(channels, stack)}}
     above = parts["above"]
     try:
@@ -147,10 +151,12 @@ def _preprocess_stacked(case: StackedCase, class_keys: list[str], preprocessing:
 
 
 def preprocess_annotated(case: Case, spec: DatasetSpec, class_keys: list[str], preprocessing: Preprocessing,
-                         registry: Registry | None = None, *, structure: bool = False):
+                         registry: Registry | None = None, *, structure: bool = False,
+                         keep_above_window: bool = False):
     """`preprocess_case` without the unannotated channels: (image float16 (D,H,W), masks bool (A,D,H,W),
     channels: the A annotated indices into `class_keys`). Memory grows with A, not with the model's K.
-    With `structure`, a fourth item: the case's structure map (int16 (D,H,W), `structure_map`)."""
+    With `structure`, a fourth item: the case's structure map (int16 (D,H,W), `structure_map`).
+    With `keep_above_window`, HU above the window are scaled, not clipped (values over 1)."""
     registry = registry or default_registry()
     if str(preprocessing.orientation).upper() != "RAS":
         raise InputError(f"training preprocessing supports orientation RAS only, not {preprocessing.orientation!r}")
@@ -159,7 +165,7 @@ def preprocess_annotated(case: Case, spec: DatasetSpec, class_keys: list[str], p
     # label volume goes through one cheap crop; new border voxels get `lo`, i.e. 0 after scaling.
     grid = CaseGrid(read_ct(case.image), preprocessing.spacing, bool(preprocessing.foreground_crop))
     image = grid.image(default_hu=lo)
-    image = ((np.clip(image, lo, hi) - lo) / (hi - lo)).astype(np.float16)
+    image = ((np.clip(image, lo, None if keep_above_window else hi) - lo) / (hi - lo)).astype(np.float16)
 
     annotated = set(spec.classes) & set(class_keys)
     all_keys = {k for s in case.labels for k in (s.values.values() if isinstance(s, LabelMapSource) else [s.key])}
@@ -271,6 +277,7 @@ class CachedCase:
         return flags
 
     def image(self, region: tuple[slice, ...] = ()) -> np.ndarray:
+        """Window values, HU above the window kept (over 1): clip to [0, 1] before a model sees them."""
         return np.asarray(self._map("image")[region])
 
     def annotated_labels(self, region: tuple[slice, ...] = ()) -> np.ndarray:

@@ -39,11 +39,13 @@ HU_MIN, HU_MAX = -175.0, 250.0  # the model's intensity window: hu = value * 425
 _instance_counter = itertools.count()
 
 
-def hu_to_window(hu: torch.Tensor | float) -> torch.Tensor | float:
-    """HU -> model intensity space [0, 1] (clipped)."""
-    if isinstance(hu, torch.Tensor):
-        return ((hu - HU_MIN) / (HU_MAX - HU_MIN)).clamp(0.0, 1.0)
-    return min(max((hu - HU_MIN) / (HU_MAX - HU_MIN), 0.0), 1.0)
+def hu_to_window(hu: torch.Tensor | float, clip: bool = True) -> torch.Tensor | float:
+    """HU -> model intensity space [0, 1] (clipped; with `clip=False` only scaled, for steps before the end
+    of an augmentation pipeline)."""
+    x = (hu - HU_MIN) / (HU_MAX - HU_MIN)
+    if not clip:
+        return x
+    return x.clamp(0.0, 1.0) if isinstance(hu, torch.Tensor) else min(max(x, 0.0), 1.0)
 
 
 def window_to_hu(x: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,9 @@ def case_probabilities(dataset_sizes: Sequence[int], sampling: str) -> np.ndarra
 class PatchDataset(torch.utils.data.Dataset):
     """Random training patches: dicts {"image": float32 (1,*patch), "label": float32 (K,*patch),
     "annotated": bool (K,), "dataset": str, "case": str}, and "structure_map": int16 (*patch) when
-    `structure_maps` (the cache entries then hold one; see data/cache.py).
+    `structure_maps` (the cache entries then hold one; see data/cache.py). The image is in [0, 1], except
+    with `structure_maps`: then HU above the window stay (over 1) for the generalisation pipeline, whose
+    last step clips (`synth.ClipToWindow`).
 
     `label_dtype=torch.uint8` quarters the label's memory (and the cost of allocating and passing it
     between processes: most of an item's time with many classes); the values stay 0/1."""
@@ -125,6 +127,8 @@ class PatchDataset(torch.utils.data.Dataset):
         else:
             ann = np.zeros((len(case.channels), *self.patch_size), dtype=np.uint8)
             ann[(slice(None), *dst)] = case.annotated_labels(src)
+        if not self.structure_maps:  # without the generalisation pipeline (which clips last) the model gets the window
+            np.clip(image, 0.0, 1.0, out=image)
         sample = {"image": image, "label": ann}
         if self.transforms is not None:
             if hasattr(self.transforms, "set_random_state"):
@@ -207,7 +211,7 @@ class ValidationCases:
     def __iter__(self) -> Iterator[dict]:
         for path in self.paths:
             case = CachedCase.open(path)
-            yield {"image": torch.from_numpy(case.image().astype(np.float32))[None],
+            yield {"image": torch.from_numpy(np.clip(case.image().astype(np.float32), 0.0, 1.0))[None],
                    "label": torch.from_numpy(case.labels()), "annotated": torch.from_numpy(case.annotated),
                    "dataset": case.dataset, "case": case.case_id, "spacing": case.spacing}
 

@@ -380,6 +380,57 @@ def _unit_std(x: torch.Tensor) -> torch.Tensor:
     return x / x.flatten(1).std(dim=1).clamp(min=1e-6).view(-1, *([1] * (x.ndim - 1)))
 
 
+UNENHANCED_HU = ARTERY_NATIVE_HU  # blood and parenchyma without contrast
+ENHANCED_MARGIN_HU = 60.0  # a structure this far above UNENHANCED_HU holds contrast its voxels' HU can measure
+MAX_CONTRAST_SHARE = 2.5  # a voxel at most this many times its structure's mean enhancement (calcium, jets)
+_NOT_A_VESSEL_EDGE = ("outside", "bone", "cartilage", "table")  # bright or air: never a lumen's partial volume
+
+
+def enhancement_field(hu: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, current: torch.Tensor,
+                      target: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """HU change that moves each enhancing structure from its `current` mean to `target`.
+
+    Contrast is iodine in blood: a voxel changes by the share of it that is enhancing blood or
+    parenchyma. In a structure enhanced now (mean over 100 HU), that share is read from the voxel's
+    HU (smoothed deep inside) between unenhanced tissue (40 HU) and the structure's mean: a lumen's partial-volume
+    border, inside the label or just outside it, and the unevenness of the contrast scale with the
+    enhancement, while the fine noise stays. An arterial lumen of 470 HU so becomes a portal-venous
+    one of 180 HU without a bright ring left around it. In an unenhanced structure the HU tells
+    nothing of the share, so it is geometric: the label blurred by `sigma`.
+
+    Args:
+        hu: (B, 1, D, H, W) image in HU, not clipped above the model's window.
+        ids: (B, D, H, W) structure ids.
+        valid: (B, NUM_IDS) bool: the structures to change.
+        current: (B, NUM_IDS) each structure's mean HU now.
+        target: (B, NUM_IDS) the mean HU wanted.
+        sigma: (B, 3) feathering of the label edges, in voxels.
+
+    Returns:
+        (B, 1, D, H, W) HU offsets (zero farther than ~3 sigma from every changed structure).
+    """
+    inside = _lookup(valid.float(), ids)
+    weight = gaussian_blur(inside, sigma)  # geometric share, reaching just outside the labels
+
+    def spread(table: torch.Tensor) -> torch.Tensor:
+        """A structure's value inside it; just outside, the weighted mean of its neighbours' values."""
+        values = _lookup(table, ids) * inside
+        return torch.where(inside > 0, values, gaussian_blur(values, sigma) / weight.clamp(min=1e-3))
+
+    delta = spread(torch.where(valid, target - current, torch.zeros_like(target)))
+    mean = spread(torch.where(valid, current, torch.full_like(current, UNENHANCED_HU)))
+    enhancement = mean - UNENHANCED_HU
+    # deep inside, the smoothed HU (the noise stays as it is); at and beyond the label's edge the voxel's own
+    # (smoothing would lend a ring voxel its lumen neighbours' contrast)
+    measured = torch.where(weight > 0.95, gaussian_blur(hu, sigma), hu)
+    share = ((measured - UNENHANCED_HU) / enhancement.clamp(min=1.0)).clamp(0, MAX_CONTRAST_SHARE)
+    share = torch.where(inside > 0, share, share.clamp(max=1.0))  # a neighbour brighter than the lumen is not it
+    share = torch.where(enhancement > ENHANCED_MARGIN_HU, share, weight)
+    no_edge = torch.tensor([t in _NOT_A_VESSEL_EDGE for t in TISSUE_NAMES])[_id_tissue()].float()
+    outside_ok = (inside > 0) | (_lookup(no_edge[None].expand(ids.shape[0], -1), ids) == 0)
+    return torch.where((weight > 0.02) & outside_ok, share * delta, torch.zeros_like(delta))
+
+
 # ----------------------------------------------------------------------------------------------- shared intensity steps
 
 
@@ -638,9 +689,11 @@ class ContrastPhaseAugment(_IntensityBase):
     or, without one, from the annotated label channels named by `class_keys`. Each enhancing
     structure (liver, spleen, kidneys, pancreas, arteries, veins, heart...) is moved from its current
     mean HU to a mean drawn for a random phase (`TISSUES`); the renal cortex gets its phase's shell
-    offset; the change is feathered at the edges. Texture inside the structure is kept. Then:
-    monotonic random intensity remapping, scale/shift, slice thickness, blur, noise (only where the
-    image is inside the window, so clipped air stays black) and gamma.
+    offset; partial-volume edges and the contrast's unevenness follow (`enhancement_field`); the noise
+    inside the structure is kept. Then: monotonic random intensity remapping, scale/shift, slice
+    thickness, blur, noise (not on clipped air) and gamma. The image may hold values above 1 (HU above
+    the window, as the training cache keeps them), so a bright lumen is changed from its real HU; the
+    output is clipped to [0, 1].
 
     Parameters:
         p: probability per sample (the steps below have their own probabilities).
@@ -708,7 +761,9 @@ class ContrastPhaseAugment(_IntensityBase):
         return out
 
     def _change_phase(self, x: torch.Tensor, ids: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
-        """Move each enhancing structure's mean HU to a draw for a random phase; feathered edges."""
+        """Move each enhancing structure's mean HU to a draw for a random phase (`enhancement_field`).
+        Returns window values NOT clipped above: later steps (blur, thick slices) then see a bright lumen
+        as it is, and `apply` clips once at the end."""
         n, device = x.shape[0], x.device
         phases = self.draw_phases(n)
         for b, slot in enumerate(slots):
@@ -722,18 +777,18 @@ class ContrastPhaseAugment(_IntensityBase):
         enhances = torch.tensor([TISSUES[t].enhances for t in TISSUE_NAMES])[_id_tissue()].to(device)
         valid = (counts > 0) & enhances[None, :]
         valid[:, 0] = False
+        current = sums / counts.clamp(min=1)
         target = self.draw_means(phases, 0.1).to(device)
-        offset = torch.where(valid, target - sums / counts.clamp(min=1), torch.zeros_like(target))
-        rims = torch.where(valid, self.draw_rims(phases).to(device), torch.zeros_like(target))
-        field = _lookup(offset, ids) + _lookup(rims, ids) * rim.unsqueeze(1)
+        sigma = (torch.tensor(self.edge_sigma_mm) / torch.tensor(self.spacing_mm)).repeat(n, 1)
+        field = enhancement_field(hu, ids, valid, current, target, sigma)
+        extra = _lookup(torch.where(valid, self.draw_rims(phases).to(device), torch.zeros_like(target)), ids)
+        extra = extra * rim.unsqueeze(1)
         if self.p_split_lumen > 0:
-            now = torch.where(valid, target, sums / counts.clamp(min=1))  # each structure's mean after the change
+            now = torch.where(valid, target, current)  # each structure's mean after the change
             split = self.split_lumens(ids, now, self.p_split_lumen, self.split_lumen_drop)
             if split is not None:
-                field = field + split
-        sigma = torch.tensor(self.edge_sigma_mm) / torch.tensor(self.spacing_mm)
-        field = gaussian_blur(field, sigma.repeat(n, 1))
-        return hu_to_window(hu + field)
+                extra = extra + split
+        return hu_to_window(hu + field + gaussian_blur(extra, sigma), clip=False)
 
     def _remap(self, x: torch.Tensor) -> torch.Tensor:
         """A random monotonic piecewise-linear curve on [0, 1] that keeps 0 at 0 (air stays air)."""
@@ -751,13 +806,25 @@ class ContrastPhaseAugment(_IntensityBase):
     def _scale_shift(self, x: torch.Tensor) -> torch.Tensor:
         a = self.uniform(*self.scale, x.shape[0]).to(x).view(-1, 1, 1, 1, 1)
         b = self.uniform(*self.shift, x.shape[0]).to(x).view(-1, 1, 1, 1, 1)
-        inside = (x > 0) & (x < 1)
+        inside = x > 0  # air stays air; HU above the window scale too (the cache keeps them)
         return torch.where(inside, x * a + b, x)
 
     def _noise(self, x: torch.Tensor) -> torch.Tensor:
         std = (self.uniform(*self.noise_hu, x.shape[0]) / (250.0 + 175.0)).to(x).view(-1, 1, 1, 1, 1)
-        inside = (x > 0) & (x < 1)
+        inside = x > 0  # clipped air stays black
         return torch.where(inside, x + std * self.correlated_noise(x.shape, x.device), x)
+
+
+class ClipToWindow(RandomTransform):
+    """The last step of a pipeline: clip the image to the model's window [0, 1]. The training cache keeps
+    HU above the window so that the steps before it see a bright lumen as it is (`ContrastPhaseAugment`,
+    blur, slice thickness); the model sees what inference gives it. Draws no random numbers."""
+
+    def __init__(self):
+        super().__init__(1.0, None)
+
+    def apply(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {**batch, IMAGE: batch[IMAGE].clamp(0.0, 1.0)}
 
 
 # ----------------------------------------------------------------------------------------------- the pipeline
@@ -808,6 +875,7 @@ def build_generalisation_pipeline(p_synth: float = 0.5, spacing_mm: float | Sequ
     RandomSlab                p_slab       keep 10-40 axial slices, air elsewhere
     SynthesizeFromLabels      p_synth      synthetic CT from the structure map (needs `structure_map`)
     ContrastPhaseAugment      p_contrast   on the real (not synthesised) images: phase, remap, noise...
+    ClipToWindow              1            the image to [0, 1] (the cache keeps HU above the window)
     ========================  ===========  =================================================================
 
     `p_split_lumen` (both synthesis and phase change): arteries enhanced on one side of a random
@@ -834,4 +902,5 @@ def build_generalisation_pipeline(p_synth: float = 0.5, spacing_mm: float | Sequ
         RandomSlab(p_slab, axes=axes, seed=child_seed(4)),
         SynthesizeFromLabels(p_synth, spacing_mm=spacing_mm, class_keys=class_keys, real_transform=contrast, axes=axes,
                              phase_probs=phase_probs, p_split_lumen=p_split_lumen, seed=child_seed(5)),
+        ClipToWindow(),
     ])
