@@ -1,6 +1,8 @@
 """Issue 25's figures: the bundled model on scans A, B, C, on arms composed beside them and on A
 and B re-enhanced to a portal-venous phase (`UniversalSegLib.evaluation.variants`), before and after the
-plausibility check.
+plausibility check. `A_upper` is a 120 mm upper-abdominal slab of A (liver to kidneys), and
+`A_upper_pv_arms` the same slab re-enhanced to portal-venous with both arms down beside it: the
+hidden clinical scan's situation (issue 25), measured against `A_upper`.
 
     python -m experiments.measure_variants run OUT        # from the repo root; ~2-3 min per variant on 2 cores
     python -m experiments.measure_variants run AFTER --plausibility
@@ -28,7 +30,16 @@ import SimpleITK as sitk
 from experiments.paths import SHARED_DATA, scan_a_sources
 from UniversalSegLib.components import connected_components
 from UniversalSegLib.continual.evaluate import dice
-from UniversalSegLib.evaluation.variants import PV_TARGET_HU, Arm, compose_arms, crop_to, portal_venous, reenhance
+from UniversalSegLib.evaluation.variants import (
+    PV_TARGET_HU,
+    Arm,
+    compose_arms,
+    crop_to,
+    mid_slice,
+    portal_venous,
+    reenhance,
+    slab,
+)
 from UniversalSegLib.inference.masks import BoxMask
 from UniversalSegLib.inference.plausibility import Outcome, check
 from UniversalSegLib.inference.predict import predict
@@ -46,6 +57,10 @@ ABSENT_IN_CHEST = ("urinary_bladder", "prostate_or_uterus", "sacrum", "vertebrae
                    "vertebrae_L5", "hip_left", "hip_right", "femur_left", "femur_right", "gluteus_maximus_left",
                    "gluteus_maximus_right", "iliac_artery_left", "iliac_artery_right", "iliac_vena_left",
                    "iliac_vena_right")
+
+
+UPPER_SLICES = 40  # A_upper: 120 mm at A's 3 mm, centred on the upper-abdominal organs
+UPPER_ORGANS = ("liver", "spleen", "pancreas", "kidney_left", "kidney_right")
 
 
 def a_label_ids() -> dict[str, int]:
@@ -68,10 +83,29 @@ def variants() -> dict[str, tuple[sitk.Image, sitk.Image, np.ndarray | None]]:
         image, _, arm_mask = compose_arms(scans[scan], None, arms, seed=len(name))
         out[name] = (image, scans[scan], arm_mask)
     out["A_portal_venous"] = (portal_venous(scans["A"], labels), scans["A"], None)
+    first = upper_first_slice(labels)
+    upper = slab(scans["A"], first, UPPER_SLICES)
+    out["A_upper"] = (upper, upper, None)
+    pv_upper = slab(out["A_portal_venous"][0], first, UPPER_SLICES)
+    arms = [Arm("low", 0.0, shift_mm=10.0, radius_mm=45.0), Arm("high", 8.0, shift_mm=-5.0, radius_mm=42.0)]
+    image, _, arm_mask = compose_arms(pv_upper, None, arms, seed=7)
+    out["A_upper_pv_arms"] = (image, upper, arm_mask)
     # B's arteries (arterial phase, an aortic dissection) lowered to portal-venous values
     b_masks = {k: v for k, v in truths_of("B").items() if k in PV_TARGET_HU}
     out["B_portal_venous"] = (reenhance(scans["B"], b_masks), scans["B"], None)
     return out
+
+
+def upper_first_slice(labels: sitk.Image) -> int:
+    """First slice of A's upper-abdominal slab (`UPPER_SLICES`, centred on `UPPER_ORGANS`)."""
+    ids = a_label_ids()
+    mid = mid_slice(labels, [ids[k] for k in UPPER_ORGANS])
+    return int(np.clip(mid - UPPER_SLICES // 2, 0, labels.GetSize()[2] - UPPER_SLICES))
+
+
+def base_scan(name: str) -> str:
+    """The scan a variant is measured against: A_upper for its own variants, else the first letter."""
+    return "A_upper" if name.startswith("A_upper") else name[0]
 
 
 def run(outdir: Path, only: list[str] | None, plausibility: bool = False, model: str | None = None) -> None:
@@ -134,8 +168,11 @@ def truths_of(scan: str) -> dict[str, np.ndarray]:
 
 
 def truths() -> dict[str, dict[str, np.ndarray]]:
-    """Per scan, the labelled classes' reference masks on its own grid."""
-    return {scan: truths_of(scan) for scan in SCANS}
+    """Per scan (and A_upper), the labelled classes' reference masks on its own grid."""
+    out = {scan: truths_of(scan) for scan in SCANS}
+    first = upper_first_slice(sitk.ReadImage(str(A_LABELS)))
+    out["A_upper"] = {k: v[first:first + UPPER_SLICES] for k, v in out["A"].items()}
+    return out
 
 
 def report(outdir: Path, after_dir: Path | None = None) -> dict:
@@ -143,6 +180,7 @@ def report(outdir: Path, after_dir: Path | None = None) -> dict:
 
     registry = default_registry()
     scans = {k: sitk.ReadImage(str(DATA / p)) for k, p in SCANS.items()}
+    scans["A_upper"] = slab(scans["A"], upper_first_slice(sitk.ReadImage(str(A_LABELS))), UPPER_SLICES)
     references = truths()
     figures: dict = {}
     for path in sorted(outdir.glob("*.npz")):
@@ -179,10 +217,10 @@ def report(outdir: Path, after_dir: Path | None = None) -> dict:
                     if comps:
                         wrong[stage].add(k)
                         row["arm_components"].setdefault(stage, {})[k] = comps
-        scan = name[0]
+        scan = base_scan(name)
         for stage, ms in final.items():
             for k, m in ms.items():
-                if m and scan in "BC" and k in ABSENT_IN_CHEST:
+                if m and scan in ("B", "C") and k in ABSENT_IN_CHEST:
                     wrong[stage].add(k)
                 if k not in references[scan]:
                     continue
@@ -203,13 +241,14 @@ def report(outdir: Path, after_dir: Path | None = None) -> dict:
         for stage, comps in row["arm_components"].items():
             print(f"   in the arms ({stage}): {comps}")
     for name, row in figures.items():
-        native = figures.get(name[0], {}).get("dice", {}).get("after")
-        if name[1:] and native and "after" in row["dice"]:
-            keys = PV_CLASSES if name == "A_portal_venous" else list(native)  # B_portal_venous: B's 7 classes
+        native = figures.get(base_scan(name), {}).get("dice", {}).get("after")
+        if name != base_scan(name) and native and "after" in row["dice"]:
+            # B_portal_venous: B's 7 classes
+            keys = PV_CLASSES if name in ("A_portal_venous", "A_upper_pv_arms") else list(native)
             row["dice_change"] = {k: None if native.get(k) is None or row["dice"]["after"].get(k) is None
                                   else round(row["dice"]["after"][k] - native[k], 3) for k in keys}
             worst = min((v for v in row["dice_change"].values() if v is not None), default=None)
-            print(f"   {name}: Dice change vs {name[0]} (after), worst {worst}: {row['dice_change']}")
+            print(f"   {name}: Dice change vs {base_scan(name)} (after), worst {worst}: {row['dice_change']}")
     return figures
 
 
