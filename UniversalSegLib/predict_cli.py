@@ -109,7 +109,9 @@ def run_predict(args: argparse.Namespace) -> int:
     try:
         with _warnings_on_one_line():
             result = predict(request, progress=progress)
-            outputs = write_outputs(result, outdir, request.formats, dicom_source=request.source.dicom)
+            # the folder then holds this run's outputs only (an earlier run's other formats are removed, named)
+            outputs = write_outputs(result, outdir, request.formats, dicom_source=request.source.dicom,
+                                    remove_earlier=True)
     except BaseException:
         _remove_new(outdir, existed, before)
         raise
