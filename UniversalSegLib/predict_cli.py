@@ -6,7 +6,8 @@ or with --progress-json to stdout as one JSON object per line (for the Slicer mo
     ...
     {"done": true, "outputs": {"seg.nrrd": "/out/segmentation.seg.nrrd", ...}}
 The input is read and checked before anything is created, and a failure later removes whatever
-this run added to OUTDIR (OUTDIR itself too when this run created it).
+this run added to OUTDIR (OUTDIR itself too when this run created it); a run that succeeds removes the
+outputs an earlier run left in OUTDIR in formats it did not write, and names them in a warning line.
 """
 
 from __future__ import annotations

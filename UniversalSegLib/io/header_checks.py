@@ -175,6 +175,11 @@ def _check_itk_header(path: Path) -> None:
     try:
         with capture_itk_output() as log:
             reader.ReadImageInformation()
+            keys = reader.GetMetaDataKeys()
+            if "ITK_InputFilterName" in keys and reader.GetMetaData("ITK_InputFilterName") == "NrrdImageIO":
+                # inside the capture: newer ITKs warn "NRRD space ... is not converted to LPS", which our
+                # refusal says in full
+                _check_nrrd_space(path, reader.GetMetaData("NRRD_space") if "NRRD_space" in keys else None)
     except RuntimeError as e:
         raise InputError(read_error(path, e, log.text)) from None
     pixel = reader.GetPixelID()
@@ -185,9 +190,6 @@ def _check_itk_header(path: Path) -> None:
         raise InputError(f"{path} has {reader.GetNumberOfComponents()} values per voxel (a colour or vector "
                          "image); a CT has one intensity per voxel")
     _check_spacing(path, reader.GetSpacing(), "voxel spacing")
-    keys = reader.GetMetaDataKeys()
-    if "ITK_InputFilterName" in keys and reader.GetMetaData("ITK_InputFilterName") == "NrrdImageIO":
-        _check_nrrd_space(path, reader.GetMetaData("NRRD_space") if "NRRD_space" in keys else None)
     data_file = _detached_data_file(path) or path
     if data_file.exists():
         component = sitk.Image([1] * reader.GetDimension(), pixel).GetSizeOfPixelComponent() if pixel >= 0 else 1
