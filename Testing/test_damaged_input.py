@@ -131,6 +131,28 @@ def _nrrd_without_space(tmp: Path) -> Path:
     return tmp / "nospace.nrrd"
 
 
+# NRRD spaces and how to write the sample's LPS geometry in each: sign of the x and y world axes
+_PATIENT_SPACES = {"left-posterior-superior": (1, 1), "LPS": (1, 1), "right-anterior-superior": (-1, -1),
+                   "RAS": (-1, -1), "left-anterior-superior": (1, -1), "LAS": (1, -1)}
+
+
+def _pynrrd_slab(tmp: Path, name: str, space: str | None) -> Path:
+    """A slab of the sample CT written by pynrrd (the NRRD library of Slicer's Python tools) in NRRD space
+    `space`: a patient space gets the sample's geometry converted to it; any other space (scanner-xyz,
+    3D-right-handed, ...) or None (`space dimension: 3` only) gets the LPS numbers under that name, as an
+    exporter that does not know the patient frame writes them."""
+    import nrrd
+
+    image = sitk.ReadImage(str(SAMPLE))[:, :, 80:100]
+    signs = np.array([*_PATIENT_SPACES.get(space, (1, 1)), 1.0])
+    directions = np.array(image.GetDirection()).reshape(3, 3).T * np.array(image.GetSpacing())[:, None]
+    header = {"space directions": directions * signs, "space origin": np.array(image.GetOrigin()) * signs,
+              "encoding": "gzip"}
+    header.update({"space": space} if space else {"space dimension": 3})
+    nrrd.write(str(tmp / name), sitk.GetArrayFromImage(image).transpose(2, 1, 0), header)  # pynrrd: x, y, z
+    return tmp / name
+
+
 def _sitk_file(tmp: Path, name: str, image: sitk.Image, compress: bool = False) -> Path:
     sitk.WriteImage(image, str(tmp / name), useCompression=compress)
     return tmp / name
@@ -217,6 +239,18 @@ CASES = {
     "blank scan (every voxel -1024)": (lambda t: _nifti(t, "air.nii.gz", np.full((24, 24, 20), -1024, np.int16)),
                                        r"every voxel has the same value \(-1024\); the image is blank"),
     "NRRD without orientation (spacings only)": (lambda t: _nrrd_without_space(t), "NRRD header has no orientation"),
+    # NRRD spaces that name no patient axes: ITK took their axes as LPS, so the masks could be mirrored
+    "NRRD space scanner-xyz (pynrrd)": (lambda t: _pynrrd_slab(t, "scanner.nrrd", "scanner-xyz"),
+                                        r"NRRD header's space is 'scanner-xyz', which does not say where the "
+                                        r"patient's left, back and head are .*set `space: left-posterior-superior`"),
+    "NRRD space 3D-right-handed (pynrrd)": (lambda t: _pynrrd_slab(t, "rh.nrrd", "3D-right-handed"),
+                                            r"space is '3D-right-handed', which does not say"),
+    "NRRD space 3D-left-handed (pynrrd)": (lambda t: _pynrrd_slab(t, "lh.nrrd", "3D-left-handed"),
+                                           r"space is '3D-left-handed', which does not say"),
+    "NRRD space directions without a space (pynrrd)": (lambda t: _pynrrd_slab(t, "nospace.nrrd", None),
+                                                       r"has 'space directions' but no 'space' \(only 'space "
+                                                       r"dimension'\).*`space: left-posterior-superior`"),
+    "NRRD in RAS (pynrrd)": (lambda t: _pynrrd_slab(t, "ras.nrrd", "right-anterior-superior"), None),
     "sheared NRRD (a tilted gantry)": (lambda t: _nrrd(t, "sheared.nrrd", "24 24 20", "(1,0,0) (0,1,0) (0,0.5,1)",
                                                        _ct_like().tobytes()),
                                        r"voxel axes are not perpendicular \(angles 90.0, 90.0, 63.4 degrees"),
@@ -351,6 +385,31 @@ def test_itk_output_capture_keeps_python_warnings_and_restores_the_terminal(capf
     assert [str(w.message) for w in caught] == ["ours", "ITK: first", "ITK: second"]
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "after\n"
+
+
+@pytest.mark.parametrize("space", [s for s in _PATIENT_SPACES if s != "left-posterior-superior"])
+def test_nrrd_in_any_patient_space_reads_as_the_same_placed_image(space, tmp_path):
+    """ITK converts RAS and LAS NRRDs to LPS: the same slab written in each space is the same image in the
+    world (voxels, origin, axes), so its masks land on the same anatomy."""
+    lps = read_image(_pynrrd_slab(tmp_path, "lps.nrrd", "left-posterior-superior"))
+    other = read_image(_pynrrd_slab(tmp_path, "other.nrrd", space))
+    original = sitk.ReadImage(str(SAMPLE))[:, :, 80:100]
+    for image in (lps, other):
+        assert np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(original))
+        assert np.allclose(image.GetOrigin(), original.GetOrigin(), atol=1e-4)
+        assert np.allclose(image.GetDirection(), original.GetDirection(), atol=1e-6)
+        assert np.allclose(image.GetSpacing(), original.GetSpacing(), atol=1e-6)
+
+
+def test_cli_refuses_a_scanner_frame_nrrd_with_exit_2(tmp_path):
+    path = _pynrrd_slab(tmp_path, "scanner.nrrd", "scanner-xyz")
+    run = subprocess.run([sys.executable, "-m", "UniversalSegLib", "predict", str(path), "-o", str(tmp_path / "out"),
+                          "--classes", "liver"], capture_output=True, text=True, encoding="utf-8", timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 2 and run.stdout == "", run.stdout
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("universalseg: error: ") \
+        and "space is 'scanner-xyz'" in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # --- the CLI: one line, exit 2, before the model runs --------------------------------------------------------

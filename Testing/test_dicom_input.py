@@ -9,6 +9,7 @@ real scanner slice, MIT licence) checks the decoding of a file we did not write.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import warnings
@@ -33,7 +34,7 @@ from UniversalSegLib.cli import main
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inference.result import ClassResult, SegmentationResult
 from UniversalSegLib.io import dicom_source_files, read_image, write_outputs
-from UniversalSegLib.io.dicom_input import DicomSeriesWarning, find_series, read_stack
+from UniversalSegLib.io.dicom_input import DicomSeriesWarning, find_series, read_stack, scan_folder
 from UniversalSegLib.io.writers import dicom_seg_refusal
 from UniversalSegLib.registry import default_registry
 
@@ -327,6 +328,39 @@ def test_slices_with_different_pixel_spacings_are_refused(crop, tmp_path):
         ds.save_as(f, enforce_file_format=True)
     with pytest.raises(InputError, match=r"slices have different pixel spacings \(0.7 x 0.7 mm \(\d+ slices\), "):
         read_image(tmp_path / "s")
+
+
+def test_a_slice_with_a_wrong_matrix_size_is_refused_naming_it_not_shown_as_a_second_series(crop, tmp_path):
+    # One file's Rows says 100 where its pixels and the other slices are 101 rows: it made a second "series"
+    # with the same UID (a 1-slice stack beside an 11-slice one with a filled gap)
+    files = write_series(tmp_path / "s", crop[0])
+    ds = pydicom.dcmread(files[5])
+    ds.Rows = 100
+    ds.save_as(files[5], enforce_file_format=True)
+    assert len(scan_folder(tmp_path / "s").stacks) == 1
+    expected = (rf"DICOM series {pydicom.dcmread(files[0]).SeriesInstanceUID}: {re.escape(str(files[5]))} is 100x122 "
+                r"pixels \(Rows x Columns\) where the other 11 slices are 101x122; its header is wrong")
+    for path in (tmp_path / "s", files[0], files[5]):
+        with pytest.raises(InputError, match=expected):
+            read_image(path)
+
+
+def test_slices_in_two_frames_of_reference_are_refused_naming_both(crop, tmp_path, capsys, no_model_run):
+    # Two acquisitions under one series UID: their positions happen to continue each other, so the slices
+    # stacked into one volume without complaint
+    files = write_series(tmp_path / "s", crop[0])
+    first, second = pydicom.dcmread(files[0]).FrameOfReferenceUID, generate_uid()
+    for f in files[8:]:
+        ds = pydicom.dcmread(f)
+        ds.FrameOfReferenceUID = second
+        ds.save_as(f, enforce_file_format=True)
+    with pytest.raises(InputError, match=rf"its slices lie in 2 frames of reference \({first} \(8 slices\), "
+                                         rf"{second} \(4 slices\)\); a scanner never mixes frames"):
+        read_image(tmp_path / "s")
+    code, err = _cli(["predict", str(tmp_path / "s"), "-o", str(tmp_path / "out"), "--formats", "seg.nrrd"], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("universalseg: error: DICOM series") \
+        and "2 frames of reference" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_missing_slice_is_filled_without_shifting_the_others(crop, tmp_path):

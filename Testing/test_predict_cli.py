@@ -120,3 +120,38 @@ def test_failure_while_writing_leaves_existing_folder_as_it_was(models_dir, tmp_
                           "--classes", "spleen", "--progress-json"], capsys)
     assert code == 2 and err == ["universalseg: error: disk full"]
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_a_run_removes_our_outputs_an_earlier_run_left_and_only_when_it_succeeds(models_dir, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Run 1 writes the default formats, run 2 only the statistics: run 1's masks and seg.nrrd no longer belong
+    to what the folder holds, so they go (named in one line); a user's own files stay. A run that fails while
+    writing removes nothing."""
+    from UniversalSegLib.io import writers
+
+    monkeypatch.setenv("UNIVERSALSEG_MODELS", str(models_dir))
+    sitk.WriteImage(sitk.ReadImage(str(SAMPLE))[:, :, 60:90], str(tmp_path / "slab.nii.gz"))
+    out = tmp_path / "out"
+    run = ["predict", str(tmp_path / "slab.nii.gz"), "-o", str(out), "--model", "tiny-cli", "--classes", "liver",
+           "spleen", "--progress-json", "--formats"]
+    code, err = run_main([*run, "seg.nrrd,nifti,labelmap,stats"], capsys)
+    assert code == 0 and err == [], err
+    (out / "notes.txt").write_text("mine")
+    (out / "masks" / "README.txt").write_text("mine too")
+
+    code, err = run_main([*run, "stats"], capsys)
+    assert code == 0, err
+    assert err == [f"universalseg: warning: removed the outputs of an earlier run in {out} that this run did not "
+                   "write, so the folder holds this run's results only: segmentation.seg.nrrd, masks/ (2 masks), "
+                   "labelmap.nii.gz, labelmap.labels.json, labelmap-colors.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["masks", "notes.txt", "statistics.csv", "statistics.json"]
+    assert [p.name for p in (out / "masks").iterdir()] == ["README.txt"]
+    statistics = (out / "statistics.json").read_text()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writers, "write_seg_nrrd", disk_full)
+    code, err = run_main([*run, "seg.nrrd"], capsys)
+    assert code == 2 and len(err) == 1 and "No space left on device; nothing was written" in err[0], err
+    assert (out / "statistics.json").read_text() == statistics and (out / "statistics.csv").exists()

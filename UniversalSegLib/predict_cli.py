@@ -6,7 +6,8 @@ or with --progress-json to stdout as one JSON object per line (for the Slicer mo
     ...
     {"done": true, "outputs": {"seg.nrrd": "/out/segmentation.seg.nrrd", ...}}
 The input is read and checked before anything is created, and a failure later removes whatever
-this run added to OUTDIR (OUTDIR itself too when this run created it).
+this run added to OUTDIR (OUTDIR itself too when this run created it); a run that succeeds removes the
+outputs an earlier run left in OUTDIR in formats it did not write, and names them in a warning line.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def run_predict(args: argparse.Namespace) -> int:
     try:
         with _warnings_on_one_line():
             result = predict(request, progress=progress)
-            outputs = write_outputs(result, outdir, request.formats, dicom_source=request.source.dicom)
+            # the folder then holds this run's outputs only (an earlier run's other formats are removed, named)
+            outputs = write_outputs(result, outdir, request.formats, dicom_source=request.source.dicom,
+                                    remove_earlier=True)
     except BaseException:
         _remove_new(outdir, existed, before)
         raise

@@ -6,8 +6,9 @@ pydicom and the geometry comes from the files themselves:
 
 - objects that are no cross-sectional image of anatomy (SR, SEG, RT dose, dose reports, DICOMDIR,
   ...), localisers and multi-frame objects are skipped;
-- a series is split into stacks of one orientation and matrix size (a scout inside the series,
-  a reformat saved under the same UID);
+- a series is split into stacks of one orientation (a scout inside the series, a reformat saved
+  under the same UID); slices of one stack with different matrix sizes (Rows/Columns), frames of
+  reference or pixel spacings are refused, naming them;
 - the stack used is the one the caller names (`series_uid`), else the one with the most CT slices,
   and a `DicomSeriesWarning` says which when there was a choice;
 - slices are ordered by ImagePositionPatient along the slice normal; duplicated positions, a
@@ -208,8 +209,10 @@ def _geometry_problem(ds: pydicom.Dataset) -> str | None:
 
 
 def _stack_key(ds: pydicom.Dataset) -> tuple:
+    """Series and orientation. Not the matrix size: a slice whose Rows/Columns differ from the rest of its
+    stack is refused by `slice_grid` (naming the file) rather than shown as a second series with the same UID."""
     orientation = tuple(round(float(v), 3) for v in ds.ImageOrientationPatient)
-    return str(getattr(ds, "SeriesInstanceUID", "") or ""), orientation, int(ds.Rows), int(ds.Columns)
+    return str(getattr(ds, "SeriesInstanceUID", "") or ""), orientation
 
 
 def scan_folder(folder: Path) -> _Scan:
@@ -358,6 +361,37 @@ def _check_not_sheared(stack: DicomStack) -> None:
                          "regularization)")
 
 
+def _matrix(ds: pydicom.Dataset) -> tuple[int, int]:
+    return int(ds.Rows), int(ds.Columns)
+
+
+def _check_one_matrix(stack: DicomStack) -> None:
+    """Every slice must have the same Rows and Columns: a slice that differs has a wrong header or belongs to
+    another series (ITK's series reader stops with "Size mismatch"; GDCM's series helper splits it off)."""
+    sizes = Counter(_matrix(ds) for ds in stack.headers)
+    if len(sizes) == 1:
+        return
+    (rows, columns), usual = sizes.most_common(1)[0]
+    odd = [(f, _matrix(ds)) for f, ds in zip(stack.files, stack.headers) if _matrix(ds) != (rows, columns)]
+    more = f" (and {len(odd) - 1} more slice{'s' * (len(odd) > 2)})" if len(odd) > 1 else ""
+    raise InputError(f"DICOM series {stack.series_uid}: {odd[0][0]}{more} is {odd[0][1][0]}x{odd[0][1][1]} pixels "
+                     f"(Rows x Columns) where the other {usual} slices are {rows}x{columns}; its header is wrong or "
+                     "it belongs to another series; remove it from the folder or export the series again")
+
+
+def _check_one_frame_of_reference(stack: DicomStack) -> None:
+    """All slices must share one FrameOfReferenceUID: a scanner never mixes frames within a series, so slices
+    in two frames are two acquisitions (or edited files) whose positions cannot be stacked into one volume.
+    Slices without the attribute are left to the DICOM SEG check (`dicom_seg_problem`)."""
+    frames = Counter(str(getattr(ds, "FrameOfReferenceUID", "") or "").strip() for ds in stack.headers)
+    frames.pop("", None)
+    if len(frames) > 1:
+        shown = ", ".join(f"{uid} ({n} slice{'s' * (n > 1)})" for uid, n in frames.most_common())
+        raise InputError(f"DICOM series {stack.series_uid}: its slices lie in {len(frames)} frames of reference "
+                         f"({shown}); a scanner never mixes frames within a series, so the folder mixes "
+                         "acquisitions under one series UID; keep only the slices of one frame in the folder")
+
+
 def _check_one_pixel_spacing(stack: DicomStack) -> None:
     """Every slice must have the first one's PixelSpacing: the volume takes it for all of them."""
     spacings = Counter(tuple(round(float(v), 4) for v in ds.PixelSpacing) for ds in stack.headers)
@@ -376,6 +410,8 @@ def slice_grid(stack: DicomStack) -> SliceGrid:
     """
     offsets = stack.offsets
     name = f"DICOM series {stack.series_uid}"
+    _check_one_matrix(stack)
+    _check_one_frame_of_reference(stack)
     _check_one_pixel_spacing(stack)
     if len(offsets) == 1:
         return SliceGrid(float(getattr(stack.headers[0], "SliceThickness", 0) or 1.0), 1, [0], [])

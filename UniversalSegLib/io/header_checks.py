@@ -33,6 +33,8 @@ MAX_DEFLATE_RATIO = 1032
 MAX_FORM_DISAGREEMENT_VOXELS = 0.5
 _CHUNK = 1 << 20  # bytes decompressed at a time when counting a gzip stream
 _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr")
+# The one NRRD space ITK reports for a patient frame: it converts RAS and LAS into it on read (NrrdImageIO).
+_NRRD_PATIENT_SPACE = "left-posterior-superior"
 _COMPLEX = {sitk.sitkComplexFloat32: "complex64", sitk.sitkComplexFloat64: "complex128"}
 
 
@@ -173,6 +175,11 @@ def _check_itk_header(path: Path) -> None:
     try:
         with capture_itk_output() as log:
             reader.ReadImageInformation()
+            keys = reader.GetMetaDataKeys()
+            if "ITK_InputFilterName" in keys and reader.GetMetaData("ITK_InputFilterName") == "NrrdImageIO":
+                # inside the capture: newer ITKs warn "NRRD space ... is not converted to LPS", which our
+                # refusal says in full
+                _check_nrrd_space(path, reader.GetMetaData("NRRD_space") if "NRRD_space" in keys else None)
     except RuntimeError as e:
         raise InputError(read_error(path, e, log.text)) from None
     pixel = reader.GetPixelID()
@@ -183,13 +190,6 @@ def _check_itk_header(path: Path) -> None:
         raise InputError(f"{path} has {reader.GetNumberOfComponents()} values per voxel (a colour or vector "
                          "image); a CT has one intensity per voxel")
     _check_spacing(path, reader.GetSpacing(), "voxel spacing")
-    keys = reader.GetMetaDataKeys()
-    if "ITK_InputFilterName" in keys and reader.GetMetaData("ITK_InputFilterName") == "NrrdImageIO" \
-            and "NRRD_space" not in keys:
-        # only "spacings": ITK lays the voxels on bare axes, as for a NIfTI without qform and sform
-        raise InputError(f"{path}: the NRRD header has no orientation (no 'space' field, no 'space directions'), "
-                         "so left/right and head/feet are unknown and the masks could come out mirrored; write "
-                         "them into it (e.g. space: left-posterior-superior)")
     data_file = _detached_data_file(path) or path
     if data_file.exists():
         component = sitk.Image([1] * reader.GetDimension(), pixel).GetSizeOfPixelComponent() if pixel >= 0 else 1
@@ -197,6 +197,43 @@ def _check_itk_header(path: Path) -> None:
         # Only the compression bound: ITK itself reports a short raw file (see read_error).
         _check_size(path, data_file, list(reader.GetSize()), sitk.GetPixelIDValueAsString(pixel), declared,
                     compressed_only=True)
+
+
+def _check_nrrd_space(path: Path, space: str | None) -> None:
+    """InputError unless the NRRD's `space` names the patient's axes (ITK's `NRRD_space` after reading).
+
+    ITK's NrrdImageIO turns right-anterior-superior and left-anterior-superior (and their short names
+    RAS, LAS) into LPS on read and then reports `left-posterior-superior`. Every other space it takes
+    verbatim as if it were LPS: scanner-xyz (ACR/NEMA 2.0's scanner frame), 3D-right-handed and
+    3D-left-handed say nothing about where the patient's left, back and head are, so the masks could come
+    out mirrored. Without a `space` ITK lays the voxels on bare axes (only `spacings`) or takes
+    `space directions` (given with `space dimension`) as LPS, again without knowing.
+    """
+    fix = ("if the axes are DICOM's patient frame, set `space: left-posterior-superior` (or "
+           "`right-anterior-superior` if they are RAS, as NIfTI's)")
+    if space == _NRRD_PATIENT_SPACE:
+        return
+    if space is not None:
+        raise InputError(f"{path}: the NRRD header's space is '{space}', which does not say where the patient's "
+                         "left, back and head are (our reader would take its axes as LPS, so the masks could come "
+                         f"out mirrored); {fix}")
+    if _nrrd_header_field(path, "space dimension") is not None:
+        raise InputError(f"{path}: the NRRD header has 'space directions' but no 'space' (only 'space dimension'), "
+                         "so it does not say which patient axes the directions are in and the masks could come "
+                         f"out mirrored; {fix} in place of 'space dimension'")
+    # only "spacings": ITK lays the voxels on bare axes, as for a NIfTI without qform and sform
+    raise InputError(f"{path}: the NRRD header has no orientation (no 'space' field, no 'space directions'), "
+                     "so left/right and head/feet are unknown and the masks could come out mirrored; write "
+                     "them into it (e.g. space: left-posterior-superior)")
+
+
+def _nrrd_header_field(path: Path, name: str) -> str | None:
+    """The value of field `name` in the NRRD header of `path` (a text header that ends at the first blank
+    line), or None. ITK reports no `space dimension`, so the header is looked at for it."""
+    with open(path, "rb") as f:
+        header = re.split(r"\r?\n\r?\n", f.read(65536).decode("latin-1"), maxsplit=1)[0]
+    found = re.search(rf"^{re.escape(name)}\s*:\s*(.*?)\s*$", header, re.MULTILINE)
+    return found.group(1) if found else None
 
 
 def _detached_data_file(path: Path) -> Path | None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from UniversalSegLib.errors import InputError
+from UniversalSegLib.errors import InputError, UniversalSegWarning
 from UniversalSegLib.inference.result import SegmentationResult
 from UniversalSegLib.io.atomic import publish
 from UniversalSegLib.io.destination import check_destination, destination_error, remove_stale_staging, staging_folder
@@ -31,6 +32,10 @@ SEG_NRRD, MASKS_DIR, LABELMAP, DICOM_SEG = "segmentation.seg.nrrd", "masks", "la
 STATS_CSV, STATS_JSON, PREVIEW = "statistics.csv", "statistics.json", "preview.png"
 OUTPUT_NAMES = (SEG_NRRD, MASKS_DIR, LABELMAP, "labelmap.labels.json", "labelmap-colors.csv", DICOM_SEG, STATS_CSV,
                 STATS_JSON, PREVIEW)
+
+
+class EarlierOutputsRemovedWarning(UniversalSegWarning):
+    """Outputs of an earlier run that this run did not write were removed from the output folder."""
 
 
 def parse_formats(formats: str | Sequence[str]) -> list[str]:
@@ -84,7 +89,8 @@ def _writers(result: SegmentationResult, stage: Path,
 
 
 def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats: str | Sequence[str],
-                  dicom_source: Sequence[str | os.PathLike] | DicomStack | None = None) -> dict[str, Path]:
+                  dicom_source: Sequence[str | os.PathLike] | DicomStack | None = None,
+                  remove_earlier: bool = False) -> dict[str, Path]:
     """Write `formats` (see FORMATS) of `result` into `outdir`; returns {output name: final path}.
 
     Output names are the format names (the main file, or the masks folder for "nifti") plus
@@ -97,6 +103,11 @@ def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats
     `read_image`. Asking for it without a DICOM input, or with one lacking what a SEG must reference
     (`dicom_seg_refusal`), raises InputError before anything is written (it is not
     silently skipped: the user asked for a file they would not get).
+
+    `remove_earlier` (what `universalseg predict` does): once this run's outputs are in place, the
+    outputs an earlier run left under our names (`OUTPUT_NAMES`) that this run did not write are
+    removed, with an `EarlierOutputsRemovedWarning` naming them, so the folder holds no masks of
+    another run. Nothing else is touched, and on failure nothing is removed.
     """
     names = parse_formats(formats)
     sources = None
@@ -118,7 +129,7 @@ def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats
         with capture_itk_output():  # ITK writers print warnings from C++: they become ITKWarnings
             for name in names:
                 staged.update(writers[name]())
-        return {name: publish(path, outdir / path.name) for name, path in staged.items()}
+        written = {name: publish(path, outdir / path.name) for name, path in staged.items()}
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         if created and outdir.exists() and not any(outdir.iterdir()):
@@ -129,6 +140,48 @@ def write_outputs(result: SegmentationResult, outdir: str | os.PathLike, formats
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    if remove_earlier:
+        removed = remove_earlier_outputs(outdir, written.values())
+        if removed:
+            warnings.warn(f"removed the outputs of an earlier run in {outdir} that this run did not write, so the "
+                          f"folder holds this run's results only: {', '.join(removed)}",
+                          EarlierOutputsRemovedWarning, stacklevel=2)
+    return written
+
+
+def remove_earlier_outputs(outdir: Path, written: Iterable[Path]) -> list[str]:
+    """Remove the files our writers produce (`OUTPUT_NAMES`; in the masks folder its `*.nii.gz`) that are in
+    `outdir` but not in `written`; returns them as shown to the user. A user's other files stay, and so
+    does the masks folder when they put other files into it. A file that cannot be removed is left (and not
+    named): this run's outputs are already in place.
+
+    Args:
+        outdir: the output folder.
+        written: the paths this run wrote into it.
+    """
+    kept = {Path(p).name for p in written}
+    removed = []
+    for name in OUTPUT_NAMES:
+        path = outdir / name
+        if name in kept or path.is_symlink():  # our writers never make links: not ours
+            continue
+        if name == MASKS_DIR and path.is_dir():
+            masks = [m for m in path.glob("*.nii.gz") if m.is_file() and not m.is_symlink() and _removed(m)]
+            if masks:
+                removed.append(f"{MASKS_DIR}/ ({len(masks)} mask{'s' * (len(masks) > 1)})")
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif name != MASKS_DIR and path.is_file() and _removed(path):
+            removed.append(name)
+    return removed
+
+
+def _removed(path: Path) -> bool:
+    try:
+        path.unlink()
+    except OSError:
+        return False
+    return True
 
 
 
