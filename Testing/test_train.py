@@ -425,3 +425,31 @@ def test_config_errors_name_the_field_in_one_line(tmp_path, change, message):
     assert str(info.value) == message
 
 
+
+
+def test_train_classes_train_only_their_heads_and_leave_the_rest_bit_identical(tmp_path):
+    """`train.train_classes`: after real optimiser steps (weight decay on), the backbone, the shared
+    feature heads and the other classes' LPG rows are exactly as they were; the named class changed."""
+    model, manifest = tiny_model(KEYS, patch_size=PATCH)
+    data = SyntheticPartialDataset(DATASETS, len(KEYS), PATCH, length=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = TrainSettings(steps=3, batch_size=2, num_workers=0, lr=1e-2, weight_decay=0.1, progress=False,
+                             train_classes=["spleen"], exclusion_weight=1.0)
+    trainer = Trainer(model, manifest, data, settings, tmp_path)
+    for _ in range(3):
+        trainer.train_step(batch_of(data, [0, 1]))
+    for name, p in model.named_parameters():
+        if name.startswith("lpg."):
+            assert torch.equal(p[0], before[name][0]) and torch.equal(p[2], before[name][2]), name
+            assert not torch.equal(p[1], before[name][1]), name  # spleen's row trained
+        else:
+            assert torch.equal(p, before[name]), name
+
+
+@pytest.mark.parametrize("where", ["train", "stage"])
+def test_config_refuses_train_classes_the_model_lacks(tmp_path, where):
+    bad = {"train_classes": ["liver", "heart"]}
+    data = {**GOOD, "train": {**GOOD.get("train", {}), **bad}} if where == "train" else \
+        {**GOOD, "stages": [{"name": "s", "train": bad}]}
+    with pytest.raises(UniversalSegError, match=r"train_classes: 'heart' is not one of the model's classes$"):
+        parse_config(data, tmp_path)

@@ -10,7 +10,7 @@ shrink them), which keeps them bit-identical.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -51,24 +51,29 @@ def check_mode(mode: str, model: UniversalModel, backbone: str) -> None:
 
 
 class RowFreezer:
-    """Keeps rows [0, first_trainable) of the stacked per-class LPG tensors fixed while training."""
+    """Keeps some rows (classes) of the stacked per-class LPG tensors fixed while training.
 
-    def __init__(self, lpg: nn.Module, first_trainable: int):
+    Args:
+        lpg: the model's parameter generator (a shared one has no rows to freeze: nothing is kept).
+        frozen: rows [0, frozen) when an int (an extension's old classes), else the row indices.
+    """
+
+    def __init__(self, lpg: nn.Module, frozen: int | Sequence[int]):
         self.params = [p for p in lpg.parameters() if isinstance(lpg, PerClassLPG)]
-        self.first = first_trainable
-        self._saved = [p.detach()[:first_trainable].clone() for p in self.params]
+        self.rows = torch.arange(frozen) if isinstance(frozen, int) else torch.as_tensor(list(frozen), dtype=torch.long)
+        self._saved = [p.detach()[self.rows.to(p.device)].clone() for p in self.params]
         self._hooks = [p.register_hook(self._mask_grad) for p in self.params]
 
     def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
-        grad[: self.first] = 0
+        grad[self.rows.to(grad.device)] = 0
         return grad
 
     @torch.no_grad()
     def restore(self) -> None:
         """Undo any change to the frozen rows (call after each optimiser step)."""
         for p, saved in zip(self.params, self._saved):
-            p[: self.first].copy_(saved)
+            p.index_copy_(0, self.rows.to(p.device), saved)
 
     def remove(self) -> None:
         for h in self._hooks:

@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from UniversalSegLib.config_file import read_config_file, typed, validate_section
-from UniversalSegLib.errors import UniversalSegError
+from UniversalSegLib.errors import UniversalSegError, UnknownClassError
 from UniversalSegLib.store import Preprocessing
 from UniversalSegLib.text import DEFAULT_ENCODER_ID
 
@@ -116,6 +116,9 @@ class TrainSettings(_Section):
     foreground_ratio: Fraction = 2 / 3  # share of patches centred on an annotated voxel
     exclusion_weight: NonNegativeFloat = 0.0  # train/losses.exclusion_loss: unannotated classes are 0 where
     exclusion_classes: NonNegativeInt = 0  # an unrelated annotated class is; heads sampled per pass (0: all)
+    # only these classes' parameter generators train; the backbone, the shared feature heads and every other
+    # class stay bit-identical (a fine-tune that cannot change the rest of the model)
+    train_classes: typed(list[Text], "a list of the model's class keys", min_length=1) | None = None
     cpu: typed(dict[str, Any], "a mapping of train settings used on the CPU") | None = None
 
     def total_steps(self, world_size: int = 1) -> int:
@@ -307,8 +310,21 @@ def _check_architecture(m: ModelSection, patch_sizes: dict[str, list[int]]) -> N
                         f"{m.backbone}, got {list(size)}")
 
 
-def _resolve_stages(file: ConfigFile, overrides: dict[str, Any],
-                    base: Path) -> tuple[list[Stage], dict[str, list[int]]]:
+def _check_train_classes(keys: list[str] | None, classes: list[str], where: str) -> None:
+    """`train.train_classes` must name classes of the model (its keys, as `model.classes` resolves them)."""
+    from UniversalSegLib.registry import default_registry
+
+    registry = default_registry()
+    for name in keys or []:
+        try:
+            key = registry.resolve(str(name)).key  # a display name or synonym, as model.classes takes them
+        except UnknownClassError:
+            key = str(name)
+        _check(key in classes, f"{where}: {name!r} is not one of the model's classes")
+
+
+def _resolve_stages(file: ConfigFile, overrides: dict[str, Any], base: Path,
+                    classes: list[str]) -> tuple[list[Stage], dict[str, list[int]]]:
     """Stages with their generalise sections merged; each stage's train settings checked on both device
     types (one-line errors name `stages[i].train.<field>`). Also the training patch sizes to check."""
     names = [e.get("name") for e in file.datasets if isinstance(e, dict)]
@@ -336,6 +352,7 @@ def _resolve_stages(file: ConfigFile, overrides: dict[str, Any],
             settings = _merged_settings(file.train, device_type, s.train, overrides, f"{where}.train")
             if settings.patch_size:
                 patches[f"{where}.train.patch_size"] = settings.patch_size
+            _check_train_classes(settings.train_classes, classes, f"{where}.train.train_classes")
         generalise = validate_section(GeneraliseSection, {**file.generalise.model_dump(), **s.generalise},
                                       f"{where}.generalise", UniversalSegError, prefix="config: ")
         init = None
@@ -363,7 +380,10 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".",
     name, base = file.name, Path(base_dir).resolve()
     preprocessing = file.preprocessing
     model = _validate_model(file.model)
-    stages, patches = _resolve_stages(file, overrides, base)
+    for device_type in ("cpu", "cuda"):
+        top = _merged_settings(file.train, device_type, {}, overrides, "train.cpu" if device_type == "cpu" else "train")
+        _check_train_classes(top.train_classes, model.classes, "train.train_classes")
+    stages, patches = _resolve_stages(file, overrides, base, model.classes)
     _check_architecture(model, {"preprocessing.patch_size": preprocessing.patch_size, **patches})
     output = Path(file.output or f"runs/{name}").expanduser()
     output = output if output.is_absolute() else (base / output).resolve()

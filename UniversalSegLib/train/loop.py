@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-from UniversalSegLib.errors import UniversalSegError
+from UniversalSegLib.errors import InputError, UniversalSegError
 from UniversalSegLib.store import Manifest, save_model
 from UniversalSegLib.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from UniversalSegLib.train.config import TrainSettings
@@ -149,6 +149,8 @@ class Trainer:
         self.total_steps = settings.total_steps(self.dist.world_size)
         self.model = model.to(self.device)
         self.frozen = freeze_unused_parameters(self.model, manifest.preprocessing.patch_size, self.device)
+        self.trained_rows = self._rows_of(settings.train_classes)  # None: every class trains
+        self.row_freezer = self._freeze_all_but(self.trained_rows) if self.trained_rows is not None else None
         self.net: nn.Module = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -169,6 +171,37 @@ class Trainer:
         self.last_dataset_counts: dict[str, int] = {}  # samples of each dataset in the last step (this rank)
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate of the last step taken, set by train_step
         self._resume_rng = None  # checkpoint RNG to restore once the data stream is back in place
+
+    # ----------------------------------------------------------------------------- what trains
+    def _rows_of(self, names: Sequence[str] | None) -> torch.Tensor | None:
+        """Model rows of `train.train_classes` (names resolved as `model.classes` resolves them)."""
+        if not names:
+            return None
+        from UniversalSegLib.registry import default_registry
+
+        keys = [c.key for c in self.manifest.classes]
+        registry = default_registry()
+        rows = []
+        for name in names:
+            key = registry.resolve(name).key if name not in keys else name
+            if key not in keys:
+                raise InputError(f"train.train_classes: {name!r} is not one of the model's classes")
+            rows.append(keys.index(key))
+        return torch.tensor(sorted(set(rows)))
+
+    def _freeze_all_but(self, rows: torch.Tensor):
+        """Only the LPG rows `rows` train: everything else gets requires_grad=False (no backward through
+        the backbone), and the other classes' rows are masked and restored after each step."""
+        from UniversalSegLib.continual.trainable import RowFreezer
+        from UniversalSegLib.model import PerClassLPG
+
+        if not isinstance(self.model.lpg, PerClassLPG):
+            raise InputError("train.train_classes needs a per-class parameter generator (model.lpg: per_class)")
+        for name, p in self.model.named_parameters():
+            if not name.startswith("lpg."):
+                p.requires_grad_(False)
+        others = [r for r in range(self.model.lpg.num_classes) if r not in set(rows.tolist())]
+        return RowFreezer(self.model.lpg, others)
 
     # ----------------------------------------------------------------------------- data
     def steps_per_epoch(self) -> int:
@@ -255,6 +288,8 @@ class Trainer:
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step (the log shows it)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.row_freezer is not None:
+            self.row_freezer.restore()  # weight decay would shrink the frozen classes' rows
         self.scheduler.step()
         self.last_dataset_counts = {name: acc[1] for name, acc in sums.items()}  # samples behind each loss
         return total, {name: acc[0] / acc[1] for name, acc in sums.items()}
@@ -278,13 +313,18 @@ class Trainer:
         random per pass, weighted by (unannotated / drawn) so the expected loss is the same.
         """
         some = annotated.any(0)
+        if self.trained_rows is not None:  # the frozen classes' heads would only cost time
+            allowed = torch.zeros_like(some)
+            allowed[self.trained_rows] = True
+            some = some & allowed
         classes = torch.nonzero(some).flatten()
         if not self.settings.exclusion_weight:
             return (classes if classes.numel() else torch.zeros(1, dtype=torch.long)), 0.0
-        others = torch.nonzero(~some).flatten()
+        others = torch.nonzero(~some & allowed).flatten() if self.trained_rows is not None else \
+            torch.nonzero(~some).flatten()
         n = self.settings.exclusion_classes
         if not n or n >= len(others):
-            return torch.arange(len(some)), 1.0
+            return torch.cat([classes, others]).sort().values, 1.0
         gen = torch.Generator().manual_seed(_stream_seed(self.settings.seed, self.step, self.dist.rank) + group)
         pick = others[torch.randperm(len(others), generator=gen)[:n]]
         return torch.cat([classes, pick]).sort().values, len(others) / n
