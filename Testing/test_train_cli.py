@@ -144,3 +144,21 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path, capsys, change, messag
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("universalseg: error:") and re.search(message, lines[-1]), lines
     assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.parametrize("trained, refused", [(["liver"], None), (["kidney_left"], "kidney_left")])
+def test_only_the_classes_that_train_need_a_dataset(tmp_path, capsys, trained, refused):
+    """With `train.train_classes`, a model class no dataset annotates is fine when it does not train
+    (a stage that fine-tunes one head on the one source that labels it); a trained one is refused."""
+    config = write_run(tmp_path, steps=1, checkpoint_every=1)
+    data = yaml.safe_load(config.read_text())
+    data["model"]["classes"] = ["liver", "kidney_left"]
+    data["train"] = {**data.get("train", {}), "train_classes": trained}
+    config.write_text(yaml.safe_dump(data))
+    code = main(["train", str(config), "--check"])
+    err = capsys.readouterr().err.strip().splitlines()
+    if refused is None:
+        assert code == 0, err
+    else:
+        expected = rf"no training dataset annotates class\(es\) {refused}; .* from train\.train_classes$"
+        assert code == 2 and re.search(expected, err[-1]), err

@@ -45,13 +45,29 @@ def _cache_progress(info: DistInfo, what: str) -> CountBar | None:
     return CountBar(f"preprocessing {what}") if info.is_main else None
 
 
-def check_coverage(config: RunConfig, specs: list) -> None:
-    """Every model class must be annotated by some training dataset, or its head would never learn."""
+def check_coverage(config: RunConfig, specs: list, train_classes: list[str] | None = None) -> None:
+    """Every class that trains must be annotated by some training dataset, or its head would never learn.
+
+    Args:
+        train_classes: the run's (or stage's) `train.train_classes`; without, every model class trains.
+    """
     annotated = {k for spec in specs if spec.train_cases() for k in spec.classes}
-    missing = [k for k in config.model.classes if k not in annotated]
+    trained = config.model.classes if not train_classes else [_class_key(n) for n in train_classes]
+    missing = [k for k in trained if k not in annotated]
     if missing:
+        where = "train.train_classes" if train_classes else "model.classes"
         raise UniversalSegError(f"no training dataset annotates class(es) {', '.join(missing)}; "
-                                "add a dataset that does or remove them from model.classes")
+                                f"add a dataset that does or remove them from {where}")
+
+
+def _class_key(name: str) -> str:
+    """A class key from a name `model.classes` takes (key, display name or synonym)."""
+    from UniversalSegLib.registry import default_registry
+
+    try:
+        return default_registry().resolve(name).key
+    except UniversalSegError:
+        return name
 
 
 def stage_specs(specs: list, stage: Stage | None) -> list:
@@ -74,7 +90,7 @@ def build_data(config: RunConfig, info: DistInfo, settings: TrainSettings | None
     t = settings or config.train
     if specs is None:
         specs = load_dataset_specs(config.datasets, config.base_dir)
-    check_coverage(config, specs)
+    check_coverage(config, specs, t.train_classes)
     keys, pre = config.model.classes, config.preprocessing
     generalise = t.augment == "generalise"  # the pipeline runs on the device; the loader only crops
     train_data = val_cases = None
@@ -264,12 +280,12 @@ def check_run(config: RunConfig, device_type: str | None = None) -> list[str]:
               f"case(s), {len(s.classes)} classes" for s in specs]
     for stage in config.stages or [None]:
         chosen = stage_specs(specs, stage)
-        check_coverage(config, chosen)
         if stage is not None and stage.average is not None:
             a = stage.average
             lines.append(f"  stage {stage.name}: average with {a.parent_weight:g} x stage {a.parent}")
             continue
         t = config.settings(device_type, stage)
+        check_coverage(config, chosen, t.train_classes)
         lines.append(f"  {'stage ' + stage.name if stage else 'run'}: {t.total_steps()} steps, lr {t.lr:g}, "
                      f"batch {t.batch_size}, patch {t.patch_size or config.preprocessing.patch_size}, "
                      f"augment {t.augment}, exclusion {t.exclusion_weight:g}")
