@@ -30,13 +30,14 @@ PAIRS = {"hip_left": 77, "hip_right": 78, "femur_left": 75, "femur_right": 76,
          "gluteus_maximus_left": 80, "gluteus_maximus_right": 81}
 # Not in the sample's field of view; the model once put the first in its IVC, the second on its left iliac vein
 ABSENT = ["common_carotid_artery_left", "heart"]
+PORTAL_VEIN = 64  # empty in every scan until v0.5.0: its head's logits lay at -18 to -47
 
 
 @pytest.fixture(scope="module")
 def prediction(tmp_path_factory):
     """Masks (by class key), the statistics and the sample's label map, from one CLI run on the sample."""
     out = tmp_path_factory.mktemp("default_model") / "out"
-    classes = [*ORGANS, *OTHER_SOURCE, *PAIRS, *ABSENT]
+    classes = [*ORGANS, *OTHER_SOURCE, *PAIRS, *ABSENT, "portal_vein_and_splenic_vein"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     run = subprocess.run([sys.executable, "-m", "UniversalSegLib", "predict", str(SAMPLE), "-o", str(out),
                           "--device", "cpu", "--formats", "nifti,stats", "--classes", *classes],
@@ -49,7 +50,8 @@ def prediction(tmp_path_factory):
 
 def test_default_model_source_split_is_as_documented():
     # the organ classes and the "other source" classes come from different training sources
-    sources = {s["name"]: set(s["classes"]) for s in load_model().manifest.provenance["training_data"]}
+    prov = load_model().manifest.provenance  # `datasets` since v0.5.0 (the train command's), before `training_data`
+    sources = {s["name"]: set(s["classes"]) for s in prov.get("datasets") or prov["training_data"]}
     assert set(ORGANS) <= sources["abdomen-organs"] and not set(OTHER_SOURCE) & sources["abdomen-organs"]
     assert set(OTHER_SOURCE) <= sources["abdomen-gi-vessels-bones"]
 
@@ -82,3 +84,11 @@ def test_default_model_marks_no_neck_artery_or_heart_in_the_abdomen(prediction):
     masks, stats, labels = prediction
     rows = {row["key"]: row for row in stats["classes"]}
     assert not any(masks[k].any() for k in ABSENT), {k: rows[k]["volume_ml"] for k in ABSENT}
+
+
+def test_default_model_finds_the_portal_vein(prediction):
+    """v0.5.0 (stage 2p): 0.494 on the sample, one component (largest_component), confident."""
+    masks, stats, labels = prediction
+    assert dice(masks["portal_vein_and_splenic_vein"], labels == PORTAL_VEIN) >= 0.4
+    row = {r["key"]: r for r in stats["classes"]}["portal_vein_and_splenic_vein"]
+    assert row["volume_ml"] > 5 and row["mean_confidence"] >= 0.9

@@ -51,7 +51,8 @@ def test_the_recipe_is_a_valid_train_config(capsys):
     out = capsys.readouterr().out
     assert "dataset chest-over-abdomen (stack): 1 training" in out
     for line in ("stage 1: 2146 steps, lr 0.0003, batch 2, patch [64, 64, 64], augment basic, exclusion 0",
-                 "stage 2f: 280 steps, lr 3e-05", "stage 0.4.1: average with 0.3 x stage 2d"):
+                 "stage 2f: 280 steps, lr 3e-05", "stage 0.4.1: average with 0.3 x stage 2d",
+                 "stage 2p: 300 steps, lr 0.001"):
         assert line in out
     config = parse_config(_recipe(), RECIPE.parent)
     gpu = config.settings("cuda", config.stages[0])
@@ -61,13 +62,14 @@ def test_the_recipe_is_a_valid_train_config(capsys):
 
 def test_a_short_run_of_the_recipe_gives_a_loadable_model(tmp_path, cache, capsys):
     """Stages 1 (basic), 2d (generalise, with the chest-over-abdomen composite, 12 sampled exclusion
-    heads), 2f (all heads) and the 0.4.1 average, one step each on the real scans."""
+    heads), 2f (all heads), the 0.4.1 average and 2p (the portal vein's head alone), one step each on
+    the real scans."""
     import yaml
 
     from UniversalSegLib.store import load_model
 
     config = tmp_path / "recipe.yaml"
-    config.write_text(yaml.safe_dump(_small(_recipe(), tmp_path, ["1", "2d", "2f", "0.4.1"], cache)))
+    config.write_text(yaml.safe_dump(_small(_recipe(), tmp_path, ["1", "2d", "2f", "0.4.1", "2p"], cache)))
     assert cli(["train", str(config), "--steps", "1", "--device", "cpu", "--no-progress"]) == 0
     run = tmp_path / "run"
     for stage in ("1", "2d", "2f"):
@@ -75,9 +77,22 @@ def test_a_short_run_of_the_recipe_gives_a_loadable_model(tmp_path, cache, capsy
             rows = list(csv.DictReader(f))
         assert len(rows) == 1 and math.isfinite(float(rows[0]["loss"])), stage
     model = load_model(run / "model")
-    assert model.manifest.version == "0.4.1" and len(model.manifest.class_keys) == 46
+    assert model.manifest.version == "0.5.0" and len(model.manifest.class_keys) == 46
     stages = model.manifest.provenance["stages"]
-    assert [s["stage"] for s in stages] == ["1", "2d", "2f", "0.4.1"]
+    assert [s["stage"] for s in stages] == ["1", "2d", "2f", "0.4.1", "2p"]
+    assert stages[-1]["datasets"] == ["abdomen-gi-vessels-bones"] and stages[-1]["train_classes"] == [
+        "portal_vein_and_splenic_vein"] and stages[-1]["dice_on_empty"] is False
+    # the sources behind the starting weights stay on record though 2p trained on one
+    assert [d["name"] for d in model.manifest.provenance["datasets"]] == [d["name"] for d in _recipe()["datasets"]]
+    # 2p changes the portal vein's parameter generator and nothing else
+    vein = model.manifest.class_keys.index("portal_vein_and_splenic_vein")
+    before = load_model(run / "stages" / "0.4.1" / "model").model.state_dict()
+    for name, value in model.model.state_dict().items():
+        if name.startswith("lpg."):
+            others = [i for i in range(46) if i != vein]
+            assert torch.equal(value[others], before[name][others]), name
+        else:
+            assert torch.equal(value, before[name]), name
     assert stages[1]["datasets"][-1] == "chest-over-abdomen" and stages[0]["augment"] == "basic"
     with torch.no_grad():
         logits = model.model(torch.zeros(1, 1, 32, 32, 32), torch.tensor([0, 45]))
@@ -106,8 +121,15 @@ def test_a_stage_starts_from_a_model_folder_and_resume_skips_finished_stages(tmp
     assert cli(["train", str(config), "--steps", "1", "--device", "cpu", "--no-progress"]) == 0
     first = tmp_path / "run" / "stages" / "2d" / "model"
     refined = load_model(first)
-    assert refined.manifest.provenance["refined_from"] == str(bundled.path)
-    assert [s["stage"] for s in refined.manifest.provenance["stages"]][-2:] == ["average", "2d"]  # the history goes on
+    b = bundled.manifest  # recorded by hash, as `universalseg info` shows a parent (not by a local path)
+    assert refined.manifest.provenance["refined_from"] == {"name": b.name, "version": b.version,
+                                                           "weights_sha256": b.weights_sha256,
+                                                           "integrity_sha256": b.integrity_sha256}
+    from UniversalSegLib.store.lineage import summary
+    assert summary(refined.manifest)["parents"] == [
+        {"relation": "refined from", "name": b.name, "version": b.version, "integrity_sha256": b.integrity_sha256}]
+    history = [s["stage"] for s in b.provenance["stages"]]
+    assert [s["stage"] for s in refined.manifest.provenance["stages"]] == [*history, "2d"]  # the history goes on
     assert refined.manifest.version == bundled.manifest.version  # 2d names no version of its own
     stamp = (first / "weights.safetensors").stat().st_mtime_ns
     assert cli(["train", str(config), "--steps", "1", "--device", "cpu", "--no-progress", "--resume"]) == 0

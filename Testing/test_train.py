@@ -79,6 +79,28 @@ def test_loss_is_a_sum_of_per_class_batch_dice_and_bce():
     torch.testing.assert_close(terms.total, (dice + bce).sum())
 
 
+def test_a_class_absent_from_its_annotating_samples_gets_no_dice_push_without_empty_dice():
+    """An empty target's Dice pushes every logit of its class down (gradient ~ p / smooth), however
+    small p is; `empty_dice=False` leaves that class to the BCE. The class that is present (in a
+    sample that does not annotate the other) keeps the same Dice either way."""
+    torch.manual_seed(2)
+    logits = (torch.randn(2, 2, 6, 6, 6) - 20).requires_grad_()  # a head far below 0, as a dead one
+    target = torch.zeros(2, 2, 6, 6, 6)
+    target[1, 0, 2:4, 2:4, 2:4] = 1  # class 0 only in sample 1; class 1 nowhere
+    target[1, 1, 1:3, 1:3, 1:3] = 1  # class 1 present only where it is not annotated
+    annotated = torch.tensor([[True, True], [True, False]])
+    grads, dice = {}, {}
+    for empty_dice in (True, False):
+        terms = PartialLabelLoss(bce_weight=0.0, empty_dice=empty_dice)(logits, target, annotated)
+        (grad,) = torch.autograd.grad(terms.total, logits)
+        grads[empty_dice], dice[empty_dice] = grad, terms.dice
+    assert grads[True][:, 1].abs().sum() > 0  # a push down on class 1, though it is nowhere annotated-and-present
+    assert torch.all(grads[True][:, 1] >= 0)
+    assert torch.equal(grads[False][:, 1], torch.zeros_like(grads[False][:, 1])) and dice[False][1] == 0
+    torch.testing.assert_close(grads[False][:, 0], grads[True][:, 0])
+    assert dice[False][0] == dice[True][0] > 0.99
+
+
 def test_unannotated_class_gets_zero_gradient_through_the_model():
     """Acceptance: a class the sample's dataset does not annotate receives exactly zero gradient
     from that sample; a class it annotates receives a non-zero gradient."""

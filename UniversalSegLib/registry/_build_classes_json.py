@@ -30,7 +30,8 @@ add("liver", "Liver", "organ", "10200004", "Liver", [221, 130, 101], 6, post=LC)
 add("stomach", "Stomach", "organ", "69695003", "Stomach", [216, 132, 105], 7, post=LC)
 add("aorta", "Aorta", "vessel", "15825003", "Aorta", [224, 97, 76], 8, post=LC)
 add("inferior_vena_cava", "Inferior vena cava", "vessel", "64131007", "Inferior vena cava", [0, 151, 206], 9, post=LC, syn=["postcava", "IVC"])
-add("portal_vein_and_splenic_vein", "Portal vein and splenic vein", "vessel", "32764006", "Portal vein", [0, 122, 171], 10, syn=["portal vein", "splenic vein"])
+add("portal_vein_and_splenic_vein", "Portal vein and splenic vein", "vessel", "32764006", "Portal vein", [0, 122, 171], 10, post=LC,
+    syn=["portal vein", "splenic vein"])  # one tree: the splenic vein joins the superior mesenteric vein to form it
 add("pancreas", "Pancreas", "organ", "15776009", "Pancreas", [249, 180, 111], 11, post=LC)
 add("adrenal_gland_right", "Right adrenal gland", "organ", "23451007", "Adrenal gland", [244, 214, 49], 12, "right", post=LC, syn=["right suprarenal gland"])
 add("adrenal_gland_left", "Left adrenal gland", "organ", "23451007", "Adrenal gland", [224, 194, 29], 13, "left", post=LC, syn=["left suprarenal gland"])

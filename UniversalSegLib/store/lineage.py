@@ -3,6 +3,8 @@
 Recorded in `provenance` (and so covered by the model's integrity record):
 - `extended_from` (continual/extend.py): the parent's name, version, weights and integrity hashes;
 - `averaged_from` (`universalseg average`, train/average.py): each averaged model, with its share;
+- `refined_from` (`universalseg train`, a stage or run with `init`): the model training started from
+  (before session 16 a path or a sentence: not a parent record);
 - `source_file` / `source_sha256` (importers/): the checkpoint a model was converted from;
 - `datasets` (the `train` command) or `training_data` (the bundled model's recipe): the data
   sources, each with a `sha256` over its files where one was recorded.
@@ -28,6 +30,9 @@ def parents(manifest: Manifest) -> list[dict[str, Any]]:
     for entry in prov.get("averaged_from") or []:
         if isinstance(entry, dict):
             found.append({"relation": "averaged from", **entry})
+    refined = prov.get("refined_from")
+    if isinstance(refined, dict):
+        found.append({"relation": "refined from", **refined})
     return found
 
 

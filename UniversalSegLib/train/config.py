@@ -109,6 +109,9 @@ class TrainSettings(_Section):
     bce_weight: NonNegativeFloat = 1.0
     dice_weight: NonNegativeFloat = 1.0
     dice_smooth: PositiveFloat = 1e-5
+    # false: a class none of whose annotating samples in the batch shows it gets the BCE only (the Dice
+    # of an empty target can only push it down, and Adam makes that push full-size: train/losses.py)
+    dice_on_empty: Flag = True
     # basic: the loader's MONAI transforms; generalise: the `generalise` section's pipeline, on the device
     augment: one_of(*AUGMENTS) = "basic"
     patch_size: typed(list[typed(int, "positive", gt=0)], "three positive integers", min_length=3,

@@ -155,7 +155,8 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self.loss_fn = PartialLabelLoss(settings.bce_weight, settings.dice_weight, settings.dice_smooth)
+        self.loss_fn = PartialLabelLoss(settings.bce_weight, settings.dice_weight, settings.dice_smooth,
+                                        empty_dice=settings.dice_on_empty)
         # pairs of classes that may share voxels; every other pair excludes (exclusion_loss)
         self.may_overlap = overlap_matrix(manifest.classes).to(self.device) if settings.exclusion_weight else None
         trainable = [p for p in self.model.parameters() if p.requires_grad]

@@ -32,15 +32,28 @@ class LossTerms:
 class PartialLabelLoss(nn.Module):
     """BCE-with-logits + batch Dice, per class, masked by the `annotated` (B, K) flags, summed over classes.
 
+    Args:
+        bce_weight, dice_weight: factors of the two terms.
+        smooth: the Dice's smoothing in numerator and denominator.
+        empty_dice: also give the Dice term to a class whose annotating samples hold none of it (False:
+            the BCE alone there; why: the comment in `__init__`).
+
     forward(logits (B, K, *spatial), target (B, K, *spatial) in {0, 1}, annotated (B, K) bool)
     -> LossTerms. The loss is computed in float32 whatever the logits' dtype (mixed precision).
     A batch where no pair is annotated gives a zero loss that still back-propagates (zero
     gradients), so distributed ranks never disagree on which parameters were used.
     """
 
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1e-5):
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1e-5,
+                 empty_dice: bool = True):
         super().__init__()
         self.bce_weight, self.dice_weight = bce_weight, dice_weight
+        # A class absent from every annotating sample of the batch has a Dice of smooth / (sum p + smooth):
+        # a gradient of ~1/smooth per unit of probability, always downwards. With Adam and a per-class
+        # parameter generator (its rows see only their own class's gradients) that tiny but constant
+        # push becomes full-size steps on every empty patch and held v0.4.1's portal vein head at
+        # logits below -18 (experiments/contrast_phases_2h). empty_dice=False leaves such a class to the BCE.
+        self.empty_dice = empty_dice
         # Masked probabilities and targets are zero for unannotated pairs, so they add nothing to
         # the batch sums; a class nobody annotates gives 1 - smooth/smooth = 0 with zero gradient.
         self.dice = DiceLoss(sigmoid=False, batch=True, reduction="none", smooth_nr=smooth, smooth_dr=smooth)
@@ -72,7 +85,11 @@ class PartialLabelLoss(nn.Module):
 
         dice = self.dice(torch.sigmoid(logits) * weight, target * weight).reshape(-1)
         supervised = per_class_count > 0
-        dice = dice * supervised  # exactly 0 (and no gradient) for classes nobody annotates
+        if not self.empty_dice:  # only classes with some foreground in the samples that annotate them
+            supervised_dice = supervised & ((target * weight).flatten(2).sum((0, 2)) > 0)
+        else:
+            supervised_dice = supervised
+        dice = dice * supervised_dice  # exactly 0 (and no gradient) for classes nobody annotates
         per_class = self.bce_weight * bce + self.dice_weight * dice
         if class_weight is not None:
             per_class = per_class * class_weight.to(per_class)

@@ -152,6 +152,10 @@ def _stage_record(stage: Stage, settings: TrainSettings, device: torch.device, s
               "patch_size": settings.patch_size, "batch_size": settings.batch_size,
               "exclusion_weight": settings.exclusion_weight, "exclusion_classes": settings.exclusion_classes,
               "datasets": [s.name for s in specs], "device": str(device)}
+    if settings.train_classes:  # what trained and how decides the weights as much as the steps do
+        record["train_classes"] = list(settings.train_classes)
+    if not settings.dice_on_empty:
+        record["dice_on_empty"] = False
     if settings.augment == "generalise":
         record["generalise"] = stage.generalise.model_dump()
     return record
@@ -166,14 +170,25 @@ def _generalisation_pipeline(config: RunConfig, settings: TrainSettings, stage: 
                                          seed=settings.seed, **probabilities)
 
 
-def _initial_weights(model: torch.nn.Module, manifest, init: Path) -> None:
-    """Start from `init`'s weights (the previous stage's model: same classes, same architecture)."""
+def _initial_weights(model: torch.nn.Module, manifest, init: Path) -> dict[str, str]:
+    """Start from `init`'s weights (the previous stage's model: same classes, same architecture);
+    returns the provenance's `refined_from` (name, version and hashes, as `store.lineage` reads them)."""
     start = load_model(init)
     if start.manifest.class_keys != manifest.class_keys or start.manifest.backbone_config != manifest.backbone_config:
         raise UniversalSegError(f"{init} has other classes or another architecture than the config's model")
     model.load_state_dict({k: v.float() for k, v in start.model.state_dict().items()})
-    manifest.provenance["stages"] = list(start.manifest.provenance.get("stages", []))
+    earlier = start.manifest.provenance
+    manifest.provenance["stages"] = list(earlier.get("stages", []))
+    # the data behind the starting weights stays on record (this stage may train on fewer sources)
+    mine = {d.get("name"): d for d in manifest.provenance.get("datasets", [])}
+    before = [d for d in earlier.get("datasets") or earlier.get("training_data") or [] if isinstance(d, dict)]
+    names = {d.get("name") for d in before}
+    manifest.provenance["datasets"] = [mine.get(d.get("name"), d) for d in before] + \
+        [d for name, d in mine.items() if name not in names]
     manifest.version = start.manifest.version  # a stage naming no version refines the previous one's
+    m = start.manifest
+    return {"name": m.name, "version": m.version, "weights_sha256": m.weights_sha256,
+            "integrity_sha256": m.integrity_sha256}
 
 
 def _train(config: RunConfig, info: DistInfo, device: torch.device, output: Path, resume: bool,
@@ -188,8 +203,7 @@ def _train(config: RunConfig, info: DistInfo, device: torch.device, output: Path
     model, manifest = build_model(config)
     manifest.provenance = provenance(config, specs, data_hashes=info.is_main, settings=settings)
     if init is not None:
-        _initial_weights(model, manifest, init)
-        manifest.provenance["refined_from"] = str(init)
+        manifest.provenance["refined_from"] = _initial_weights(model, manifest, init)
     if stage is not None:
         manifest.version = stage.version or manifest.version
         manifest.provenance["stages"] = [*manifest.provenance.get("stages", []),
