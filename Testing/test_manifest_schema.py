@@ -24,13 +24,23 @@ def _sha256(path: Path) -> str:
 
 def test_bundled_model_loads_with_its_record_untouched():
     before = _sha256(BUNDLED / "manifest.json")
-    data = json.loads((BUNDLED / "manifest.json").read_text())
-    assert "blend" in data["preprocessing"]  # written before the key was retired
-    recorded = check_record(data, str(BUNDLED))
-    manifest = read_manifest(BUNDLED)
+    recorded = check_record(json.loads((BUNDLED / "manifest.json").read_text()), str(BUNDLED))
+    assert read_manifest(BUNDLED).integrity_sha256 == recorded
+    assert _sha256(BUNDLED / "manifest.json") == before  # reading never re-stamps
+
+
+def test_a_manifest_with_the_retired_blend_key_loads_with_its_record_untouched(tmp_path):
+    """Models written before `preprocessing.blend` was retired (v0.4.1, the bundled model until v0.5.0)."""
+    folder = tmp_path / DEFAULT_MODEL
+    shutil.copytree(BUNDLED, folder)
+    _restamped(folder, lambda d: d["preprocessing"].__setitem__("blend", "gaussian"))
+    before = _sha256(folder / "manifest.json")
+    data = json.loads((folder / "manifest.json").read_text())
+    recorded = check_record(data, str(folder))
+    manifest = read_manifest(folder)
     assert manifest.integrity_sha256 == recorded and manifest.preprocessing.spacing == data["preprocessing"]["spacing"]
     assert not hasattr(manifest.preprocessing, "blend")
-    assert _sha256(BUNDLED / "manifest.json") == before  # reading never re-stamps
+    assert _sha256(folder / "manifest.json") == before  # reading never re-stamps
 
 
 def test_to_dict_round_trips_and_omits_the_retired_key():

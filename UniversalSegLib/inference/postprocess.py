@@ -211,6 +211,8 @@ def outside_vessel_keys(classes: Sequence[ClassInfo]) -> list[str]:
 
 def _voxel_counts(labels: np.ndarray, n: int) -> np.ndarray:
     """Voxels per label 0..n (cc3d counts in place; `np.bincount` would copy `labels` as int64)."""
+    if labels.size <= n:  # cc3d refuses a label as large as the voxel count (a tiny box of a fragmented mask)
+        return np.bincount(labels.ravel(), minlength=n + 1)[: n + 1]
     counts = cc3d.statistics(labels, no_slice_conversion=True)["voxel_counts"]
     return np.pad(counts, (0, n + 1 - len(counts)))
 
