@@ -118,6 +118,18 @@ def _metaimage(tmp: Path, name: str, fields: str, payload: bytes) -> Path:
     return tmp / name
 
 
+def _itk_oriented_mha(tmp: Path) -> Path:
+    """Two MetaImages written by ITK itself (its AnatomicalOrientation agrees with its matrix); returns the
+    rotated one after checking that the flipped one reads too."""
+    image = sitk.GetImageFromArray(_ct_like())
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    flipped = _sitk_file(tmp, "lpi.mha", image)
+    assert read_image(flipped).GetDirection() == image.GetDirection()
+    a = np.radians(50)
+    image.SetDirection((np.cos(a), -np.sin(a), 0, np.sin(a), np.cos(a), 0, 0, 0, 1))
+    return _sitk_file(tmp, "ali.mha", image)
+
+
 def _nrrd(tmp: Path, name: str, sizes: str, directions: str, payload: bytes) -> Path:
     header = (f"NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\nsizes: {sizes}\n"
               f"space directions: {directions}\nendian: little\nencoding: raw\nspace origin: (0,0,0)\n\n")
@@ -257,6 +269,21 @@ CASES = {
     "sheared MHA": (lambda t: _metaimage(t, "sheared.mha", "DimSize = 24 24 20\nElementSpacing = 1 1 1\n"
                                          "TransformMatrix = 1 0 0 0 1 0 0 0.5 1\n", _ct_like().tobytes()),
                     "voxel axes are not perpendicular"),
+    # ITK places MetaImage voxels by TransformMatrix and ignores AnatomicalOrientation: a header whose two
+    # fields disagree would be read mirrored without a word
+    "MHA whose AnatomicalOrientation contradicts its TransformMatrix": (
+        lambda t: _metaimage(t, "contra.mha", "DimSize = 24 24 20\nElementSpacing = 1 1 1\n"
+                             "TransformMatrix = 1 0 0 0 1 0 0 0 1\nAnatomicalOrientation = LPI\n",
+                             _ct_like().tobytes()),
+        r"contradicts itself: AnatomicalOrientation = LPI, but its TransformMatrix places the voxels as RAI"),
+    "MHA with AnatomicalOrientation and no TransformMatrix": (
+        lambda t: _metaimage(t, "nomatrix.mha", "DimSize = 24 24 20\nElementSpacing = 1 1 1\n"
+                             "AnatomicalOrientation = RPS\n", _ct_like().tobytes()),
+        r"AnatomicalOrientation = RPS, but the identity matrix \(no TransformMatrix\) places the voxels as RAI"),
+    "MHA written by ITK, flipped (LPI) and rotated 50 degrees (ALI)": (_itk_oriented_mha, None),
+    "MHA with AnatomicalOrientation ??? (oblique, as some writers put it)": (
+        lambda t: _metaimage(t, "unknown.mha", "DimSize = 24 24 20\nElementSpacing = 1 1 1\n"
+                             "AnatomicalOrientation = ???\n", _ct_like().tobytes()), None),
     "NIfTI with a sform only": (lambda t: _nifti_forms(t, "sform.nii.gz", None, RAS_1MM), None),
     "NIfTI with a qform only": (lambda t: _nifti_forms(t, "qform.nii.gz", RAS_1MM, None), None),
     "NIfTI with agreeing qform and sform": (lambda t: _nifti_forms(t, "both.nii.gz", RAS_1MM, RAS_1MM), None),

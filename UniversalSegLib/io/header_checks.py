@@ -180,6 +180,8 @@ def _check_itk_header(path: Path) -> None:
                 # inside the capture: newer ITKs warn "NRRD space ... is not converted to LPS", which our
                 # refusal says in full
                 _check_nrrd_space(path, reader.GetMetaData("NRRD_space") if "NRRD_space" in keys else None)
+        if reader.GetDimension() == 3 and path.name.lower().endswith((".mha", ".mhd")):
+            _check_metaimage_orientation(path, reader.GetDirection())
     except RuntimeError as e:
         raise InputError(read_error(path, e, log.text)) from None
     pixel = reader.GetPixelID()
@@ -225,6 +227,43 @@ def _check_nrrd_space(path: Path, space: str | None) -> None:
     raise InputError(f"{path}: the NRRD header has no orientation (no 'space' field, no 'space directions'), "
                      "so left/right and head/feet are unknown and the masks could come out mirrored; write "
                      "them into it (e.g. space: left-posterior-superior)")
+
+
+def _metaimage_orientation(direction: tuple[float, ...]) -> str:
+    """The MetaIO AnatomicalOrientation code ITK writes for an LPS `direction` (row-major 3 x 3): per voxel
+    axis, the side it comes FROM along its dominant patient axis (identity: "RAI")."""
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    code = ""
+    for axis in matrix.T:
+        j = int(np.argmax(np.abs(axis)))
+        code += ("RL", "AP", "IS")[j][0 if axis[j] > 0 else 1]
+    return code
+
+
+def _check_metaimage_orientation(path: Path, direction: tuple[float, ...]) -> None:
+    """InputError when a MetaImage header's AnatomicalOrientation contradicts its TransformMatrix.
+
+    ITK places the voxels by TransformMatrix (identity when absent) and ignores AnatomicalOrientation, so
+    a header whose orientation field says another orientation (written by hand or by a tool that sets
+    only that field) would be read mirrored without a word. "???" and malformed codes are ignored.
+    """
+    with open(path, "rb") as f:
+        header = re.split(r"^\s*ElementDataFile\s*=", f.read(65536).decode("latin-1"), maxsplit=1,
+                          flags=re.MULTILINE)[0]
+    found = re.search(r"^\s*AnatomicalOrientation\s*=\s*(\S+)\s*$", header, re.MULTILINE)
+    stated = found.group(1).upper() if found else ""
+    if len(stated) != 3 or sorted(_AXIS_OF.get(c, "?") for c in stated) != ["x", "y", "z"]:
+        return
+    placed = _metaimage_orientation(direction)
+    if stated != placed:
+        matrix = "its TransformMatrix" if re.search(r"^\s*(TransformMatrix|Rotation|Orientation)\s*=", header,
+                                                   re.MULTILINE) else "the identity matrix (no TransformMatrix)"
+        raise InputError(f"{path}: the MetaImage header contradicts itself: AnatomicalOrientation = {stated}, but "
+                         f"{matrix} places the voxels as {placed}; our reader (ITK) follows the matrix and ignores "
+                         "AnatomicalOrientation, so the masks could come out mirrored; make the two agree")
+
+
+_AXIS_OF = {"R": "x", "L": "x", "A": "y", "P": "y", "I": "z", "S": "z"}
 
 
 def _nrrd_header_field(path: Path, name: str) -> str | None:
