@@ -202,7 +202,7 @@ def test_exclusion_heads_are_the_annotated_ones_plus_a_sample_of_the_others():
     annotated = torch.zeros(2, 10, dtype=torch.bool)
     annotated[0, [1, 4]] = annotated[1, 7] = True
     trainer = SimpleNamespace(settings=TrainSettings(exclusion_weight=0.0), step=0, dist=SimpleNamespace(rank=0),
-                              trained_rows=None)  # every class trains
+                              trained_rows=None, trains=torch.ones(10, dtype=torch.bool))  # every class trains
     classes, scale = Trainer._heads(trainer, annotated, 0)
     assert classes.tolist() == [1, 4, 7] and scale == 0.0
     trainer.settings = TrainSettings(exclusion_weight=5.0, exclusion_classes=3)

@@ -314,6 +314,29 @@ def test_verify_follows_lineage_to_an_installed_parent(tmp_path, monkeypatch, ca
     assert "parent tiny-parent: differs" in capsys.readouterr().out
 
 
+def test_verify_follows_a_refined_from_parent_and_skips_an_earlier_state_of_the_same_release(
+        tmp_path, monkeypatch, capsys, minilm):
+    """`refined_from` (a training stage's starting model) is a parent like `extended_from`; a stage that
+    names no version refines under its parent's name and version, and that record is not compared with
+    the installed release of that name (it would always "differ")."""
+    from UniversalSegLib.cli import main
+
+    monkeypatch.setenv("UNIVERSALSEG_MODELS", str(tmp_path))
+    parent = check_model(_tiny(tmp_path, "tiny-base", minilm))
+    record = {"name": "tiny-base", "version": parent.version, "integrity_sha256": parent.integrity_sha256,
+              "weights_sha256": parent.weights_sha256}
+    _tiny(tmp_path, "tiny-refined", minilm, {"refined_from": record})
+    assert main(["verify", "tiny-refined"]) == 0
+    assert "parent tiny-base: ok" in capsys.readouterr().out
+    # a run's model outside the model folder, and the same release installed (`train.export`)
+    earlier = {**record, "name": "tiny-same", "integrity_sha256": "ef" * 32, "weights_sha256": "ef" * 32}
+    (tmp_path / "run").mkdir()
+    run_model = _tiny(tmp_path / "run", "tiny-same", minilm, {"refined_from": earlier})  # its parent's name, version
+    shutil.copytree(run_model, tmp_path / "tiny-same")
+    assert main(["verify", str(run_model)]) == 0
+    assert "parent tiny-same: not installed: an earlier state of this release" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------------------------------
 # The Slicer module's model list, against the stand-in in Testing/slicer_stub (as test_slicer_module.py)
 # --------------------------------------------------------------------------------------------------

@@ -468,10 +468,40 @@ def test_train_classes_train_only_their_heads_and_leave_the_rest_bit_identical(t
             assert torch.equal(p, before[name]), name
 
 
+def test_a_trained_class_is_pushed_off_the_voxels_of_frozen_annotated_classes(tmp_path):
+    """With `train_classes` and the exclusion loss, the frozen classes' labels still claim their voxels:
+    pancreas (trained, unannotated here) learns it is not on the liver and spleen (frozen, annotated),
+    while the frozen rows get no gradient and no loss of theirs is logged."""
+    model, manifest = tiny_model(KEYS, patch_size=PATCH)
+    data = SyntheticPartialDataset({"A": [0, 1]}, len(KEYS), PATCH, length=2)
+    settings = TrainSettings(steps=1, batch_size=2, num_workers=0, progress=False, train_classes=["pancreas"],
+                             exclusion_weight=1.0)
+    trainer = Trainer(model, manifest, data, settings, tmp_path)
+    trainer.optimizer.step = lambda *a, **k: None  # keep the gradients of this one step to look at
+    loss, parts = trainer.train_step(batch_of(data, [0, 1]))
+    pancreas = model.lpg.w2.grad[2]
+    assert torch.count_nonzero(pancreas) > 0 and loss > 0
+    assert all(torch.count_nonzero(getattr(model.lpg, n).grad[:2]) == 0 for n in ("w1", "b1", "w2", "b2"))
+    assert parts == {"A": 0.0}  # liver and spleen are annotated, but they do not train
+
+
 @pytest.mark.parametrize("where", ["train", "stage"])
 def test_config_refuses_train_classes_the_model_lacks(tmp_path, where):
     bad = {"train_classes": ["liver", "heart"]}
     data = {**GOOD, "train": {**GOOD.get("train", {}), **bad}} if where == "train" else \
         {**GOOD, "stages": [{"name": "s", "train": bad}]}
     with pytest.raises(UniversalSegError, match=r"train_classes: 'heart' is not one of the model's classes$"):
+        parse_config(data, tmp_path)
+
+
+@pytest.mark.parametrize("where", ["train", "stage"])
+def test_config_refuses_train_classes_with_a_shared_parameter_generator(tmp_path, where):
+    """One MLP for all classes (`model.lpg: shared`) cannot train some classes alone: said by the config
+    check, before any data is read (the trainer would say it only after preprocessing)."""
+    model = {**GOOD["model"], "lpg": "shared"}
+    trained = {"train_classes": ["liver"]}
+    data = {**GOOD, "model": model, "train": {**GOOD["train"], **trained}} if where == "train" else \
+        {**GOOD, "model": model, "stages": [{"name": "s", "train": trained}]}
+    with pytest.raises(UniversalSegError, match=r"train_classes: needs a per-class parameter generator "
+                                                r"\(model\.lpg: per_class\), not 'shared'$"):
         parse_config(data, tmp_path)

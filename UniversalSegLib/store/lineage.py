@@ -78,6 +78,12 @@ def check_parents(manifest: Manifest, directory: Path) -> list[ParentCheck]:
     results = []
     for parent in parents(manifest):
         name = str(parent.get("name") or "")
+        if name == manifest.name and parent.get("version") == manifest.version:
+            # a stage that names no version of its own refines its parent under the same name and version:
+            # any installed model of that name and version is this release, never the earlier state
+            results.append(ParentCheck(name, "not installed", "an earlier state of this release (same name and "
+                                                              "version): not compared"))
+            continue
         try:
             folder = find_model(name)
         except ModelFileError:

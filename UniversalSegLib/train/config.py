@@ -313,9 +313,13 @@ def _check_architecture(m: ModelSection, patch_sizes: dict[str, list[int]]) -> N
                         f"{m.backbone}, got {list(size)}")
 
 
-def _check_train_classes(keys: list[str] | None, classes: list[str], where: str) -> None:
-    """`train.train_classes` must name classes of the model (its keys, as `model.classes` resolves them)."""
+def _check_train_classes(keys: list[str] | None, classes: list[str], where: str, lpg: str) -> None:
+    """`train.train_classes` must name classes of the model (its keys, as `model.classes` resolves them),
+    and needs one parameter generator per class (`lpg`: the model's) to train some of them alone."""
     from UniversalSegLib.registry import default_registry
+
+    _check(not keys or lpg == "per_class", f"{where}: needs a per-class parameter generator (model.lpg: "
+                                           f"per_class), not {lpg!r}")
 
     registry = default_registry()
     for name in keys or []:
@@ -327,7 +331,7 @@ def _check_train_classes(keys: list[str] | None, classes: list[str], where: str)
 
 
 def _resolve_stages(file: ConfigFile, overrides: dict[str, Any], base: Path,
-                    classes: list[str]) -> tuple[list[Stage], dict[str, list[int]]]:
+                    classes: list[str], lpg: str) -> tuple[list[Stage], dict[str, list[int]]]:
     """Stages with their generalise sections merged; each stage's train settings checked on both device
     types (one-line errors name `stages[i].train.<field>`). Also the training patch sizes to check."""
     names = [e.get("name") for e in file.datasets if isinstance(e, dict)]
@@ -355,7 +359,7 @@ def _resolve_stages(file: ConfigFile, overrides: dict[str, Any], base: Path,
             settings = _merged_settings(file.train, device_type, s.train, overrides, f"{where}.train")
             if settings.patch_size:
                 patches[f"{where}.train.patch_size"] = settings.patch_size
-            _check_train_classes(settings.train_classes, classes, f"{where}.train.train_classes")
+            _check_train_classes(settings.train_classes, classes, f"{where}.train.train_classes", lpg)
         generalise = validate_section(GeneraliseSection, {**file.generalise.model_dump(), **s.generalise},
                                       f"{where}.generalise", UniversalSegError, prefix="config: ")
         init = None
@@ -385,8 +389,8 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".",
     model = _validate_model(file.model)
     for device_type in ("cpu", "cuda"):
         top = _merged_settings(file.train, device_type, {}, overrides, "train.cpu" if device_type == "cpu" else "train")
-        _check_train_classes(top.train_classes, model.classes, "train.train_classes")
-    stages, patches = _resolve_stages(file, overrides, base, model.classes)
+        _check_train_classes(top.train_classes, model.classes, "train.train_classes", model.lpg)
+    stages, patches = _resolve_stages(file, overrides, base, model.classes, model.lpg)
     _check_architecture(model, {"preprocessing.patch_size": preprocessing.patch_size, **patches})
     output = Path(file.output or f"runs/{name}").expanduser()
     output = output if output.is_absolute() else (base / output).resolve()

@@ -150,6 +150,10 @@ class Trainer:
         self.model = model.to(self.device)
         self.frozen = freeze_unused_parameters(self.model, manifest.preprocessing.patch_size, self.device)
         self.trained_rows = self._rows_of(settings.train_classes)  # None: every class trains
+        self.trains = torch.ones(len(manifest.class_keys), dtype=torch.bool)  # per model row: does it train
+        if self.trained_rows is not None:
+            self.trains[:] = False
+            self.trains[self.trained_rows] = True
         self.row_freezer = self._freeze_all_but(self.trained_rows) if self.trained_rows is not None else None
         self.net: nn.Module = self.model
         if self.dist.enabled:
@@ -312,17 +316,16 @@ class Trainer:
         graph: DDP expects the same parameters on every rank). With the exclusion loss the unannotated
         heads also learn where they are NOT: all of them (`exclusion_classes` 0), or that many drawn at
         random per pass, weighted by (unannotated / drawn) so the expected loss is the same.
+        With `train_classes`, only trained heads get a loss; frozen annotated heads still run under the
+        exclusion loss, because their labels are what claims the voxels a trained head is pushed off.
         """
         some = annotated.any(0)
-        if self.trained_rows is not None:  # the frozen classes' heads would only cost time
-            allowed = torch.zeros_like(some)
-            allowed[self.trained_rows] = True
-            some = some & allowed
-        classes = torch.nonzero(some).flatten()
         if not self.settings.exclusion_weight:
-            return (classes if classes.numel() else torch.zeros(1, dtype=torch.long)), 0.0
-        others = torch.nonzero(~some & allowed).flatten() if self.trained_rows is not None else \
-            torch.nonzero(~some).flatten()
+            classes = torch.nonzero(some & self.trains).flatten()
+            fallback = self.trained_rows[:1] if self.trained_rows is not None else torch.zeros(1, dtype=torch.long)
+            return (classes if classes.numel() else fallback), 0.0
+        classes = torch.nonzero(some).flatten()
+        others = torch.nonzero(~some & self.trains).flatten()
         n = self.settings.exclusion_classes
         if not n or n >= len(others):
             return torch.cat([classes, others]).sort().values, 1.0
@@ -343,6 +346,8 @@ class Trainer:
         # its full weight (the loss sums over classes: a second dataset must not halve the first's
         # gradient), and a class split over micro-batches gets the batch mean of its BCE exactly.
         share = (annotated[:, classes].sum(0) / class_counts[classes].clamp(min=1)).to(self.device)
+        trains = self.trains[classes].to(self.device)
+        share = share * trains  # a frozen head runs only to claim voxels for the exclusion loss
         classes = classes.to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.net(images, classes)
@@ -359,7 +364,7 @@ class Trainer:
             for name in dict.fromkeys(names):
                 rows = [i for i, n in enumerate(names) if n == name]
                 one = terms if len(rows) == len(names) else self.loss_fn(logits[rows], target[rows], mask[rows])
-                value = (self.loss_fn.bce_weight * one.bce + self.loss_fn.dice_weight * one.dice).sum()  # unweighted
+                value = ((self.loss_fn.bce_weight * one.bce + self.loss_fn.dice_weight * one.dice) * trains).sum()  # unshared
                 parts[name] = (float(value), len(rows))
         return float(total.detach()), parts
 
