@@ -364,7 +364,8 @@ class Trainer:
             for name in dict.fromkeys(names):
                 rows = [i for i, n in enumerate(names) if n == name]
                 one = terms if len(rows) == len(names) else self.loss_fn(logits[rows], target[rows], mask[rows])
-                value = ((self.loss_fn.bce_weight * one.bce + self.loss_fn.dice_weight * one.dice) * trains).sum()  # unshared
+                per_class = self.loss_fn.bce_weight * one.bce + self.loss_fn.dice_weight * one.dice  # not by share
+                value = (per_class * trains).sum()
                 parts[name] = (float(value), len(rows))
         return float(total.detach()), parts
 
