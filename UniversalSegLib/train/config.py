@@ -313,20 +313,24 @@ def _check_architecture(m: ModelSection, patch_sizes: dict[str, list[int]]) -> N
                         f"{m.backbone}, got {list(size)}")
 
 
+def class_key(name: str) -> str:
+    """The registry key of a class name as `model.classes` and `train.train_classes` take it (a key, display
+    name or synonym); an unknown name is returned as it is (the caller says it is not a model class)."""
+    from UniversalSegLib.registry import default_registry
+
+    try:
+        return default_registry().resolve(str(name)).key
+    except UnknownClassError:
+        return str(name)
+
+
 def _check_train_classes(keys: list[str] | None, classes: list[str], where: str, lpg: str) -> None:
     """`train.train_classes` must name classes of the model (its keys, as `model.classes` resolves them),
     and needs one parameter generator per class (`lpg`: the model's) to train some of them alone."""
-    from UniversalSegLib.registry import default_registry
-
     _check(not keys or lpg == "per_class", f"{where}: needs a per-class parameter generator (model.lpg: "
                                            f"per_class), not {lpg!r}")
-
-    registry = default_registry()
     for name in keys or []:
-        try:
-            key = registry.resolve(str(name)).key  # a display name or synonym, as model.classes takes them
-        except UnknownClassError:
-            key = str(name)
+        key = class_key(name)
         _check(key in classes, f"{where}: {name!r} is not one of the model's classes")
 
 

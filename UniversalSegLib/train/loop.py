@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from UniversalSegLib.errors import InputError, UniversalSegError
 from UniversalSegLib.store import Manifest, save_model
 from UniversalSegLib.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from UniversalSegLib.train.config import TrainSettings
+from UniversalSegLib.train.config import TrainSettings, class_key
 from UniversalSegLib.train.distributed import DistInfo, barrier
 from UniversalSegLib.train.losses import PartialLabelLoss, exclusion_loss, overlap_matrix
 from UniversalSegLib.train.runlog import RunLog
@@ -182,13 +182,10 @@ class Trainer:
         """Model rows of `train.train_classes` (names resolved as `model.classes` resolves them)."""
         if not names:
             return None
-        from UniversalSegLib.registry import default_registry
-
         keys = [c.key for c in self.manifest.classes]
-        registry = default_registry()
         rows = []
         for name in names:
-            key = registry.resolve(name).key if name not in keys else name
+            key = name if name in keys else class_key(name)
             if key not in keys:
                 raise InputError(f"train.train_classes: {name!r} is not one of the model's classes")
             rows.append(keys.index(key))

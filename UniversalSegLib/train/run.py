@@ -23,7 +23,7 @@ from UniversalSegLib.device import resolve_device
 from UniversalSegLib.errors import UniversalSegError
 from UniversalSegLib.progress import CountBar
 from UniversalSegLib.store import load_model, save_model, user_model_dir
-from UniversalSegLib.train.config import RunConfig, Stage, TrainSettings
+from UniversalSegLib.train.config import RunConfig, Stage, TrainSettings, class_key
 from UniversalSegLib.train.distributed import (
     DistInfo,
     barrier,
@@ -52,22 +52,12 @@ def check_coverage(config: RunConfig, specs: list, train_classes: list[str] | No
         train_classes: the run's (or stage's) `train.train_classes`; without, every model class trains.
     """
     annotated = {k for spec in specs if spec.train_cases() for k in spec.classes}
-    trained = config.model.classes if not train_classes else [_class_key(n) for n in train_classes]
+    trained = config.model.classes if not train_classes else [class_key(n) for n in train_classes]
     missing = [k for k in trained if k not in annotated]
     if missing:
         where = "train.train_classes" if train_classes else "model.classes"
         raise UniversalSegError(f"no training dataset annotates class(es) {', '.join(missing)}; "
                                 f"add a dataset that does or remove them from {where}")
-
-
-def _class_key(name: str) -> str:
-    """A class key from a name `model.classes` takes (key, display name or synonym)."""
-    from UniversalSegLib.registry import default_registry
-
-    try:
-        return default_registry().resolve(name).key
-    except UniversalSegError:
-        return name
 
 
 def stage_specs(specs: list, stage: Stage | None) -> list:
