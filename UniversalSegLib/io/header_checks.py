@@ -35,6 +35,7 @@ _CHUNK = 1 << 20  # bytes decompressed at a time when counting a gzip stream
 _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr")
 # The one NRRD space ITK reports for a patient frame: it converts RAS and LAS into it on read (NrrdImageIO).
 _NRRD_PATIENT_SPACE = "left-posterior-superior"
+_AXIS_OF = {"R": "x", "L": "x", "A": "y", "P": "y", "I": "z", "S": "z"}  # MetaIO orientation letters
 _COMPLEX = {sitk.sitkComplexFloat32: "complex64", sitk.sitkComplexFloat64: "complex128"}
 
 
@@ -247,9 +248,7 @@ def _check_metaimage_orientation(path: Path, direction: tuple[float, ...]) -> No
     a header whose orientation field says another orientation (written by hand or by a tool that sets
     only that field) would be read mirrored without a word. "???" and malformed codes are ignored.
     """
-    with open(path, "rb") as f:
-        header = re.split(r"^\s*ElementDataFile\s*=", f.read(65536).decode("latin-1"), maxsplit=1,
-                          flags=re.MULTILINE)[0]
+    header = re.split(r"^\s*ElementDataFile\s*=", _text_head(path), maxsplit=1, flags=re.MULTILINE)[0]
     found = re.search(r"^\s*AnatomicalOrientation\s*=\s*(\S+)\s*$", header, re.MULTILINE)
     stated = found.group(1).upper() if found else ""
     if len(stated) != 3 or sorted(_AXIS_OF.get(c, "?") for c in stated) != ["x", "y", "z"]:
@@ -263,14 +262,16 @@ def _check_metaimage_orientation(path: Path, direction: tuple[float, ...]) -> No
                          "AnatomicalOrientation, so the masks could come out mirrored; make the two agree")
 
 
-_AXIS_OF = {"R": "x", "L": "x", "A": "y", "P": "y", "I": "z", "S": "z"}
+def _text_head(path: Path) -> str:
+    """The first 64 KiB of a text header (NRRD, MetaImage), as latin-1: any header field lies there."""
+    with open(path, "rb") as f:
+        return f.read(65536).decode("latin-1")
 
 
 def _nrrd_header_field(path: Path, name: str) -> str | None:
     """The value of field `name` in the NRRD header of `path` (a text header that ends at the first blank
     line), or None. ITK reports no `space dimension`, so the header is looked at for it."""
-    with open(path, "rb") as f:
-        header = re.split(r"\r?\n\r?\n", f.read(65536).decode("latin-1"), maxsplit=1)[0]
+    header = re.split(r"\r?\n\r?\n", _text_head(path), maxsplit=1)[0]
     found = re.search(rf"^{re.escape(name)}\s*:\s*(.*?)\s*$", header, re.MULTILINE)
     return found.group(1) if found else None
 
@@ -279,8 +280,7 @@ def _detached_data_file(path: Path) -> Path | None:
     """The data file a .mhd / .nhdr header names (ElementDataFile / data file), if it names a single one."""
     if not path.name.lower().endswith((".mhd", ".nhdr")):
         return None
-    with open(path, "rb") as f:
-        text = f.read(65536).decode("latin-1")
+    text = _text_head(path)
     found = re.search(r"^\s*(?:ElementDataFile\s*=|data ?file\s*:)\s*(\S.*?)\s*$", text, re.MULTILINE | re.IGNORECASE)
     if not found or found.group(1).upper() in ("LOCAL", "LIST") or "%" in found.group(1):
         return None
